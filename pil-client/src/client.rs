@@ -1,0 +1,195 @@
+//! The typed gRPC client.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use pil_proto::v1::{
+    self, lookup_service_client::LookupServiceClient,
+    registry_service_client::RegistryServiceClient,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::profile::{Profile, ProfileError};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid node address {address:?}: {message}")]
+    Address { address: String, message: String },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    /// The node answered with an error status.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A connection to one node as one organization. Cheap to clone; calls may run
+/// concurrently over the one HTTP/2 connection.
+#[derive(Clone)]
+pub struct PilClient {
+    registry: RegistryServiceClient<Channel>,
+    lookup: LookupServiceClient<Channel>,
+    channel: Channel,
+}
+
+/// Parameters of a bulk sync.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub organization_number: String,
+    pub mode: v1::SyncMode,
+    pub scope: v1::ReplaceScope,
+    pub all_or_nothing: bool,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl PilClient {
+    /// Connects with mutual TLS as the profile's organization.
+    pub async fn connect(profile: &Profile) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            address: profile.address.clone(),
+            source,
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&profile.ca)?))
+            .identity(Identity::from_pem(
+                read(&profile.cert)?,
+                read(&profile.key)?,
+            ));
+        if let Some(name) = &profile.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let channel = Channel::from_shared(profile.address.clone())
+            .map_err(|e| ClientError::Address {
+                address: profile.address.clone(),
+                message: e.to_string(),
+            })?
+            .tls_config(tls)
+            .map_err(connect_err)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(connect_err)?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel (e.g. one with custom interceptors or timeouts).
+    pub fn from_channel(channel: Channel) -> Self {
+        let max = 64 * 1024 * 1024;
+        Self {
+            registry: RegistryServiceClient::new(channel.clone()).max_decoding_message_size(max),
+            lookup: LookupServiceClient::new(channel.clone()).max_decoding_message_size(max),
+            channel,
+        }
+    }
+
+    /// The underlying channel, for the standard health and reflection clients.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Looks a patient up.
+    pub async fn lookup(&self, req: v1::LookupRequest) -> Result<v1::LookupResponse, ClientError> {
+        Ok(self.lookup.clone().lookup(req).await?.into_inner())
+    }
+
+    /// Inserts or replaces one pointer.
+    pub async fn upsert(
+        &self,
+        pointer: v1::Pointer,
+    ) -> Result<v1::UpsertPointerResponse, ClientError> {
+        let req = v1::UpsertPointerRequest {
+            pointer: Some(pointer),
+        };
+        Ok(self
+            .registry
+            .clone()
+            .upsert_pointer(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Removes one pointer; `Ok(false)` when there was none.
+    pub async fn delete(&self, req: v1::DeletePointerRequest) -> Result<bool, ClientError> {
+        Ok(self
+            .registry
+            .clone()
+            .delete_pointer(req)
+            .await?
+            .into_inner()
+            .deleted)
+    }
+
+    /// Streams batches of pointers as one sync; returns the node's report.
+    pub async fn sync(
+        &self,
+        options: SyncOptions,
+        batches: impl Stream<Item = Vec<v1::Pointer>> + Send + 'static,
+    ) -> Result<v1::SyncPointersResponse, ClientError> {
+        use v1::sync_pointers_request::Item;
+        let header = v1::SyncPointersRequest {
+            item: Some(Item::Header(v1::SyncHeader {
+                mode: options.mode as i32,
+                scope: options.scope as i32,
+                organization_number: options.organization_number,
+                all_or_nothing: options.all_or_nothing,
+            })),
+        };
+        let body = batches.map(|pointers| v1::SyncPointersRequest {
+            item: Some(Item::Batch(v1::PointerBatch { pointers })),
+        });
+        let stream = futures::stream::iter([header]).chain(body);
+        Ok(self
+            .registry
+            .clone()
+            .sync_pointers(stream)
+            .await?
+            .into_inner())
+    }
+
+    /// Streams back every pointer registered for an organization.
+    pub async fn export(
+        &self,
+        organization_number: &str,
+    ) -> Result<impl Stream<Item = Result<Vec<v1::Pointer>, ClientError>> + use<>, ClientError>
+    {
+        let req = v1::ExportPointersRequest {
+            organization_number: organization_number.to_string(),
+        };
+        let stream = self
+            .registry
+            .clone()
+            .export_pointers(req)
+            .await?
+            .into_inner();
+        Ok(stream.map(|r| r.map(|m| m.pointers).map_err(ClientError::from)))
+    }
+}
+
+/// `InvalidArgument` → `invalid argument`: the gRPC code as a person reads it.
+pub fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    out
+}

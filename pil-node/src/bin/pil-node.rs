@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    pil_node::cli::main()
+}

@@ -1,0 +1,209 @@
+//! The `pil-node` command line. The binary is a thin wrapper over [`main`], so the
+//! test harness can run the very same entry point as a child process.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{LogFormat, NodeConfig},
+    demo, pki, server, telemetry,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "pil-node",
+    version,
+    about = "A regional PIL (patient information locator) node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node from a configuration file.
+    Serve {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+        /// Override the listen address.
+        #[arg(long, env = "PIL_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Override the data directory.
+        #[arg(long, env = "PIL_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Override the log format.
+        #[arg(long, env = "PIL_LOG_FORMAT")]
+        log_format: Option<LogFormat>,
+    },
+    /// Generate a development PKI: CA, node certificate and organization certificates.
+    DevPki {
+        /// Output directory (an existing CA there is reused).
+        #[arg(long)]
+        out: PathBuf,
+        /// Region id the node certificate is for.
+        #[arg(long, default_value = "demo")]
+        region: String,
+        /// Organization certificate to issue, as ORGNR=NAME (repeatable).
+        #[arg(long = "org", value_parser = parse_org)]
+        orgs: Vec<(String, String)>,
+    },
+    /// Start a working local node with synthetic data, and print how to query it.
+    Demo {
+        /// Where the demo keeps its PKI, keys, configuration, profiles and data.
+        #[arg(long, default_value = "pil-demo")]
+        dir: PathBuf,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// Number of synthetic patients.
+        #[arg(long, default_value_t = 5000)]
+        patients: u64,
+        /// Prepare and load, then exit instead of serving.
+        #[arg(long)]
+        no_serve: bool,
+    },
+}
+
+fn parse_org(s: &str) -> Result<(String, String), String> {
+    let (n, name) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ORGNR=NAME, got {s:?}"))?;
+    pil_proto::ident::OrgNumber::parse(n).map_err(|e| e.to_string())?;
+    Ok((n.to_string(), name.to_string()))
+}
+
+/// Runs the command line; the binary's `main`.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pil-node")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            log_format,
+        } => {
+            let mut cfg = NodeConfig::load(&config)?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(f) = log_format {
+                cfg.log.format = f;
+            }
+            telemetry::init(cfg.log.format, &cfg.log.filter);
+            let node = server::start(cfg).await?;
+            node.run_until(shutdown_signal()).await?;
+        }
+        Command::DevPki { out, region, orgs } => {
+            let orgs: Vec<(&str, &str)> =
+                orgs.iter().map(|(n, m)| (n.as_str(), m.as_str())).collect();
+            let files = pki::write_dev_pki(&out, &region, &orgs)?;
+            println!("CA:   {}", files.ca_cert.display());
+            println!(
+                "node: {} ({})",
+                files.node_cert.display(),
+                files.node_key.display()
+            );
+            for o in &files.orgs {
+                println!(
+                    "org {}: {} ({})",
+                    o.org_number,
+                    o.cert.display(),
+                    o.key.display()
+                );
+            }
+        }
+        Command::Demo {
+            dir,
+            listen,
+            patients,
+            no_serve,
+        } => {
+            telemetry::init(LogFormat::Human, "info");
+            let setup = demo::prepare(&dir, "helse-vest", listen)?;
+            let node = server::start(setup.config.clone()).await?;
+            let data = demo::data_set(patients, 2032);
+            let (inserted, unchanged) = demo::load(node.registry(), &data).await?;
+            let sample = data
+                .first()
+                .and_then(|p| p.patient.as_ref())
+                .map(|p| p.value.clone())
+                .unwrap_or_default();
+            let pil = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("pil")))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "pil".into());
+            println!();
+            println!(
+                "PIL demo node for region helse-vest on https://{}",
+                node.addr()
+            );
+            println!(
+                "  {} synthetic patients, {} pointers ({inserted} new, {unchanged} already there)",
+                patients,
+                data.len()
+            );
+            println!("  configuration: {}", setup.config_path.display());
+            println!("  client profiles:");
+            for (org, path) in &setup.profiles {
+                println!("    {:<24} {}", org.name, path.display());
+            }
+            let profile = setup.profiles[0].1.display();
+            println!();
+            println!("Try:");
+            println!("  {pil} --profile {profile} lookup --patient {sample}");
+            println!("  {pil} --profile {profile} lookup --patient {sample} --json");
+            println!(
+                "  {pil} --profile {profile} export --organization {} --out export.ndjson",
+                setup.profiles[0].0.number
+            );
+            println!();
+            if no_serve {
+                node.shutdown().await?;
+            } else {
+                println!("Press ctrl-c to stop.");
+                node.run_until(shutdown_signal()).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,221 @@
+//! Node configuration: one TOML file, with a few settings overridable from the
+//! environment or the command line so the same file serves several deployments.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use pil_proto::ident::OrgNumber;
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's region id, e.g. `helse-vest`. Labels every pointer it answers with.
+    pub region: String,
+    /// Address the mTLS gRPC listener binds, e.g. `127.0.0.1:7443`.
+    pub listen: SocketAddr,
+    /// Directory of the RocksDB database.
+    pub data_dir: PathBuf,
+    /// Accept synthetic test identifiers (month + 80 / + 65). Only for test and demo nodes.
+    #[serde(default)]
+    pub test_data: bool,
+    pub tls: TlsConfig,
+    pub keys: KeyConfig,
+    /// Hosting providers and record-system vendors that write for other organizations:
+    /// writer organization number → the organization numbers it may write for.
+    #[serde(default)]
+    pub writes_for: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The node's TLS identity and the CA its clients' certificates must chain to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of trusted CA certificates for client certificates.
+    pub client_ca: PathBuf,
+    /// PEM certificate chain the node presents.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+}
+
+/// Secrets protecting patient identifiers at rest. Each file holds 32 random bytes as
+/// 64 hex characters. Losing the pseudonym key makes the registry unsearchable; losing
+/// the storage key makes `export` unable to read identifiers back: back them up apart
+/// from the data directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// HMAC-SHA-256 key that turns patient identifiers into the pseudonyms the registry
+    /// is keyed by.
+    pub pseudonym_key_file: PathBuf,
+    /// XChaCha20-Poly1305 key that encrypts the identifiers kept for export.
+    pub storage_key_file: PathBuf,
+}
+
+/// Bounds that keep one caller from exhausting the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted gRPC message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most pointers an all-or-nothing sync may carry (they are held until the end).
+    pub max_all_or_nothing_records: usize,
+    /// Most pointers one replace-mode sync may carry (their keys are held until the end).
+    pub max_replace_records: usize,
+    /// Seconds between purges of expired pointers.
+    pub purge_interval_secs: u64,
+    /// Seconds allowed for a TLS handshake before the connection is dropped.
+    pub handshake_timeout_secs: u64,
+    /// Seconds in-flight requests get to finish when the node stops.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_all_or_nothing_records: 1_000_000,
+            max_replace_records: 50_000_000,
+            purge_interval_secs: 60,
+            handshake_timeout_secs: 10,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Limits {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn purge_interval(&self) -> Duration {
+        Duration::from_secs(self.purge_interval_secs.max(1))
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `pil_node=debug,info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; relative paths inside it are taken relative to the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config: NodeConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.into(),
+                source: Box::new(source),
+            })?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative_to(base);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_relative_to(&mut self, base: &Path) {
+        for p in [
+            &mut self.data_dir,
+            &mut self.tls.client_ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.keys.pseudonym_key_file,
+            &mut self.keys.storage_key_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks what serde cannot: region syntax and organization numbers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let region_ok = !self.region.is_empty()
+            && self.region.len() <= 64
+            && self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !region_ok {
+            return Err(ConfigError::Invalid(format!(
+                "region {:?} must be 1-64 characters of a-z, 0-9 and '-'",
+                self.region
+            )));
+        }
+        for (writer, orgs) in &self.writes_for {
+            for org in std::iter::once(writer).chain(orgs) {
+                OrgNumber::parse(org)
+                    .map_err(|e| ConfigError::Invalid(format!("writes_for: {org:?}: {e}")))?;
+            }
+        }
+        if self.limits.max_message_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_message_bytes must be at least 65536".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The organizations `writer` may write pointers for, itself included.
+    pub fn write_scope(&self, writer: &str) -> BTreeSet<String> {
+        let mut scope: BTreeSet<String> = self
+            .writes_for
+            .get(writer)
+            .map(|v| v.iter().cloned().collect())
+            .unwrap_or_default();
+        scope.insert(writer.to_string());
+        scope
+    }
+}

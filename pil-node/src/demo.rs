@@ -1,0 +1,263 @@
+//! The one-command local setup: a dev PKI, keys, a node configuration, a client
+//! profile per demo organization, and a realistic synthetic data set.
+
+use std::path::{Path, PathBuf};
+
+use pil_proto::{ident, v1};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
+
+use crate::{
+    config::{KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    patient_keys::write_new_key_file,
+    pki::{self, PkiError},
+    pointer::NewPointer,
+    registry::{Registry, RegistryError, now_nanos},
+    writer::OpResult,
+};
+
+/// A demo organization: number, name, file-name slug, and the categories it holds.
+pub struct DemoOrg {
+    pub number: &'static str,
+    pub name: &'static str,
+    pub slug: &'static str,
+    pub base_url: &'static str,
+    pub categories: &'static [&'static str],
+}
+
+/// The demo's organizations. The last one is a record-system vendor that writes for
+/// the GP office (configured under `writes_for`).
+pub const DEMO_ORGS: &[DemoOrg] = &[
+    DemoOrg {
+        number: "983974724",
+        name: "Helse Bergen HF",
+        slug: "helse-bergen",
+        base_url: "https://fhir.helse-bergen.example/r4",
+        categories: &[
+            "clinical-notes",
+            "lab-results",
+            "imaging",
+            "medications",
+            "mental-health",
+        ],
+    },
+    DemoOrg {
+        number: "964338531",
+        name: "Bergen kommune",
+        slug: "bergen-kommune",
+        base_url: "https://fhir.bergen-kommune.example/r4",
+        categories: &["nursing", "care-plans", "medications", "vital-signs"],
+    },
+    DemoOrg {
+        number: "923609016",
+        name: "Fjordsiden legesenter",
+        slug: "fjordsiden-legesenter",
+        base_url: "https://ehr-vendor.example/fjordsiden/fhir",
+        categories: &["clinical-notes", "medications", "lab-results", "allergies"],
+    },
+    DemoOrg {
+        number: "914637651",
+        name: "Vest DHO AS",
+        slug: "vest-dho",
+        base_url: "https://dho.vest.example/fhir/r4",
+        categories: &["home-monitoring", "vital-signs", "care-plans"],
+    },
+    DemoOrg {
+        number: "985399077",
+        name: "Journalleverandøren AS",
+        slug: "journalleverandoren",
+        base_url: "https://ehr-vendor.example/fhir",
+        categories: &[],
+    },
+];
+
+/// Everything [`prepare`] wrote.
+pub struct DemoSetup {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: NodeConfig,
+    /// `(organization, profile path)`.
+    pub profiles: Vec<(&'static DemoOrg, PathBuf)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("demo data: {0}")]
+    Data(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
+    move |source| DemoError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes (or reuses) a dev PKI, keys, `node.toml` and client profiles in `dir`.
+pub fn prepare(
+    dir: &Path,
+    region: &str,
+    listen: std::net::SocketAddr,
+) -> Result<DemoSetup, DemoError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let orgs: Vec<(&str, &str)> = DEMO_ORGS.iter().map(|o| (o.number, o.name)).collect();
+    let files = pki::write_dev_pki(&dir.join("pki"), region, &orgs)?;
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir_all(&keys_dir).map_err(io(&keys_dir))?;
+    let pseudonym_key_file = keys_dir.join("pseudonym.key");
+    let storage_key_file = keys_dir.join("storage.key");
+    for key in [&pseudonym_key_file, &storage_key_file] {
+        if !key.exists() {
+            write_new_key_file(key).map_err(io(key))?;
+        }
+    }
+    let vendor = DEMO_ORGS.last().expect("demo orgs").number.to_string();
+    let config = NodeConfig {
+        region: region.to_string(),
+        listen,
+        data_dir: dir.join("data"),
+        test_data: true,
+        tls: TlsConfig {
+            client_ca: files.ca_cert.clone(),
+            cert: files.node_cert.clone(),
+            key: files.node_key.clone(),
+        },
+        keys: KeyConfig {
+            pseudonym_key_file,
+            storage_key_file,
+        },
+        writes_for: [(vendor, vec![DEMO_ORGS[2].number.to_string()])].into(),
+        limits: Limits::default(),
+        log: LogConfig::default(),
+    };
+    let config_path = dir.join("node.toml");
+    let text = toml::to_string_pretty(&config).map_err(|e| DemoError::Data(e.to_string()))?;
+    std::fs::write(&config_path, text).map_err(io(&config_path))?;
+
+    let profiles_dir = dir.join("profiles");
+    std::fs::create_dir_all(&profiles_dir).map_err(io(&profiles_dir))?;
+    let mut profiles = Vec::new();
+    for (org, files) in DEMO_ORGS.iter().zip(&files.orgs) {
+        let path = profiles_dir.join(format!("{}.toml", org.slug));
+        std::fs::write(
+            &path,
+            profile_toml(listen, &files.cert, &files.key, &files_ca(dir)),
+        )
+        .map_err(io(&path))?;
+        profiles.push((org, path));
+    }
+    Ok(DemoSetup {
+        dir: dir.to_path_buf(),
+        config_path,
+        config,
+        profiles,
+    })
+}
+
+fn files_ca(dir: &Path) -> PathBuf {
+    dir.join("pki").join("ca.pem")
+}
+
+/// A client profile (the format `pil --profile` reads).
+pub fn profile_toml(addr: std::net::SocketAddr, cert: &Path, key: &Path, ca: &Path) -> String {
+    format!(
+        "# PIL client profile\naddress = \"https://{addr}\"\nserver_name = \"localhost\"\n\
+         ca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+        ca = ca.display().to_string(),
+        cert = cert.display().to_string(),
+        key = key.display().to_string(),
+    )
+}
+
+/// The demo data set: `patients` synthetic patients, each with pointers at one to four
+/// of the demo organizations. Deterministic for a given seed.
+pub fn data_set(patients: u64, seed: u64) -> Vec<v1::Pointer> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let holders = &DEMO_ORGS[..4];
+    let day = 86_400i64;
+    let now = now_nanos() / 1_000_000_000;
+    let mut out = Vec::new();
+    for i in 0..patients {
+        let value = if i % 10 == 9 {
+            ident::synthetic_dnr(seed.wrapping_add(i))
+        } else {
+            ident::synthetic_fnr(seed.wrapping_add(i))
+        };
+        let system = if i % 10 == 9 {
+            ident::SYSTEM_DNR
+        } else {
+            ident::SYSTEM_FNR
+        };
+        let n = rng.gen_range(1..=holders.len());
+        for org in holders.choose_multiple(&mut rng, n) {
+            let k = rng.gen_range(1..=org.categories.len().min(3));
+            let categories = org
+                .categories
+                .choose_multiple(&mut rng, k)
+                .map(|c| c.to_string())
+                .collect();
+            let start = now - rng.gen_range(30..3650) * day;
+            let updated = now - rng.gen_range(0..30) * day;
+            out.push(v1::Pointer {
+                patient: Some(v1::PatientIdentifier {
+                    system: system.to_string(),
+                    value: value.clone(),
+                }),
+                holder: Some(v1::Organization {
+                    organization_number: org.number.to_string(),
+                    sub_unit_organization_number: String::new(),
+                    name: org.name.to_string(),
+                }),
+                endpoint: Some(v1::Endpoint {
+                    base_url: org.base_url.to_string(),
+                    api_kind: v1::ApiKind::FhirR4 as i32,
+                }),
+                categories,
+                period: Some(v1::Period {
+                    start: Some(prost_types::Timestamp {
+                        seconds: start,
+                        nanos: 0,
+                    }),
+                    end: None,
+                }),
+                last_updated: Some(prost_types::Timestamp {
+                    seconds: updated,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+/// Loads pointers straight into a registry (merge). Returns (inserted, unchanged).
+pub async fn load(registry: &Registry, pointers: &[v1::Pointer]) -> Result<(u64, u64), DemoError> {
+    let (mut inserted, mut unchanged) = (0, 0);
+    for chunk in pointers.chunks(5_000) {
+        let now = now_nanos();
+        let ops = chunk
+            .iter()
+            .map(|p| {
+                NewPointer::from_wire(p, true)
+                    .map(|np| registry.prepare(&np, now))
+                    .map_err(|e| DemoError::Data(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for r in registry.apply(ops).await? {
+            match r {
+                OpResult::Inserted(_) => inserted += 1,
+                _ => unchanged += 1,
+            }
+        }
+    }
+    Ok((inserted, unchanged))
+}

@@ -1,0 +1,19 @@
+//! A regional PIL node: the pointer registry in RocksDB and the gRPC service over it.
+//!
+//! Start at [`server::start`]; docs/ARCHITECTURE.md maps the modules.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod identity;
+pub mod patient_keys;
+pub mod pki;
+pub mod pointer;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod sync;
+pub mod telemetry;
+pub mod tls;
+pub mod writer;

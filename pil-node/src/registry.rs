@@ -1,0 +1,392 @@
+//! The pointer registry: what a node holds and how it is read and changed.
+//!
+//! Sits between the service layer (which authenticates and authorizes) and storage
+//! (which only knows bytes). Turns validated pointers into pseudonymized, sealed
+//! records and back; reads run on the blocking pool, writes go to the single writer.
+
+use std::{sync::Arc, thread};
+
+use pil_proto::{
+    ident::{OrgNumber, PatientId},
+    v1,
+};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    patient_keys::{KeyError, PatientKeys, Pseudonym},
+    pointer::{EndpointRef, NewPointer, to_timestamp},
+    storage::{IDENT_LEN, ORG_LEN, PointerKey, StorageError, Store, StoredPointer},
+    writer::{Op, OpResult, WriteError, Writer},
+};
+
+/// Why a registry operation failed. None of these is the caller's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// The outcome of one upsert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Inserted,
+    Updated,
+    Unchanged,
+}
+
+/// Filters of a lookup. Empty lists mean "all".
+#[derive(Debug, Clone, Default)]
+pub struct LookupFilter {
+    pub categories: Vec<String>,
+    pub organizations: Vec<String>,
+}
+
+/// A node's registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    keys: PatientKeys,
+    region: String,
+    writer: Writer,
+}
+
+/// Joins the writer thread when the registry is closed.
+pub struct RegistryCloser {
+    writer_thread: thread::JoinHandle<()>,
+}
+
+impl RegistryCloser {
+    /// Waits for queued writes to finish. Call after every `Registry` clone is dropped.
+    pub fn join(self) {
+        let _ = self.writer_thread.join();
+    }
+}
+
+impl Registry {
+    pub fn open(
+        store: Store,
+        keys: PatientKeys,
+        region: impl Into<String>,
+    ) -> (Self, RegistryCloser) {
+        let store = Arc::new(store);
+        let (writer, writer_thread) = Writer::start(store.clone());
+        let registry = Self {
+            inner: Arc::new(Inner {
+                store,
+                keys,
+                region: region.into(),
+                writer,
+            }),
+        };
+        (registry, RegistryCloser { writer_thread })
+    }
+
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The patient's pseudonym under this node's key.
+    pub fn pseudonym(&self, patient: &PatientId) -> Pseudonym {
+        self.inner.keys.pseudonym(patient)
+    }
+
+    /// Where a pointer with this identity lives.
+    pub fn key_for(&self, patient: &Pseudonym, endpoint: &EndpointRef) -> PointerKey {
+        PointerKey {
+            patient: *patient,
+            org: org_bytes(&endpoint.org),
+            ident: endpoint_ident(endpoint),
+        }
+    }
+
+    /// Prepares a validated pointer for the writer: pseudonymized and sealed. CPU-bound;
+    /// call from a blocking context for large batches.
+    pub fn prepare(&self, p: &NewPointer, now: i64) -> Op {
+        let pseudonym = self.pseudonym(&p.patient);
+        let key = self.key_for(&pseudonym, &p.endpoint);
+        let value = StoredPointer {
+            sealed_patient: self.inner.keys.seal(&p.patient, &pseudonym),
+            sub_unit: p
+                .endpoint
+                .sub_unit
+                .as_ref()
+                .map(|o| o.as_str().to_string())
+                .unwrap_or_default(),
+            base_url: p.endpoint.base_url.clone(),
+            api_kind: p.endpoint.api_kind,
+            categories: p.categories.clone(),
+            period_start: p.period_start,
+            period_end: p.period_end,
+            last_updated: p.last_updated.unwrap_or(now),
+            expires_at: p.expires_at,
+            holder_name: p.holder_name.clone(),
+        };
+        Op::Upsert {
+            key,
+            value,
+            keep_last_updated: p.last_updated.is_none(),
+        }
+    }
+
+    /// Inserts or replaces one pointer; returns what happened and the stored pointer.
+    pub async fn upsert(&self, p: NewPointer) -> Result<(Outcome, v1::Pointer), RegistryError> {
+        let op = self.prepare(&p, now_nanos());
+        let key = match &op {
+            Op::Upsert { key, .. } => *key,
+            _ => unreachable!("prepare makes upserts"),
+        };
+        let result = self.inner.writer.apply(vec![op]).await?.pop();
+        let (outcome, stored) = match result {
+            Some(OpResult::Inserted(s)) => (Outcome::Inserted, s),
+            Some(OpResult::Updated(s)) => (Outcome::Updated, s),
+            Some(OpResult::Unchanged(s)) => (Outcome::Unchanged, s),
+            other => {
+                return Err(RegistryError::Task(format!(
+                    "unexpected upsert result {other:?}"
+                )));
+            }
+        };
+        let patient = v1::PatientIdentifier {
+            system: p.patient.system().to_string(),
+            value: p.patient.value().to_string(),
+        };
+        Ok((outcome, self.to_wire(&key, &stored, patient)))
+    }
+
+    /// Removes one pointer; true when it existed.
+    pub async fn delete(
+        &self,
+        patient: &PatientId,
+        endpoint: &EndpointRef,
+    ) -> Result<bool, RegistryError> {
+        let key = self.key_for(&self.pseudonym(patient), endpoint);
+        let result = self.inner.writer.apply(vec![Op::Delete { key }]).await?;
+        Ok(matches!(result.first(), Some(OpResult::Deleted)))
+    }
+
+    /// Applies prepared operations atomically (one durable write).
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, RegistryError> {
+        Ok(self.inner.writer.apply(ops).await?)
+    }
+
+    /// The patient's live pointers held here, newest first.
+    pub async fn lookup(
+        &self,
+        patient: &PatientId,
+        filter: &LookupFilter,
+    ) -> Result<Vec<v1::Pointer>, RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let wire_patient = v1::PatientIdentifier {
+            system: patient.system().to_string(),
+            value: patient.value().to_string(),
+        };
+        let this = self.clone();
+        let filter = filter.clone();
+        self.blocking(move || {
+            let now = now_nanos();
+            let mut found: Vec<(PointerKey, StoredPointer)> = this
+                .inner
+                .store
+                .patient_pointers(&pseudonym)?
+                .into_iter()
+                .filter(|(key, p)| {
+                    p.expires_at.is_none_or(|at| at > now)
+                        && (filter.organizations.is_empty()
+                            || filter.organizations.iter().any(|o| o.as_bytes() == key.org))
+                        && (filter.categories.is_empty()
+                            || p.categories.iter().any(|c| filter.categories.contains(c)))
+                })
+                .collect();
+            found.sort_by(|a, b| {
+                b.1.last_updated
+                    .cmp(&a.1.last_updated)
+                    .then_with(|| a.0.cmp(&b.0))
+            });
+            Ok(found
+                .iter()
+                .map(|(k, p)| this.to_wire(k, p, wire_patient.clone()))
+                .collect())
+        })
+        .await
+    }
+
+    /// Keys of an organization's pointers for one patient (replace-mode sync).
+    pub async fn patient_org_keys(
+        &self,
+        patient: Pseudonym,
+        org: OrgNumber,
+    ) -> Result<Vec<PointerKey>, RegistryError> {
+        let this = self.clone();
+        self.blocking(move || {
+            Ok(this
+                .inner
+                .store
+                .patient_org_keys(&patient, &org_bytes(&org))?)
+        })
+        .await
+    }
+
+    /// A page of an organization's pointer keys, after `after`.
+    pub async fn org_keys(
+        &self,
+        org: OrgNumber,
+        after: Option<PointerKey>,
+        limit: usize,
+    ) -> Result<Vec<PointerKey>, RegistryError> {
+        let this = self.clone();
+        self.blocking(move || {
+            Ok(this
+                .inner
+                .store
+                .org_keys(&org_bytes(&org), after.as_ref(), limit)?)
+        })
+        .await
+    }
+
+    /// A page of an organization's pointers with their plain identifiers, for export.
+    /// Returns the last key read, to continue from.
+    pub async fn export_page(
+        &self,
+        org: OrgNumber,
+        after: Option<PointerKey>,
+        limit: usize,
+    ) -> Result<(Vec<v1::Pointer>, Option<PointerKey>), RegistryError> {
+        let this = self.clone();
+        self.blocking(move || {
+            let store = &this.inner.store;
+            let keys = store.org_keys(&org_bytes(&org), after.as_ref(), limit)?;
+            let values = store.get_many(&keys)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for (key, value) in keys.iter().zip(values) {
+                // A pointer removed between the two reads is simply not exported.
+                let Some(value) = value else { continue };
+                let (system, value_id) =
+                    this.inner.keys.open(&value.sealed_patient, &key.patient)?;
+                let patient = v1::PatientIdentifier {
+                    system,
+                    value: value_id,
+                };
+                out.push(this.to_wire(key, &value, patient));
+            }
+            Ok((out, keys.last().copied()))
+        })
+        .await
+    }
+
+    /// Removes pointers whose expiry has passed; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, RegistryError> {
+        let mut purged = 0;
+        loop {
+            let now = now_nanos();
+            let this = self.clone();
+            let due = self
+                .blocking(move || Ok(this.inner.store.expired(now, 1000)?))
+                .await?;
+            if due.is_empty() {
+                return Ok(purged);
+            }
+            let n = due.len();
+            let ops = due.into_iter().map(|key| Op::Purge { key, now }).collect();
+            purged += self
+                .apply(ops)
+                .await?
+                .iter()
+                .filter(|r| matches!(r, OpResult::Deleted))
+                .count();
+            if n < 1000 {
+                return Ok(purged);
+            }
+        }
+    }
+
+    /// Flushes memtables to disk files.
+    pub async fn flush(&self) -> Result<(), RegistryError> {
+        let this = self.clone();
+        self.blocking(move || Ok(this.inner.store.flush()?)).await
+    }
+
+    /// Converts a stored pointer to its wire form.
+    pub fn to_wire(
+        &self,
+        key: &PointerKey,
+        p: &StoredPointer,
+        patient: v1::PatientIdentifier,
+    ) -> v1::Pointer {
+        v1::Pointer {
+            patient: Some(patient),
+            holder: Some(v1::Organization {
+                organization_number: String::from_utf8_lossy(&key.org).into_owned(),
+                sub_unit_organization_number: p.sub_unit.clone(),
+                name: p.holder_name.clone(),
+            }),
+            endpoint: Some(v1::Endpoint {
+                base_url: p.base_url.clone(),
+                api_kind: p.api_kind,
+            }),
+            categories: p.categories.clone(),
+            period: (p.period_start.is_some() || p.period_end.is_some()).then(|| v1::Period {
+                start: p.period_start.map(to_timestamp),
+                end: p.period_end.map(to_timestamp),
+            }),
+            last_updated: Some(to_timestamp(p.last_updated)),
+            expires_at: p.expires_at.map(to_timestamp),
+            region: self.inner.region.clone(),
+            pointer_id: pointer_id(key),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| RegistryError::Task(e.to_string()))?
+    }
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub fn org_bytes(org: &OrgNumber) -> [u8; ORG_LEN] {
+    let mut b = [0u8; ORG_LEN];
+    b.copy_from_slice(org.as_str().as_bytes());
+    b
+}
+
+fn endpoint_ident(e: &EndpointRef) -> [u8; IDENT_LEN] {
+    let mut h = Sha256::new();
+    h.update(e.sub_unit.as_ref().map(|o| o.as_str()).unwrap_or(""));
+    h.update([0]);
+    h.update(e.base_url.as_bytes());
+    h.update([0]);
+    h.update(e.api_kind.to_be_bytes());
+    let digest = h.finalize();
+    let mut out = [0u8; IDENT_LEN];
+    out.copy_from_slice(&digest[..IDENT_LEN]);
+    out
+}
+
+/// A stable opaque id: a hash of the key, so it reveals nothing about the patient.
+fn pointer_id(key: &PointerKey) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"pil-pointer-id\0")
+        .chain_update(key.encode())
+        .finalize();
+    hex::encode(&digest[..12])
+}

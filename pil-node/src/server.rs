@@ -1,0 +1,190 @@
+//! Starting and stopping a node: wires configuration, storage, registry, services and
+//! the TLS listener together, and tears them down in order on shutdown so in-flight
+//! requests finish and RocksDB closes cleanly.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use pil_proto::v1::{
+    lookup_service_server::LookupServiceServer, registry_service_server::RegistryServiceServer,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+use crate::{
+    config::NodeConfig,
+    patient_keys::{KeyError, PatientKeys},
+    registry::Registry,
+    service::NodeService,
+    storage::{StorageError, Store},
+    tls::{self, TlsError},
+};
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("cannot open the data directory: {0}")]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// A started node.
+pub struct RunningNode {
+    addr: SocketAddr,
+    registry: Registry,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), NodeError>>,
+}
+
+impl RunningNode {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's registry, for in-process use (demo data, tests).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and closes the database.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let RunningNode { task, registry, .. } = self;
+        drop(registry);
+        task.await.map_err(|e| NodeError::Task(e.to_string()))?
+    }
+
+    /// Runs until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), NodeError> {
+        signal.await;
+        tracing::info!("shutting down");
+        self.shutdown().await
+    }
+}
+
+/// Opens storage and starts serving according to `config`.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    let config = Arc::new(config);
+    let keys = PatientKeys::load(
+        &config.keys.pseudonym_key_file,
+        &config.keys.storage_key_file,
+    )?;
+    let tls_config = tls::server_config(&config.tls)?;
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+    let (registry, closer) = Registry::open(store, keys, config.region.clone());
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let service = NodeService::new(registry.clone(), config.clone());
+    let max = config.limits.max_message_bytes;
+    let registry_svc = RegistryServiceServer::new(service.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let lookup_svc = LookupServiceServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RegistryServiceServer<NodeService>>()
+        .await;
+    health
+        .set_serving::<LookupServiceServer<NodeService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pil_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let incoming = tls::incoming(
+        listener,
+        tls_config,
+        std::time::Duration::from_secs(config.limits.handshake_timeout_secs),
+    );
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let purge = tokio::spawn(purge_loop(registry.clone(), config.clone()));
+
+    let router = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(registry_svc)
+        .add_service(lookup_svc);
+    tracing::info!(region = %config.region, %addr, test_data = config.test_data, "node serving");
+
+    let grace = config.limits.shutdown_grace();
+    let task = tokio::spawn(async move {
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let notify = stopping.clone();
+        let serve = router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.await;
+            notify.notify_one();
+        });
+        // In-flight requests get `grace` to finish; clients that keep their
+        // connections open past it are cut off.
+        let served = tokio::select! {
+            served = serve => Some(served),
+            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => None,
+        };
+        purge.abort();
+        let _ = purge.await;
+        let Some(served) = served else {
+            tracing::warn!(
+                ?grace,
+                "connections still open after the grace period; closing"
+            );
+            return Ok(());
+        };
+        // Every registry handle is gone with the router; wait for queued writes.
+        tokio::task::spawn_blocking(move || closer.join())
+            .await
+            .map_err(|e| NodeError::Task(e.to_string()))?;
+        tracing::info!("node stopped");
+        served.map_err(NodeError::from)
+    });
+
+    Ok(RunningNode {
+        addr,
+        registry,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+async fn purge_loop(registry: Registry, config: Arc<NodeConfig>) {
+    let mut tick = tokio::time::interval(config.limits.purge_interval());
+    loop {
+        tick.tick().await;
+        match registry.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired pointers purged"),
+            Err(e) => tracing::warn!(error = %e, "purge of expired pointers failed"),
+        }
+    }
+}

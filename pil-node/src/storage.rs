@@ -1,0 +1,523 @@
+//! The registry's on-disk layout. The only module that knows RocksDB.
+//!
+//! Column families (all keys fixed-width binary, so byte order is key order):
+//!
+//! | family            | key                                          | value          |
+//! |-------------------|----------------------------------------------|----------------|
+//! | `pointers`        | patient pseudonym (16) · org (9) · ident (16) | [`StoredPointer`] |
+//! | `pointers_by_org` | org (9) · patient pseudonym (16) · ident (16) | empty          |
+//! | `pointer_expiry`  | expiry (8, sign-flipped BE ns) · pointer key (41) | empty      |
+//! | `meta`            | name                                         | value          |
+//!
+//! `pointers` is laid out for the hot path: a lookup is one prefix scan over the
+//! patient's pseudonym (a fixed 16-byte prefix with a bloom filter, so patients with no
+//! pointers cost a filter probe). `pointers_by_org` serves export and replace-mode sync,
+//! `pointer_expiry` the purge of expired pointers in time order. `ident` is a hash of
+//! the endpoint identity (sub-unit, base URL, API kind), keeping keys short and fixed.
+//! Every write goes through one `WriteBatch` with a synced WAL, so the three families
+//! never disagree and an acknowledged write survives a crash.
+
+use std::path::Path;
+
+use prost::Message;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
+    ReadOptions, SliceTransform, WriteBatch, WriteOptions,
+};
+
+use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
+
+const CF_POINTERS: &str = "pointers";
+const CF_BY_ORG: &str = "pointers_by_org";
+const CF_EXPIRY: &str = "pointer_expiry";
+const CF_META: &str = "meta";
+
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT_VERSION: &[u8] = b"1";
+
+/// Bytes of an organization number in keys.
+pub const ORG_LEN: usize = 9;
+/// Bytes of the endpoint identity hash in keys.
+pub const IDENT_LEN: usize = 16;
+/// Bytes of an encoded [`PointerKey`].
+pub const KEY_LEN: usize = PSEUDONYM_LEN + ORG_LEN + IDENT_LEN;
+
+/// The storage error, with RocksDB's message.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("data directory has format {found:?}, this node understands {FORMAT_VERSION:?}")]
+    Format { found: String },
+}
+
+/// Where one pointer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PointerKey {
+    pub patient: Pseudonym,
+    pub org: [u8; ORG_LEN],
+    pub ident: [u8; IDENT_LEN],
+}
+
+impl PointerKey {
+    pub fn encode(&self) -> [u8; KEY_LEN] {
+        let mut k = [0u8; KEY_LEN];
+        k[..PSEUDONYM_LEN].copy_from_slice(&self.patient);
+        k[PSEUDONYM_LEN..PSEUDONYM_LEN + ORG_LEN].copy_from_slice(&self.org);
+        k[PSEUDONYM_LEN + ORG_LEN..].copy_from_slice(&self.ident);
+        k
+    }
+
+    pub fn decode(k: &[u8]) -> Option<Self> {
+        if k.len() != KEY_LEN {
+            return None;
+        }
+        Some(Self {
+            patient: k[..PSEUDONYM_LEN].try_into().ok()?,
+            org: k[PSEUDONYM_LEN..PSEUDONYM_LEN + ORG_LEN].try_into().ok()?,
+            ident: k[PSEUDONYM_LEN + ORG_LEN..].try_into().ok()?,
+        })
+    }
+
+    fn by_org(&self) -> [u8; KEY_LEN] {
+        let mut k = [0u8; KEY_LEN];
+        k[..ORG_LEN].copy_from_slice(&self.org);
+        k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].copy_from_slice(&self.patient);
+        k[ORG_LEN + PSEUDONYM_LEN..].copy_from_slice(&self.ident);
+        k
+    }
+
+    fn from_by_org(k: &[u8]) -> Option<Self> {
+        if k.len() != KEY_LEN {
+            return None;
+        }
+        Some(Self {
+            org: k[..ORG_LEN].try_into().ok()?,
+            patient: k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].try_into().ok()?,
+            ident: k[ORG_LEN + PSEUDONYM_LEN..].try_into().ok()?,
+        })
+    }
+
+    fn expiry(&self, expires_at: i64) -> [u8; 8 + KEY_LEN] {
+        let mut k = [0u8; 8 + KEY_LEN];
+        k[..8].copy_from_slice(&sortable(expires_at));
+        k[8..].copy_from_slice(&self.encode());
+        k
+    }
+}
+
+/// Maps i64 to big-endian bytes whose byte order is numeric order.
+fn sortable(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// A stored pointer. The patient identifier is only here, sealed; the organization
+/// number is in the key.
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredPointer {
+    /// `PatientKeys::seal` of the identifier, for export.
+    #[prost(bytes = "vec", tag = "1")]
+    pub sealed_patient: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub sub_unit: String,
+    #[prost(string, tag = "3")]
+    pub base_url: String,
+    #[prost(int32, tag = "4")]
+    pub api_kind: i32,
+    #[prost(string, repeated, tag = "5")]
+    pub categories: Vec<String>,
+    #[prost(int64, optional, tag = "6")]
+    pub period_start: Option<i64>,
+    #[prost(int64, optional, tag = "7")]
+    pub period_end: Option<i64>,
+    #[prost(int64, tag = "8")]
+    pub last_updated: i64,
+    #[prost(int64, optional, tag = "9")]
+    pub expires_at: Option<i64>,
+    #[prost(string, tag = "10")]
+    pub holder_name: String,
+}
+
+impl StoredPointer {
+    /// Equal in everything a holder can change (the sealed identifier's random nonce is
+    /// not content).
+    pub fn same_content(&self, other: &Self) -> bool {
+        self.sub_unit == other.sub_unit
+            && self.base_url == other.base_url
+            && self.api_kind == other.api_kind
+            && self.categories == other.categories
+            && self.period_start == other.period_start
+            && self.period_end == other.period_end
+            && self.last_updated == other.last_updated
+            && self.expires_at == other.expires_at
+            && self.holder_name == other.holder_name
+    }
+}
+
+/// One change in an atomic write.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Store `value` at `key`; `previous` is what was there (to keep indexes exact).
+    Put {
+        key: PointerKey,
+        value: StoredPointer,
+        previous: Option<StoredPointer>,
+    },
+    /// Remove `key`, whose current value is `previous`.
+    Delete {
+        key: PointerKey,
+        previous: StoredPointer,
+    },
+}
+
+/// The open database.
+pub struct Store {
+    db: DB,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `path`.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let cache = Cache::new_lru_cache(256 * 1024 * 1024);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+
+        let cf = |prefix_len: Option<usize>| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_bottommost_compression_type(DBCompressionType::Zstd);
+            if let Some(n) = prefix_len {
+                o.set_prefix_extractor(SliceTransform::create_fixed_prefix(n));
+                o.set_memtable_prefix_bloom_ratio(0.1);
+                table.set_whole_key_filtering(false);
+            }
+            o.set_block_based_table_factory(&table);
+            o
+        };
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_POINTERS, cf(Some(PSEUDONYM_LEN))),
+            ColumnFamilyDescriptor::new(CF_BY_ORG, cf(Some(ORG_LEN))),
+            ColumnFamilyDescriptor::new(CF_EXPIRY, cf(None)),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        let store = Self { db };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn check_format(&self) -> Result<(), StorageError> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, FORMAT_KEY)? {
+            None => {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                self.db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VERSION, &w)?;
+                Ok(())
+            }
+            Some(v) if v == FORMAT_VERSION => Ok(()),
+            Some(v) => Err(StorageError::Format {
+                found: String::from_utf8_lossy(&v).into_owned(),
+            }),
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    /// Reads the current values of `keys`, in order.
+    pub fn get_many(
+        &self,
+        keys: &[PointerKey],
+    ) -> Result<Vec<Option<StoredPointer>>, StorageError> {
+        let cf = self.cf(CF_POINTERS);
+        let encoded: Vec<[u8; KEY_LEN]> = keys.iter().map(PointerKey::encode).collect();
+        self.db
+            .batched_multi_get_cf(cf, encoded.iter(), false)
+            .into_iter()
+            .map(|r| match r? {
+                None => Ok(None),
+                Some(v) => decode(&v).map(Some),
+            })
+            .collect()
+    }
+
+    /// All pointers stored for a patient.
+    pub fn patient_pointers(
+        &self,
+        patient: &Pseudonym,
+    ) -> Result<Vec<(PointerKey, StoredPointer)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.prefix_scan(CF_POINTERS, patient) {
+            let (k, v) = item?;
+            let key = PointerKey::decode(&k).ok_or_else(|| corrupt(CF_POINTERS, "bad key"))?;
+            out.push((key, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Keys of one organization's pointers for one patient.
+    pub fn patient_org_keys(
+        &self,
+        patient: &Pseudonym,
+        org: &[u8; ORG_LEN],
+    ) -> Result<Vec<PointerKey>, StorageError> {
+        let mut prefix = [0u8; PSEUDONYM_LEN + ORG_LEN];
+        prefix[..PSEUDONYM_LEN].copy_from_slice(patient);
+        prefix[PSEUDONYM_LEN..].copy_from_slice(org);
+        self.prefix_scan(CF_POINTERS, &prefix)
+            .map(|item| {
+                let (k, _) = item?;
+                PointerKey::decode(&k).ok_or_else(|| corrupt(CF_POINTERS, "bad key"))
+            })
+            .collect()
+    }
+
+    /// Up to `limit` keys of an organization's pointers, in key order, after `after`.
+    pub fn org_keys(
+        &self,
+        org: &[u8; ORG_LEN],
+        after: Option<&PointerKey>,
+        limit: usize,
+    ) -> Result<Vec<PointerKey>, StorageError> {
+        let cf = self.cf(CF_BY_ORG);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(upper_bound(org));
+        opts.set_prefix_same_as_start(true);
+        let start = after.map(|k| k.by_org()).map(|k| k.to_vec());
+        let mode = match &start {
+            Some(s) => IteratorMode::From(s, rocksdb::Direction::Forward),
+            None => IteratorMode::From(org, rocksdb::Direction::Forward),
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.db.iterator_cf_opt(cf, opts, mode) {
+            let (k, _) = item?;
+            let key = PointerKey::from_by_org(&k).ok_or_else(|| corrupt(CF_BY_ORG, "bad key"))?;
+            if Some(&key) == after {
+                continue;
+            }
+            out.push(key);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` pointers whose expiry is at or before `now` (ns since the epoch).
+    pub fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StorageError> {
+        let cf = self.cf(CF_EXPIRY);
+        let mut opts = ReadOptions::default();
+        let mut bound = sortable(now).to_vec();
+        bound.extend_from_slice(&[0xff; KEY_LEN + 1]);
+        opts.set_iterate_upper_bound(bound);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, opts, IteratorMode::Start) {
+            let (k, _) = item?;
+            let key = PointerKey::decode(&k[8..]).ok_or_else(|| corrupt(CF_EXPIRY, "bad key"))?;
+            out.push(key);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `changes` atomically and durably (the WAL is synced before returning).
+    pub fn write(&self, changes: &[Change]) -> Result<(), StorageError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (pointers, by_org, expiry) =
+            (self.cf(CF_POINTERS), self.cf(CF_BY_ORG), self.cf(CF_EXPIRY));
+        let mut batch = WriteBatch::default();
+        for change in changes {
+            match change {
+                Change::Put {
+                    key,
+                    value,
+                    previous,
+                } => {
+                    batch.put_cf(pointers, key.encode(), value.encode_to_vec());
+                    match previous {
+                        None => batch.put_cf(by_org, key.by_org(), []),
+                        Some(prev) if prev.expires_at != value.expires_at => {
+                            if let Some(at) = prev.expires_at {
+                                batch.delete_cf(expiry, key.expiry(at));
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                    if let Some(at) = value.expires_at
+                        && previous.as_ref().and_then(|p| p.expires_at) != Some(at)
+                    {
+                        batch.put_cf(expiry, key.expiry(at), []);
+                    }
+                }
+                Change::Delete { key, previous } => {
+                    batch.delete_cf(pointers, key.encode());
+                    batch.delete_cf(by_org, key.by_org());
+                    if let Some(at) = previous.expires_at {
+                        batch.delete_cf(expiry, key.expiry(at));
+                    }
+                }
+            }
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// Flushes memtables to SST files, e.g. before a backup or in tests that inspect
+    /// the files.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for name in [CF_POINTERS, CF_BY_ORG, CF_EXPIRY, CF_META] {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+
+    fn prefix_scan<'a>(
+        &'a self,
+        cf: &'static str,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + 'a {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(upper_bound(prefix));
+        opts.set_prefix_same_as_start(true);
+        self.db
+            .iterator_cf_opt(
+                self.cf(cf),
+                opts,
+                IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            )
+            .map(|r| r.map_err(StorageError::from))
+    }
+}
+
+/// A raw key and value from an iterator.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// The smallest key greater than every key starting with `prefix`.
+fn upper_bound(prefix: &[u8]) -> Vec<u8> {
+    let mut b = prefix.to_vec();
+    while let Some(last) = b.pop() {
+        if last < 0xff {
+            b.push(last + 1);
+            return b;
+        }
+    }
+    // All 0xff: no upper bound exists; a longer key than any stored one stands in.
+    vec![0xff; KEY_LEN + 9]
+}
+
+fn decode(v: &[u8]) -> Result<StoredPointer, StorageError> {
+    StoredPointer::decode(v).map_err(|e| corrupt(CF_POINTERS, &e.to_string()))
+}
+
+fn corrupt(cf: &'static str, detail: &str) -> StorageError {
+    StorageError::Corrupt {
+        cf,
+        detail: detail.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: u8, org: &[u8; 9], i: u8) -> PointerKey {
+        PointerKey {
+            patient: [p; PSEUDONYM_LEN],
+            org: *org,
+            ident: [i; IDENT_LEN],
+        }
+    }
+
+    fn value(expires_at: Option<i64>) -> StoredPointer {
+        StoredPointer {
+            base_url: "https://x.no".into(),
+            api_kind: 1,
+            categories: vec!["medications".into()],
+            last_updated: 5,
+            expires_at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_and_sort_numerically() {
+        let k = key(1, b"974760673", 2);
+        assert_eq!(PointerKey::decode(&k.encode()), Some(k));
+        assert_eq!(PointerKey::from_by_org(&k.by_org()), Some(k));
+        assert!(sortable(-5) < sortable(3));
+        assert!(sortable(i64::MIN) < sortable(-1));
+        assert!(sortable(0) < sortable(i64::MAX));
+    }
+
+    #[test]
+    fn writes_keep_indexes_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (key(1, b"974760673", 1), key(1, b"983044778", 1));
+        let c = key(2, b"974760673", 3);
+        store
+            .write(&[
+                Change::Put {
+                    key: a,
+                    value: value(Some(10)),
+                    previous: None,
+                },
+                Change::Put {
+                    key: b,
+                    value: value(None),
+                    previous: None,
+                },
+                Change::Put {
+                    key: c,
+                    value: value(Some(20)),
+                    previous: None,
+                },
+            ])
+            .unwrap();
+        assert_eq!(store.patient_pointers(&[1; 16]).unwrap().len(), 2);
+        assert_eq!(store.patient_org_keys(&[1; 16], b"974760673").unwrap(), [a]);
+        assert_eq!(store.org_keys(b"974760673", None, 10).unwrap(), [a, c]);
+        assert_eq!(store.org_keys(b"974760673", Some(&a), 10).unwrap(), [c]);
+        assert_eq!(store.expired(15, 10).unwrap(), [a]);
+        // Moving an expiry re-indexes it.
+        store
+            .write(&[Change::Put {
+                key: a,
+                value: value(Some(30)),
+                previous: Some(value(Some(10))),
+            }])
+            .unwrap();
+        assert_eq!(store.expired(25, 10).unwrap(), [c]);
+        store
+            .write(&[Change::Delete {
+                key: c,
+                previous: value(Some(20)),
+            }])
+            .unwrap();
+        assert_eq!(store.expired(25, 10).unwrap(), []);
+        assert_eq!(store.org_keys(b"974760673", None, 10).unwrap(), [a]);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get_many(&[a, c]).unwrap()[0], Some(value(Some(30))));
+    }
+}

@@ -1,0 +1,165 @@
+//! The node's only listener: TLS 1.3 with a required client certificate.
+//!
+//! Handshakes run in their own tasks with a timeout, so a slow or hostile client
+//! cannot hold up others. The caller's identity is read from its certificate once per
+//! connection and attached to every request on it as [`PeerInfo`].
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{ServerConfig, server::WebPkiClientVerifier};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::{
+    config::TlsConfig,
+    identity::{Caller, caller_from_cert},
+    pki::{self, PkiError},
+};
+
+/// Who is at the other end of a connection, as a request extension.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The identity in the client certificate, or why none could be read.
+    pub caller: Result<Caller, String>,
+}
+
+/// Why the TLS setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+/// Builds the server's rustls configuration: TLS 1.3 only, client certificates
+/// required and verified against `client_ca`, HTTP/2 only.
+pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pki::load_certs(&tls.client_ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Rustls(format!("client CA {}: {e}", tls.client_ca.display())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki::load_certs(&tls.cert)?, pki::load_key(&tls.key)?)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS connection carrying its peer's identity.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections on `listener`, completes TLS handshakes in the background,
+/// and yields the established connections. Stops when the returned stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let caller = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .ok_or_else(|| "no client certificate".to_string())
+                            .and_then(|cert| caller_from_cert(cert).map_err(|e| e.to_string()));
+                        let info = PeerInfo { remote, caller };
+                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

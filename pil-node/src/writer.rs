@@ -1,0 +1,230 @@
+//! The registry's single writer thread, with group commit.
+//!
+//! All writes go through one OS thread, off the async executor: it takes every job
+//! waiting in its queue, works out each operation's effect against the stored state
+//! (and against earlier operations in the same group), and commits the whole group in
+//! one synced RocksDB write. One fsync then acknowledges many requests, and because
+//! one thread decides every outcome, concurrent writes to the same pointer cannot race
+//! and the inserted/updated/unchanged counts are exact.
+
+use std::{collections::HashMap, sync::Arc, thread};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::storage::{Change, PointerKey, Store, StoredPointer};
+
+/// Most operations committed in one group, to bound memory and latency per fsync.
+const MAX_GROUP_OPS: usize = 50_000;
+/// Jobs that may wait for the writer before submitters are slowed down.
+const QUEUE_DEPTH: usize = 1024;
+
+/// One change a caller asks for.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert or replace. When `keep_last_updated` is set the caller did not send a
+    /// `last_updated`: an existing pointer keeps its own, a new one gets `value`'s.
+    Upsert {
+        key: PointerKey,
+        value: StoredPointer,
+        keep_last_updated: bool,
+    },
+    /// Remove if present.
+    Delete { key: PointerKey },
+    /// Remove if present and still expired at `now` (its expiry may have moved).
+    Purge { key: PointerKey, now: i64 },
+}
+
+/// What an operation did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpResult {
+    Inserted(StoredPointer),
+    Updated(StoredPointer),
+    Unchanged(StoredPointer),
+    Deleted,
+    Absent,
+}
+
+/// A write failed; nothing of the group it was in was stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("storage write failed: {0}")]
+    Storage(String),
+    #[error("the node is shutting down")]
+    Closed,
+}
+
+struct Job {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, WriteError>>,
+}
+
+/// Handle to the writer thread. Cloneable; the thread ends when every handle is gone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer thread over `store`. The returned join handle finishes after
+    /// the last `Writer` clone is dropped and the queue is drained.
+    pub fn start(store: Arc<Store>) -> (Self, thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let handle = thread::Builder::new()
+            .name("pil-writer".into())
+            .spawn(move || run(store, rx))
+            .expect("spawning the writer thread");
+        (Self { tx }, handle)
+    }
+
+    /// Applies `ops` atomically; returns once they are durable.
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, WriteError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { ops, reply })
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+}
+
+fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut n = first.ops.len();
+        let mut jobs = vec![first];
+        while n < MAX_GROUP_OPS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    n += job.ops.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_group(&store, jobs);
+    }
+    // Every handle is gone: the node is stopping. Flushing now makes the next start
+    // skip WAL replay.
+    if let Err(e) = store.flush() {
+        tracing::warn!(error = %e, "flush at shutdown failed");
+    }
+}
+
+fn commit_group(store: &Store, jobs: Vec<Job>) {
+    let outcome = plan(store, &jobs).and_then(|(changes, results)| {
+        store
+            .write(&changes)
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        Ok(results)
+    });
+    match outcome {
+        Ok(results) => {
+            for (job, result) in jobs.into_iter().zip(results) {
+                let _ = job.reply.send(Ok(result));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "write group failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+type Plan = (Vec<Change>, Vec<Vec<OpResult>>);
+
+/// Decides every operation's effect, reading stored values once for the whole group.
+fn plan(store: &Store, jobs: &[Job]) -> Result<Plan, WriteError> {
+    let mut keys: Vec<PointerKey> = jobs
+        .iter()
+        .flat_map(|j| &j.ops)
+        .map(|op| match op {
+            Op::Upsert { key, .. } | Op::Delete { key } | Op::Purge { key, .. } => *key,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let stored = store
+        .get_many(&keys)
+        .map_err(|e| WriteError::Storage(e.to_string()))?;
+    let mut current: HashMap<PointerKey, Option<StoredPointer>> =
+        keys.into_iter().zip(stored).collect();
+
+    let mut changes = Vec::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut job_results = Vec::with_capacity(job.ops.len());
+        for op in &job.ops {
+            job_results.push(apply_op(op, &mut current, &mut changes));
+        }
+        results.push(job_results);
+    }
+    Ok((changes, results))
+}
+
+fn apply_op(
+    op: &Op,
+    current: &mut HashMap<PointerKey, Option<StoredPointer>>,
+    changes: &mut Vec<Change>,
+) -> OpResult {
+    match op {
+        Op::Upsert {
+            key,
+            value,
+            keep_last_updated,
+        } => {
+            let slot = current.entry(*key).or_default();
+            let mut value = value.clone();
+            match slot.take() {
+                None => {
+                    changes.push(Change::Put {
+                        key: *key,
+                        value: value.clone(),
+                        previous: None,
+                    });
+                    *slot = Some(value.clone());
+                    OpResult::Inserted(value)
+                }
+                Some(prev) => {
+                    if *keep_last_updated {
+                        value.last_updated = prev.last_updated;
+                    }
+                    // Keep the sealed identifier: same patient, no needless rewrite.
+                    value.sealed_patient.clone_from(&prev.sealed_patient);
+                    if prev.same_content(&value) {
+                        *slot = Some(prev.clone());
+                        OpResult::Unchanged(prev)
+                    } else {
+                        changes.push(Change::Put {
+                            key: *key,
+                            value: value.clone(),
+                            previous: Some(prev),
+                        });
+                        *slot = Some(value.clone());
+                        OpResult::Updated(value)
+                    }
+                }
+            }
+        }
+        Op::Delete { key } | Op::Purge { key, .. } => {
+            let slot = current.entry(*key).or_default();
+            let still_due = match (op, slot.as_ref()) {
+                (Op::Purge { now, .. }, Some(prev)) => prev.expires_at.is_some_and(|at| at <= *now),
+                (_, Some(_)) => true,
+                (_, None) => false,
+            };
+            if !still_due {
+                return OpResult::Absent;
+            }
+            let previous = slot.take().expect("checked above");
+            changes.push(Change::Delete {
+                key: *key,
+                previous,
+            });
+            OpResult::Deleted
+        }
+    }
+}

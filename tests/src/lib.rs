@@ -1,0 +1,307 @@
+//! The shared harness of the integration tests: a throwaway PKI, real nodes on
+//! 127.0.0.1 with ephemeral ports and RocksDB in temp dirs, and clients per
+//! organization. Nodes run in-process ([`TestNode`]) or as child processes
+//! ([`ProcessNode`]) when a test must kill one.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use pil_client::{PilClient, Profile, v1};
+use pil_node::{
+    config::{KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    patient_keys::write_new_key_file,
+    pki::{self, DevCa},
+    server::{self, RunningNode},
+};
+use pil_proto::ident;
+
+/// Organizations of the test world: three ordinary ones and a hosting provider.
+pub const ORG_A: &str = "983974724";
+pub const ORG_B: &str = "964338531";
+pub const ORG_C: &str = "923609016";
+/// Writes for [`ORG_C`] under `writes_for`.
+pub const HOST: &str = "985399077";
+
+/// A test world: PKI, keys and a data directory in one temp dir.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let orgs = [
+            (ORG_A, "Org A"),
+            (ORG_B, "Org B"),
+            (ORG_C, "Org C"),
+            (HOST, "Hosting provider"),
+        ];
+        let files = pki::write_dev_pki(&dir.path().join("pki"), "test", &orgs).expect("dev PKI");
+        for k in ["pseudonym.key", "storage.key"] {
+            write_new_key_file(&dir.path().join(k)).expect("key file");
+        }
+        Self {
+            ca: files.ca_cert,
+            dir,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A node configuration for this world; `test_data` lets synthetic identifiers in.
+    pub fn config(&self, test_data: bool) -> NodeConfig {
+        let pki = self.path().join("pki");
+        NodeConfig {
+            region: "test".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: self.path().join("data"),
+            test_data,
+            tls: TlsConfig {
+                client_ca: self.ca.clone(),
+                cert: pki.join("node.pem"),
+                key: pki.join("node-key.pem"),
+            },
+            keys: KeyConfig {
+                pseudonym_key_file: self.path().join("pseudonym.key"),
+                storage_key_file: self.path().join("storage.key"),
+            },
+            writes_for: [(HOST.to_string(), vec![ORG_C.to_string()])].into(),
+            limits: Limits {
+                purge_interval_secs: 1,
+                ..Limits::default()
+            },
+            log: LogConfig::default(),
+        }
+    }
+
+    /// A client profile file for `org` against `addr`.
+    pub fn profile(&self, org: &str, addr: SocketAddr) -> PathBuf {
+        let pki = self.path().join("pki");
+        let path = self
+            .path()
+            .join(format!("profile-{org}-{}.toml", addr.port()));
+        let text = pil_node::demo::profile_toml(
+            addr,
+            &pki.join(format!("org-{org}.pem")),
+            &pki.join(format!("org-{org}-key.pem")),
+            &self.ca,
+        );
+        std::fs::write(&path, text).expect("write profile");
+        path
+    }
+
+    /// A connected client for `org`.
+    pub async fn client(&self, org: &str, addr: SocketAddr) -> PilClient {
+        let profile = Profile::load(&self.profile(org, addr)).expect("profile");
+        PilClient::connect(&profile).await.expect("connect")
+    }
+
+    /// Issues an extra certificate from a *different* CA, for refusal tests.
+    pub fn foreign_org_profile(&self, addr: SocketAddr) -> PathBuf {
+        let foreign = DevCa::generate("Foreign CA").expect("foreign CA");
+        let cert = foreign
+            .issue_organization(ORG_A, "Impostor")
+            .expect("issue");
+        let dir = self.path().join("foreign");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("org.pem"), &cert.cert_pem).unwrap();
+        std::fs::write(dir.join("org-key.pem"), &cert.key_pem).unwrap();
+        let path = dir.join("profile.toml");
+        let text = pil_node::demo::profile_toml(
+            addr,
+            &dir.join("org.pem"),
+            &dir.join("org-key.pem"),
+            &self.ca,
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An in-process node.
+pub struct TestNode {
+    pub node: RunningNode,
+}
+
+impl TestNode {
+    pub async fn start(config: NodeConfig) -> Self {
+        Self {
+            node: server::start(config).await.expect("node starts"),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.node.addr()
+    }
+
+    pub async fn stop(self) {
+        self.node.shutdown().await.expect("clean shutdown");
+    }
+}
+
+/// A node as a child process running the real `pil-node serve`, logging JSON to a file.
+pub struct ProcessNode {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl ProcessNode {
+    /// Starts `pil-node serve --config <file>` and waits until it listens.
+    pub fn start(config: &NodeConfig, dir: &Path) -> Self {
+        let config_path = dir.join("node.toml");
+        std::fs::write(&config_path, toml_of(config)).expect("write config");
+        let mut child = Command::new(sibling_binary("pil-test-node"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .args(["--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pil-node");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("node serving")
+                    && let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["fields"]["addr"].as_str().map(String::from))
+                {
+                    let _ = tx.send(addr);
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("node did not start; log:\n{}", log.lock().unwrap()));
+        Self {
+            child,
+            addr: addr.parse().expect("address"),
+            log,
+        }
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary of this package, next to the running test executable's `deps/` directory.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built", path.display());
+    path
+}
+
+fn toml_of(config: &NodeConfig) -> String {
+    toml::to_string_pretty(config).expect("configuration serializes")
+}
+
+/// A valid synthetic fødselsnummer, distinct per seed.
+pub fn patient_id(seed: u64) -> v1::PatientIdentifier {
+    v1::PatientIdentifier {
+        system: ident::SYSTEM_FNR.into(),
+        value: ident::synthetic_fnr(seed),
+    }
+}
+
+/// A valid pointer for `patient` at `org`'s endpoint `n`.
+pub fn pointer(
+    patient: &v1::PatientIdentifier,
+    org: &str,
+    n: u32,
+    categories: &[&str],
+) -> v1::Pointer {
+    v1::Pointer {
+        patient: Some(patient.clone()),
+        holder: Some(v1::Organization {
+            organization_number: org.into(),
+            sub_unit_organization_number: String::new(),
+            name: format!("Org {org}"),
+        }),
+        endpoint: Some(v1::Endpoint {
+            base_url: format!("https://fhir{n}.org{org}.example/r4"),
+            api_kind: v1::ApiKind::FhirR4 as i32,
+        }),
+        categories: categories.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A lookup request for all of a patient's pointers.
+pub fn lookup(patient: &v1::PatientIdentifier) -> v1::LookupRequest {
+    v1::LookupRequest {
+        patient: Some(patient.clone()),
+        ..Default::default()
+    }
+}
+
+/// The gRPC code of a failed client call.
+pub fn code(e: &pil_client::ClientError) -> tonic::Code {
+    match e {
+        pil_client::ClientError::Status(s) => s.code(),
+        other => panic!("expected a status, got {other}"),
+    }
+}
