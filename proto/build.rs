@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pil/v1/pointer.proto",
         "pil/v1/registry.proto",
         "pil/v1/lookup.proto",
+        "pil/v1/admin.proto",
+        "pil/v1/policy.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pil_proto::{ident, v1};
 
 use crate::{
+    Credentials,
     client::{PilClient, SyncOptions},
     profile::Profile,
     records::{self, PointerJson},
@@ -33,6 +34,22 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The requester's access token (e.g. from HelseID), sent as a Bearer token instead
+    /// of minting development tokens from the profile.
+    #[arg(long, global = true, env = "PIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Purpose of use in development tokens (HL7 PurposeOfUse: TREAT, ETREAT, COC, …).
+    #[arg(long, global = true)]
+    purpose: Option<String>,
+    /// HPR number in development tokens.
+    #[arg(long, global = true)]
+    hpr: Option<String>,
+    /// HPR authorization (profession) code in development tokens, e.g. LE, SP.
+    #[arg(long, global = true)]
+    profession: Option<String>,
+    /// Development tokens assert no care relationship.
+    #[arg(long, global = true)]
+    no_care_relationship: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,6 +122,21 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         batch: usize,
     },
+    /// The legal configuration: check a policy set offline, or explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// A patient's blocks (sperring); needs the operator role.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
+    /// A patient's opt-out (reservasjon); needs the operator role.
+    OptOut {
+        #[command(subcommand)]
+        command: OptOutCommand,
+    },
     /// Write every pointer registered for an organization as NDJSON.
     Export {
         /// The organization whose pointers to export.
@@ -113,6 +145,81 @@ enum Command {
         /// Output file; stdout when omitted.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a legal-configuration directory (schema, policies, settings) offline.
+    Check {
+        /// The directory, e.g. legal-config/.
+        dir: PathBuf,
+    },
+    /// Would this requester, with this purpose, see pointers, and why? Reads no
+    /// pointers.
+    Explain {
+        /// Only these categories (repeatable).
+        #[arg(long = "category")]
+        categories: Vec<String>,
+    },
+    /// Make the node re-read its legal configuration (operator role).
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// Forbid a professional, a profession or an organization to see the patient's
+    /// pointers.
+    Add {
+        #[arg(long)]
+        patient: String,
+        /// Block a health professional by HPR number.
+        #[arg(long, group = "target")]
+        hpr_number: Option<String>,
+        /// Block a profession (HPR authorization code, e.g. SP).
+        #[arg(long = "block-profession", group = "target")]
+        block_profession: Option<String>,
+        /// Block an organization.
+        #[arg(long, group = "target")]
+        organization: Option<String>,
+        /// Only for pointers held by this organization.
+        #[arg(long)]
+        holder: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the patient's blocks.
+    List {
+        #[arg(long)]
+        patient: String,
+    },
+    /// Lift a block.
+    Lift {
+        #[arg(long)]
+        patient: String,
+        #[arg(long)]
+        block_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OptOutCommand {
+    /// Record that the patient opts out of PIL.
+    Set {
+        #[arg(long)]
+        patient: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift the patient's opt-out.
+    Lift {
+        #[arg(long)]
+        patient: String,
+    },
+    /// Show whether the patient has opted out.
+    Show {
+        #[arg(long)]
+        patient: String,
     },
 }
 
@@ -192,10 +299,60 @@ fn patient(value: &str, system: Option<&str>) -> v1::PatientIdentifier {
     }
 }
 
-async fn connect(profile: Option<&Path>) -> anyhow::Result<PilClient> {
-    let path = profile.context("no profile: pass --profile FILE or set PIL_PROFILE")?;
+async fn connect(cli: &Cli) -> anyhow::Result<PilClient> {
+    let path = cli
+        .profile
+        .as_deref()
+        .context("no profile: pass --profile FILE or set PIL_PROFILE")?;
     let profile = Profile::load(path)?;
-    Ok(PilClient::connect(&profile).await?)
+    let client = PilClient::connect(&profile).await?;
+    if let Some(token) = &cli.token {
+        return Ok(client.with_credentials(Credentials::Token {
+            token: token.clone(),
+            dpop: None,
+        }));
+    }
+    let Some(dev) = &profile.token else {
+        return Ok(client);
+    };
+    let credentials = Credentials::dev(dev)?.adjust(|p| {
+        if let Some(purpose) = &cli.purpose {
+            p.purpose = purpose.clone();
+        }
+        if let Some(hpr) = &cli.hpr {
+            p.hpr = Some(hpr.clone());
+        }
+        if let Some(profession) = &cli.profession {
+            p.profession = Some(profession.clone());
+        }
+        if cli.no_care_relationship {
+            p.care_relationship = false;
+        }
+    });
+    Ok(client.with_credentials(credentials))
+}
+
+fn print_rules(rules: &[v1::AppliedRule]) {
+    for r in rules {
+        let effect = if r.effect == v1::RuleEffect::Forbid as i32 {
+            "forbid"
+        } else {
+            "permit"
+        };
+        println!("  {effect} {} — {}: {}", r.id, r.legal_basis, r.explanation);
+    }
+}
+
+fn rules_json(rules: &[v1::AppliedRule]) -> serde_json::Value {
+    rules
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id": r.id, "legal_basis": r.legal_basis, "explanation": r.explanation,
+                "effect": if r.effect == v1::RuleEffect::Forbid as i32 { "forbid" } else { "permit" },
+            })
+        })
+        .collect()
 }
 
 fn target_parts(
@@ -224,8 +381,20 @@ fn target_parts(
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
-    let client = connect(cli.profile.as_deref()).await?;
+    if let Command::Policy {
+        command: PolicyCommand::Check { dir },
+    } = &cli.command
+    {
+        // Offline: no node, no profile.
+        let summary = pil_legal::check(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!("{summary}");
+        return Ok(());
+    }
+    let client = connect(&cli).await?;
     match cli.command {
+        Command::Policy { command } => policy(&client, command, json).await?,
+        Command::Block { command } => block(&client, command, json).await?,
+        Command::OptOut { command } => opt_out(&client, command, json).await?,
         Command::Lookup {
             patient: value,
             system,
@@ -356,6 +525,219 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { .. } => unreachable!("handled offline"),
+        PolicyCommand::Reload => {
+            let r = client
+                .admin()
+                .reload_legal_config(v1::ReloadLegalConfigRequest {})
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            println!(
+                "legal configuration reloaded: {} policies in force",
+                r.policies
+            );
+        }
+        PolicyCommand::Explain { categories } => {
+            let r = client.explain(v1::ExplainRequest { categories }).await?;
+            if json {
+                let cats: Vec<_> = r
+                    .categories
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "category": c.category, "allowed": c.allowed,
+                            "emergency": c.emergency, "rules": rules_json(&c.rules),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "allowed": r.allowed, "emergency": r.emergency,
+                        "rules": rules_json(&r.rules), "categories": cats,
+                    })
+                );
+                return Ok(());
+            }
+            let verdict = if r.allowed { "ALLOWED" } else { "REFUSED" };
+            let emergency = if r.emergency {
+                " (emergency access)"
+            } else {
+                ""
+            };
+            println!("lookup {verdict}{emergency}");
+            print_rules(&r.rules);
+            for c in &r.categories {
+                let v = if c.allowed { "shown" } else { "withheld" };
+                println!("{}: {v}", c.category);
+                print_rules(&c.rules);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow::Result<()> {
+    use v1::block_target::Target;
+    let mut admin = client.admin();
+    let show = |b: &v1::Block| {
+        let target = match b.target.as_ref().and_then(|t| t.target.as_ref()) {
+            Some(Target::HprNumber(h)) => format!("professional {h}"),
+            Some(Target::Profession(p)) => format!("profession {p}"),
+            Some(Target::OrganizationNumber(o)) => format!("organization {o}"),
+            None => "?".into(),
+        };
+        let holder = if b.holder_organization_number.is_empty() {
+            "all holders".to_string()
+        } else {
+            format!("holder {}", b.holder_organization_number)
+        };
+        format!("{}  {target}, {holder}  {}", b.block_id, b.reason)
+    };
+    match command {
+        BlockCommand::Add {
+            patient: value,
+            hpr_number,
+            block_profession,
+            organization,
+            holder,
+            reason,
+        } => {
+            let target = match (hpr_number, block_profession, organization) {
+                (Some(h), _, _) => Target::HprNumber(h),
+                (_, Some(p), _) => Target::Profession(p),
+                (_, _, Some(o)) => Target::OrganizationNumber(o),
+                _ => {
+                    bail!("name whom to block: --hpr-number, --block-profession or --organization")
+                }
+            };
+            let r = admin
+                .create_block(v1::CreateBlockRequest {
+                    patient: Some(patient(&value, None)),
+                    block: Some(v1::Block {
+                        target: Some(v1::BlockTarget {
+                            target: Some(target),
+                        }),
+                        holder_organization_number: holder.unwrap_or_default(),
+                        reason,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            let b = r.block.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::json!({ "block_id": b.block_id }));
+            } else {
+                println!("block recorded: {}", show(&b));
+            }
+        }
+        BlockCommand::List { patient: value } => {
+            let r = admin
+                .list_blocks(v1::ListBlocksRequest {
+                    patient: Some(patient(&value, None)),
+                })
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            if json {
+                let ids: Vec<_> = r.blocks.iter().map(|b| b.block_id.clone()).collect();
+                println!("{}", serde_json::json!({ "block_ids": ids }));
+            } else if r.blocks.is_empty() {
+                println!("no blocks");
+            } else {
+                for b in &r.blocks {
+                    println!("{}", show(b));
+                }
+            }
+        }
+        BlockCommand::Lift {
+            patient: value,
+            block_id,
+        } => {
+            let r = admin
+                .lift_block(v1::LiftBlockRequest {
+                    patient: Some(patient(&value, None)),
+                    block_id,
+                })
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            println!(
+                "{}",
+                if r.lifted {
+                    "block lifted"
+                } else {
+                    "no such block"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn opt_out(client: &PilClient, command: OptOutCommand, json: bool) -> anyhow::Result<()> {
+    let mut admin = client.admin();
+    match command {
+        OptOutCommand::Set {
+            patient: value,
+            reason,
+        } => {
+            admin
+                .set_opt_out(v1::SetOptOutRequest {
+                    patient: Some(patient(&value, None)),
+                    reason,
+                })
+                .await
+                .map_err(crate::ClientError::from)?;
+            println!("opt-out recorded");
+        }
+        OptOutCommand::Lift { patient: value } => {
+            let r = admin
+                .lift_opt_out(v1::LiftOptOutRequest {
+                    patient: Some(patient(&value, None)),
+                })
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            println!(
+                "{}",
+                if r.lifted {
+                    "opt-out lifted"
+                } else {
+                    "no opt-out to lift"
+                }
+            );
+        }
+        OptOutCommand::Show { patient: value } => {
+            let r = admin
+                .get_opt_out(v1::GetOptOutRequest {
+                    patient: Some(patient(&value, None)),
+                })
+                .await
+                .map_err(crate::ClientError::from)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!({ "opted_out": r.opted_out }));
+            } else if r.opted_out {
+                let since = r
+                    .since
+                    .as_ref()
+                    .map(records::format_time)
+                    .unwrap_or_default();
+                println!("opted out since {since}");
+            } else {
+                println!("not opted out");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_lookup(resp: &v1::LookupResponse, json: bool) -> anyhow::Result<()> {
     if json {
         let pointers: Vec<PointerJson> = resp.pointers.iter().map(PointerJson::from_wire).collect();
@@ -373,11 +755,17 @@ fn print_lookup(resp: &v1::LookupResponse, json: bool) -> anyhow::Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "query_id": resp.query_id, "pointers": pointers, "regions": regions })
+            serde_json::json!({
+                "query_id": resp.query_id, "pointers": pointers, "regions": regions,
+                "opted_out": resp.opted_out, "emergency": resp.emergency,
+                "rules": rules_json(&resp.rules),
+            })
         );
         return Ok(());
     }
-    if resp.pointers.is_empty() {
+    if resp.opted_out {
+        println!("The patient has opted out of PIL; nothing is shown.");
+    } else if resp.pointers.is_empty() {
         println!("No pointers found.");
     } else {
         let mut table = Table::new();
@@ -425,6 +813,9 @@ fn print_lookup(resp: &v1::LookupResponse, json: bool) -> anyhow::Result<()> {
             ]);
         }
         println!("{table}");
+    }
+    if resp.emergency {
+        println!("emergency access (ETREAT): this lookup is flagged for the auditors");
     }
     for r in &resp.regions {
         let detail = if r.detail.is_empty() {

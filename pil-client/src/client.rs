@@ -4,12 +4,15 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pil_proto::v1::{
-    self, lookup_service_client::LookupServiceClient,
-    registry_service_client::RegistryServiceClient,
+    self, admin_service_client::AdminServiceClient, lookup_service_client::LookupServiceClient,
+    policy_service_client::PolicyServiceClient, registry_service_client::RegistryServiceClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::profile::{Profile, ProfileError};
+use crate::{
+    credentials::Credentials,
+    profile::{Profile, ProfileError},
+};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum ClientError {
         address: String,
         source: tonic::transport::Error,
     },
+    /// An access token or DPoP proof could not be made.
+    #[error("credentials: {0}")]
+    Credentials(String),
     /// The node answered with an error status.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
@@ -39,7 +45,12 @@ pub enum ClientError {
 pub struct PilClient {
     registry: RegistryServiceClient<Channel>,
     lookup: LookupServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+    policy: PolicyServiceClient<Channel>,
     channel: Channel,
+    /// `https://host:port` as called, for DPoP proofs' `htu`.
+    address: String,
+    credentials: std::sync::Arc<Credentials>,
 }
 
 /// Parameters of a bulk sync.
@@ -86,17 +97,58 @@ impl PilClient {
             .connect()
             .await
             .map_err(connect_err)?;
-        Ok(Self::from_channel(channel))
+        let credentials = match &profile.token {
+            Some(t) => Credentials::dev(t)?,
+            None => Credentials::None,
+        };
+        Ok(Self::from_channel(channel, &profile.address).with_credentials(credentials))
     }
 
-    /// Wraps an existing channel (e.g. one with custom interceptors or timeouts).
-    pub fn from_channel(channel: Channel) -> Self {
+    /// Wraps an existing channel to the node at `address` (`https://host:port`).
+    pub fn from_channel(channel: Channel, address: &str) -> Self {
         let max = 64 * 1024 * 1024;
         Self {
             registry: RegistryServiceClient::new(channel.clone()).max_decoding_message_size(max),
             lookup: LookupServiceClient::new(channel.clone()).max_decoding_message_size(max),
+            admin: AdminServiceClient::new(channel.clone()),
+            policy: PolicyServiceClient::new(channel.clone()),
             channel,
+            address: address.trim_end_matches('/').to_string(),
+            credentials: std::sync::Arc::new(Credentials::None),
         }
+    }
+
+    /// Uses `credentials` for the requester's token on lookups and explanations.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = std::sync::Arc::new(credentials);
+        self
+    }
+
+    /// A request carrying the requester's token (and DPoP proof) for `path`.
+    fn authorized<T>(&self, msg: T, path: &str) -> Result<tonic::Request<T>, ClientError> {
+        let mut req = tonic::Request::new(msg);
+        let uri = format!("{}{}", self.address, path);
+        for (name, value) in self.credentials.headers(&uri)? {
+            let value = value
+                .parse()
+                .map_err(|_| ClientError::Credentials(format!("{name} is not a valid header")))?;
+            req.metadata_mut().insert(name, value);
+        }
+        Ok(req)
+    }
+
+    /// Asks the node what its legal configuration would decide for this requester.
+    pub async fn explain(
+        &self,
+        req: v1::ExplainRequest,
+    ) -> Result<v1::ExplainResponse, ClientError> {
+        let req = self.authorized(req, "/pil.v1.PolicyService/Explain")?;
+        Ok(self.policy.clone().explain(req).await?.into_inner())
+    }
+
+    /// The admin API (operator role required).
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        self.admin.clone()
     }
 
     /// The underlying channel, for the standard health and reflection clients.
@@ -106,6 +158,7 @@ impl PilClient {
 
     /// Looks a patient up.
     pub async fn lookup(&self, req: v1::LookupRequest) -> Result<v1::LookupResponse, ClientError> {
+        let req = self.authorized(req, "/pil.v1.LookupService/Lookup")?;
         Ok(self.lookup.clone().lookup(req).await?.into_inner())
     }
 

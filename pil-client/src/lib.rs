@@ -6,9 +6,11 @@
 
 pub mod cli;
 pub mod client;
+pub mod credentials;
 pub mod profile;
 pub mod records;
 
 pub use client::{ClientError, PilClient, SyncOptions};
+pub use credentials::{Credentials, DevTokenParams};
 pub use pil_proto::v1;
 pub use profile::Profile;

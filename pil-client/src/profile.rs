@@ -28,6 +28,54 @@ pub struct Profile {
     pub cert: PathBuf,
     /// PEM private key of `cert`.
     pub key: PathBuf,
+    /// Development tokens minted for each call (demo and tests only). Real record
+    /// systems pass on the HelseID token they hold instead.
+    #[serde(default)]
+    pub token: Option<DevTokenProfile>,
+}
+
+/// How to mint development access tokens: the dev issuer's key and the requester.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenProfile {
+    pub issuer: String,
+    pub issuer_key: PathBuf,
+    pub kid: String,
+    pub audience: String,
+    #[serde(default = "default_scope")]
+    pub scope: String,
+    /// The requesting organization (`orgnr_parent`); must match the certificate.
+    pub organization: String,
+    /// The point of care (`orgnr_child`).
+    #[serde(default)]
+    pub point_of_care: Option<String>,
+    /// The health professional's HPR number.
+    #[serde(default)]
+    pub hpr: Option<String>,
+    /// HPR authorization code, e.g. LE or SP.
+    #[serde(default)]
+    pub profession: Option<String>,
+    /// HL7 PurposeOfUse code.
+    #[serde(default = "default_purpose")]
+    pub purpose: String,
+    /// Whether the attest asserts a care relationship (a reference to the decision).
+    #[serde(default = "yes")]
+    pub care_relationship: bool,
+    /// Bind tokens to a DPoP key and send a proof with each call.
+    #[serde(default = "yes")]
+    pub dpop: bool,
+}
+
+fn default_scope() -> String {
+    "pil:lookup".into()
+}
+
+fn default_purpose() -> String {
+    "TREAT".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a profile could not be used.
@@ -60,7 +108,11 @@ impl Profile {
             });
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        for f in [&mut p.ca, &mut p.cert, &mut p.key] {
+        let token_key = p.token.as_mut().map(|t| &mut t.issuer_key);
+        for f in [&mut p.ca, &mut p.cert, &mut p.key]
+            .into_iter()
+            .chain(token_key)
+        {
             if f.is_relative() {
                 *f = base.join(&*f);
             }

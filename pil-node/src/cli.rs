@@ -107,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             telemetry::init(cfg.log.format, &cfg.log.filter);
             let node = server::start(cfg).await?;
+            reload_on_sighup(node.access());
             node.run_until(shutdown_signal()).await?;
         }
         Command::DevPki { out, region, orgs } => {
@@ -184,6 +185,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reloads the legal configuration on SIGHUP; an invalid one leaves the old in force.
+fn reload_on_sighup(access: std::sync::Arc<crate::access::Access>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match access.reload() {
+                Ok(policies) => tracing::info!(policies, "legal configuration reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "legal configuration reload refused; the previous one stays in force"
+                ),
+            }
+        }
+    });
 }
 
 /// Completes on ctrl-c or SIGTERM.

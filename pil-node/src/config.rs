@@ -24,8 +24,11 @@ pub struct NodeConfig {
     /// Accept synthetic test identifiers (month + 80 / + 65). Only for test and demo nodes.
     #[serde(default)]
     pub test_data: bool,
+    /// Directory of the legal configuration (schema, policies, node settings).
+    pub legal_config: PathBuf,
     pub tls: TlsConfig,
     pub keys: KeyConfig,
+    pub auth: AuthConfig,
     /// Hosting providers and record-system vendors that write for other organizations:
     /// writer organization number → the organization numbers it may write for.
     #[serde(default)]
@@ -60,6 +63,39 @@ pub struct KeyConfig {
     pub pseudonym_key_file: PathBuf,
     /// XChaCha20-Poly1305 key that encrypts the identifiers kept for export.
     pub storage_key_file: PathBuf,
+}
+
+/// Requester tokens: who issues them and what this node requires of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The trusted token issuer, compared exactly with `iss` (e.g. HelseID's).
+    pub issuer: String,
+    /// This node's audience; a token's `aud` must be exactly this.
+    pub audience: String,
+    /// Scope every token must carry.
+    #[serde(default = "default_scope")]
+    pub required_scope: String,
+    /// The issuer's signing keys as a JWKS file; keys are chosen by `kid`.
+    pub jwks_file: PathBuf,
+    /// Clock skew tolerated on `exp`, `nbf` and DPoP `iat`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Refuse tokens that are not DPoP-bound.
+    #[serde(default)]
+    pub require_dpop: bool,
+    /// The node's URL as clients see it (e.g. behind a load balancer), used to check
+    /// DPoP proofs' `htu`. Default: the URL the request arrived on.
+    #[serde(default)]
+    pub public_url: Option<String>,
+}
+
+fn default_scope() -> String {
+    "pil:lookup".into()
+}
+
+fn default_leeway() -> u64 {
+    5
 }
 
 /// Bounds that keep one caller from exhausting the node.
@@ -168,6 +204,8 @@ impl NodeConfig {
     fn resolve_relative_to(&mut self, base: &Path) {
         for p in [
             &mut self.data_dir,
+            &mut self.legal_config,
+            &mut self.auth.jwks_file,
             &mut self.tls.client_ca,
             &mut self.tls.cert,
             &mut self.tls.key,

@@ -7,7 +7,7 @@ use pil_proto::{ident, v1};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 use crate::{
-    config::{KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    config::{AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
     patient_keys::write_new_key_file,
     pki::{self, PkiError},
     pointer::NewPointer,
@@ -70,6 +70,29 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
     },
 ];
 
+/// The development token issuer's name, key id and audience.
+pub const DEV_ISSUER: &str = "https://helseid.dev.pil.invalid";
+pub const DEV_KID: &str = "dev-issuer-1";
+pub const DEV_AUDIENCE: &str = "pil";
+
+/// Writes a development token issuer (signing key and JWKS) into `dir`, reusing an
+/// existing key. Returns (key path, JWKS path).
+pub fn write_dev_issuer(dir: &Path) -> Result<(PathBuf, PathBuf), DemoError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key = dir.join("issuer-key.pem");
+    let jwks = dir.join("jwks.json");
+    let issuer = if key.exists() {
+        pil_auth::dev_issuer::DevIssuer::load(DEV_ISSUER, DEV_KID, &key)
+    } else {
+        pil_auth::dev_issuer::DevIssuer::generate(DEV_ISSUER, DEV_KID)
+    }
+    .map_err(|e| DemoError::Data(format!("dev issuer: {e}")))?;
+    issuer
+        .write_files(&key, &jwks)
+        .map_err(|e| DemoError::Data(format!("dev issuer: {e}")))?;
+    Ok((key, jwks))
+}
+
 /// Everything [`prepare`] wrote.
 pub struct DemoSetup {
     pub dir: PathBuf,
@@ -120,11 +143,31 @@ pub fn prepare(
         }
     }
     let vendor = DEMO_ORGS.last().expect("demo orgs").number.to_string();
+    let (issuer_key, jwks_file) = write_dev_issuer(&dir.join("issuer"))?;
+    let legal_config = dir.join("legal-config");
+    // The hospital runs the demo node; the vendor's privacy officer audits it.
+    pil_legal::write_default(
+        &legal_config,
+        region,
+        &[DEMO_ORGS[0].number],
+        &[vendor.as_str()],
+    )
+    .map_err(io(&legal_config))?;
     let config = NodeConfig {
         region: region.to_string(),
         listen,
         data_dir: dir.join("data"),
         test_data: true,
+        legal_config,
+        auth: AuthConfig {
+            issuer: DEV_ISSUER.into(),
+            audience: DEV_AUDIENCE.into(),
+            required_scope: "pil:lookup".into(),
+            jwks_file,
+            leeway_secs: 5,
+            require_dpop: false,
+            public_url: None,
+        },
         tls: TlsConfig {
             client_ca: files.ca_cert.clone(),
             cert: files.node_cert.clone(),
@@ -147,11 +190,14 @@ pub fn prepare(
     let mut profiles = Vec::new();
     for (org, files) in DEMO_ORGS.iter().zip(&files.orgs) {
         let path = profiles_dir.join(format!("{}.toml", org.slug));
-        std::fs::write(
-            &path,
-            profile_toml(listen, &files.cert, &files.key, &files_ca(dir)),
-        )
-        .map_err(io(&path))?;
+        let token = DevToken {
+            issuer_key: issuer_key.clone(),
+            organization: org.number.to_string(),
+            hpr: "565501872".into(),
+            profession: "LE".into(),
+        };
+        let text = profile_toml(listen, &files.cert, &files.key, &files_ca(dir)) + &token.toml();
+        std::fs::write(&path, text).map_err(io(&path))?;
         profiles.push((org, path));
     }
     Ok(DemoSetup {
@@ -175,6 +221,29 @@ pub fn profile_toml(addr: std::net::SocketAddr, cert: &Path, key: &Path, ca: &Pa
         cert = cert.display().to_string(),
         key = key.display().to_string(),
     )
+}
+
+/// The `[token]` section of a profile: how the CLI mints development tokens.
+pub struct DevToken {
+    pub issuer_key: PathBuf,
+    pub organization: String,
+    pub hpr: String,
+    pub profession: String,
+}
+
+impl DevToken {
+    pub fn toml(&self) -> String {
+        format!(
+            "\n# Development tokens, minted by `pil` for each call (never in production).\n\
+             [token]\nissuer = {DEV_ISSUER:?}\nissuer_key = {:?}\nkid = {DEV_KID:?}\n\
+             audience = {DEV_AUDIENCE:?}\norganization = {:?}\nhpr = {:?}\nprofession = {:?}\n\
+             purpose = \"TREAT\"\ncare_relationship = true\ndpop = true\n",
+            self.issuer_key.display().to_string(),
+            self.organization,
+            self.hpr,
+            self.profession,
+        )
+    }
 }
 
 /// The demo data set: `patients` synthetic patients, each with pointers at one to four

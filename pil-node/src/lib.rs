@@ -2,6 +2,7 @@
 //!
 //! Start at [`server::start`]; docs/ARCHITECTURE.md maps the modules.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod demo;

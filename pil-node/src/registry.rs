@@ -15,7 +15,10 @@ use sha2::{Digest, Sha256};
 use crate::{
     patient_keys::{KeyError, PatientKeys, Pseudonym},
     pointer::{EndpointRef, NewPointer, to_timestamp},
-    storage::{IDENT_LEN, ORG_LEN, PointerKey, StorageError, Store, StoredPointer},
+    storage::{
+        IDENT_LEN, ORG_LEN, PointerKey, StorageError, Store, StoredBlock, StoredOptOut,
+        StoredPointer,
+    },
     writer::{Op, OpResult, WriteError, Writer},
 };
 
@@ -307,6 +310,81 @@ impl Registry {
                 return Ok(purged);
             }
         }
+    }
+
+    /// Records a patient's block; returns its id.
+    pub async fn create_block(
+        &self,
+        patient: &PatientId,
+        block: StoredBlock,
+    ) -> Result<[u8; 16], RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let mut id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+        let this = self.clone();
+        self.blocking(move || Ok(this.inner.store.put_block(&pseudonym, &id, &block)?))
+            .await?;
+        Ok(id)
+    }
+
+    /// Lifts a block; true when it existed.
+    pub async fn lift_block(
+        &self,
+        patient: &PatientId,
+        id: [u8; 16],
+    ) -> Result<bool, RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let this = self.clone();
+        self.blocking(move || Ok(this.inner.store.delete_block(&pseudonym, &id)?))
+            .await
+    }
+
+    /// A patient's blocks with their ids.
+    pub async fn blocks(
+        &self,
+        patient: &PatientId,
+    ) -> Result<Vec<([u8; 16], StoredBlock)>, RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let this = self.clone();
+        self.blocking(move || Ok(this.inner.store.blocks(&pseudonym)?))
+            .await
+    }
+
+    /// Records (`Some`) or lifts (`None`) an opt-out; returns whether one existed before.
+    pub async fn set_opt_out(
+        &self,
+        patient: &PatientId,
+        opt_out: Option<StoredOptOut>,
+    ) -> Result<bool, RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let this = self.clone();
+        self.blocking(move || {
+            let store = &this.inner.store;
+            let existed = store.opt_out(&pseudonym)?.is_some();
+            store.set_opt_out(&pseudonym, opt_out.as_ref())?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    /// The patient's opt-out and blocks: what a lookup must respect.
+    pub async fn protections(
+        &self,
+        patient: &PatientId,
+    ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let this = self.clone();
+        self.blocking(move || {
+            let store = &this.inner.store;
+            let opt_out = store.opt_out(&pseudonym)?;
+            let blocks = store
+                .blocks(&pseudonym)?
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect();
+            Ok((opt_out, blocks))
+        })
+        .await
     }
 
     /// Flushes memtables to disk files.

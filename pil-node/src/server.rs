@@ -5,11 +5,13 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use pil_proto::v1::{
-    lookup_service_server::LookupServiceServer, registry_service_server::RegistryServiceServer,
+    admin_service_server::AdminServiceServer, lookup_service_server::LookupServiceServer,
+    policy_service_server::PolicyServiceServer, registry_service_server::RegistryServiceServer,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
+    access::{Access, AccessError},
     config::NodeConfig,
     patient_keys::{KeyError, PatientKeys},
     registry::Registry,
@@ -23,6 +25,8 @@ use crate::{
 pub enum NodeError {
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("cannot open the data directory: {0}")]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -44,6 +48,7 @@ pub enum NodeError {
 pub struct RunningNode {
     addr: SocketAddr,
     registry: Registry,
+    access: Arc<Access>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
 }
@@ -57,6 +62,11 @@ impl RunningNode {
     /// The node's registry, for in-process use (demo data, tests).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Token verification and the legal configuration in force (for reloads).
+    pub fn access(&self) -> Arc<Access> {
+        self.access.clone()
     }
 
     /// Stops accepting, lets in-flight requests finish, and closes the database.
@@ -85,6 +95,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         &config.keys.storage_key_file,
     )?;
     let tls_config = tls::server_config(&config.tls)?;
+    let access = Arc::new(Access::load(&config)?);
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await
@@ -102,14 +113,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         source,
     })?;
 
-    let service = NodeService::new(registry.clone(), config.clone());
+    let service = NodeService::new(registry.clone(), config.clone(), access.clone());
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let lookup_svc = LookupServiceServer::new(service)
+    let lookup_svc = LookupServiceServer::new(service.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let admin_svc = AdminServiceServer::new(service.clone()).max_decoding_message_size(max);
+    let policy_svc = PolicyServiceServer::new(service).max_decoding_message_size(max);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<RegistryServiceServer<NodeService>>()
@@ -132,10 +145,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::service::remember_origin,
+        ))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(registry_svc)
-        .add_service(lookup_svc);
+        .add_service(lookup_svc)
+        .add_service(admin_svc)
+        .add_service(policy_svc);
     tracing::info!(region = %config.region, %addr, test_data = config.test_data, "node serving");
 
     let grace = config.limits.shutdown_grace();
@@ -172,6 +190,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     Ok(RunningNode {
         addr,
         registry,
+        access,
         stop: Some(stop_tx),
         task,
     })

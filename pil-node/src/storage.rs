@@ -7,6 +7,8 @@
 //! | `pointers`        | patient pseudonym (16) · org (9) · ident (16) | [`StoredPointer`] |
 //! | `pointers_by_org` | org (9) · patient pseudonym (16) · ident (16) | empty          |
 //! | `pointer_expiry`  | expiry (8, sign-flipped BE ns) · pointer key (41) | empty      |
+//! | `blocks`          | patient pseudonym (16) · block id (16)        | [`StoredBlock`] |
+//! | `opt_outs`        | patient pseudonym (16)                        | [`StoredOptOut`] |
 //! | `meta`            | name                                         | value          |
 //!
 //! `pointers` is laid out for the hot path: a lookup is one prefix scan over the
@@ -31,6 +33,8 @@ const CF_POINTERS: &str = "pointers";
 const CF_BY_ORG: &str = "pointers_by_org";
 const CF_EXPIRY: &str = "pointer_expiry";
 const CF_META: &str = "meta";
+const CF_BLOCKS: &str = "blocks";
+const CF_OPT_OUTS: &str = "opt_outs";
 
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_VERSION: &[u8] = b"1";
@@ -209,6 +213,8 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_BY_ORG, cf(Some(ORG_LEN))),
             ColumnFamilyDescriptor::new(CF_EXPIRY, cf(None)),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_BLOCKS, cf(Some(PSEUDONYM_LEN))),
+            ColumnFamilyDescriptor::new(CF_OPT_OUTS, cf(None)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self { db };
@@ -385,7 +391,14 @@ impl Store {
     /// Flushes memtables to SST files, e.g. before a backup or in tests that inspect
     /// the files.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for name in [CF_POINTERS, CF_BY_ORG, CF_EXPIRY, CF_META] {
+        for name in [
+            CF_POINTERS,
+            CF_BY_ORG,
+            CF_EXPIRY,
+            CF_META,
+            CF_BLOCKS,
+            CF_OPT_OUTS,
+        ] {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
@@ -411,6 +424,100 @@ impl Store {
 
 /// A raw key and value from an iterator.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// A patient's block (sperring). Keyed by the patient's pseudonym.
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredBlock {
+    /// 1 = HPR number, 2 = profession code, 3 = organization number.
+    #[prost(int32, tag = "1")]
+    pub target_kind: i32,
+    #[prost(string, tag = "2")]
+    pub target: String,
+    #[prost(string, tag = "3")]
+    pub holder: String,
+    #[prost(string, tag = "4")]
+    pub reason: String,
+    #[prost(int64, tag = "5")]
+    pub created_at: i64,
+}
+
+/// A patient's opt-out (reservasjon).
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredOptOut {
+    #[prost(int64, tag = "1")]
+    pub since: i64,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+impl Store {
+    fn put_synced(&self, cf: &str, key: &[u8], value: Option<Vec<u8>>) -> Result<(), StorageError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        match value {
+            Some(v) => self.db.put_cf_opt(self.cf(cf), key, v, &opts)?,
+            None => self.db.delete_cf_opt(self.cf(cf), key, &opts)?,
+        }
+        Ok(())
+    }
+
+    /// Stores a block, durably.
+    pub fn put_block(
+        &self,
+        patient: &Pseudonym,
+        id: &[u8; 16],
+        block: &StoredBlock,
+    ) -> Result<(), StorageError> {
+        let key = [patient.as_slice(), id].concat();
+        self.put_synced(CF_BLOCKS, &key, Some(block.encode_to_vec()))
+    }
+
+    /// Removes a block; true when it existed.
+    pub fn delete_block(&self, patient: &Pseudonym, id: &[u8; 16]) -> Result<bool, StorageError> {
+        let key = [patient.as_slice(), id].concat();
+        let existed = self.db.get_cf(self.cf(CF_BLOCKS), &key)?.is_some();
+        if existed {
+            self.put_synced(CF_BLOCKS, &key, None)?;
+        }
+        Ok(existed)
+    }
+
+    /// A patient's blocks with their ids.
+    pub fn blocks(
+        &self,
+        patient: &Pseudonym,
+    ) -> Result<Vec<([u8; 16], StoredBlock)>, StorageError> {
+        self.prefix_scan(CF_BLOCKS, patient)
+            .map(|item| {
+                let (k, v) = item?;
+                let id: [u8; 16] = k
+                    .get(PSEUDONYM_LEN..)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| corrupt(CF_BLOCKS, "bad key"))?;
+                let block =
+                    StoredBlock::decode(&*v).map_err(|e| corrupt(CF_BLOCKS, &e.to_string()))?;
+                Ok((id, block))
+            })
+            .collect()
+    }
+
+    /// Records or lifts (`None`) a patient's opt-out, durably.
+    pub fn set_opt_out(
+        &self,
+        patient: &Pseudonym,
+        opt_out: Option<&StoredOptOut>,
+    ) -> Result<(), StorageError> {
+        self.put_synced(CF_OPT_OUTS, patient, opt_out.map(|o| o.encode_to_vec()))
+    }
+
+    /// The patient's opt-out, if any.
+    pub fn opt_out(&self, patient: &Pseudonym) -> Result<Option<StoredOptOut>, StorageError> {
+        self.db
+            .get_cf(self.cf(CF_OPT_OUTS), patient)?
+            .map(|v| StoredOptOut::decode(&*v).map_err(|e| corrupt(CF_OPT_OUTS, &e.to_string())))
+            .transpose()
+    }
+}
 
 /// The smallest key greater than every key starting with `prefix`.
 fn upper_bound(prefix: &[u8]) -> Vec<u8> {

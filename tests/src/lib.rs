@@ -14,7 +14,8 @@ use std::{
 
 use pil_client::{PilClient, Profile, v1};
 use pil_node::{
-    config::{KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    config::{AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    demo::{DEV_AUDIENCE, DEV_ISSUER, DevToken},
     patient_keys::write_new_key_file,
     pki::{self, DevCa},
     server::{self, RunningNode},
@@ -25,8 +26,12 @@ use pil_proto::ident;
 pub const ORG_A: &str = "983974724";
 pub const ORG_B: &str = "964338531";
 pub const ORG_C: &str = "923609016";
-/// Writes for [`ORG_C`] under `writes_for`.
+/// Writes for [`ORG_C`] under `writes_for`; holds the auditor role.
 pub const HOST: &str = "985399077";
+/// Holds the operator role in the test legal configuration.
+pub const OPERATOR: &str = ORG_B;
+/// The HPR number in test tokens.
+pub const HPR: &str = "565501872";
 
 /// A test world: PKI, keys and a data directory in one temp dir.
 pub struct World {
@@ -47,6 +52,14 @@ impl World {
         for k in ["pseudonym.key", "storage.key"] {
             write_new_key_file(&dir.path().join(k)).expect("key file");
         }
+        pil_node::demo::write_dev_issuer(&dir.path().join("issuer")).expect("dev issuer");
+        pil_legal::write_default(
+            &dir.path().join("legal-config"),
+            "test",
+            &[OPERATOR],
+            &[HOST],
+        )
+        .expect("legal configuration");
         Self {
             ca: files.ca_cert,
             dir,
@@ -65,6 +78,16 @@ impl World {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: self.path().join("data"),
             test_data,
+            legal_config: self.path().join("legal-config"),
+            auth: AuthConfig {
+                issuer: DEV_ISSUER.into(),
+                audience: DEV_AUDIENCE.into(),
+                required_scope: "pil:lookup".into(),
+                jwks_file: self.path().join("issuer").join("jwks.json"),
+                leeway_secs: 5,
+                require_dpop: false,
+                public_url: None,
+            },
             tls: TlsConfig {
                 client_ca: self.ca.clone(),
                 cert: pki.join("node.pem"),
@@ -89,12 +112,18 @@ impl World {
         let path = self
             .path()
             .join(format!("profile-{org}-{}.toml", addr.port()));
+        let token = DevToken {
+            issuer_key: self.path().join("issuer").join("issuer-key.pem"),
+            organization: org.to_string(),
+            hpr: HPR.into(),
+            profession: "LE".into(),
+        };
         let text = pil_node::demo::profile_toml(
             addr,
             &pki.join(format!("org-{org}.pem")),
             &pki.join(format!("org-{org}-key.pem")),
             &self.ca,
-        );
+        ) + &token.toml();
         std::fs::write(&path, text).expect("write profile");
         path
     }
@@ -103,6 +132,48 @@ impl World {
     pub async fn client(&self, org: &str, addr: SocketAddr) -> PilClient {
         let profile = Profile::load(&self.profile(org, addr)).expect("profile");
         PilClient::connect(&profile).await.expect("connect")
+    }
+
+    /// The world's development token issuer.
+    pub fn issuer(&self) -> pil_auth::dev_issuer::DevIssuer {
+        pil_auth::dev_issuer::DevIssuer::load(
+            DEV_ISSUER,
+            pil_node::demo::DEV_KID,
+            self.path().join("issuer").join("issuer-key.pem"),
+        )
+        .expect("dev issuer")
+    }
+
+    /// A client for `org` whose development tokens are adjusted by `f`.
+    pub async fn client_as(
+        &self,
+        org: &str,
+        addr: SocketAddr,
+        f: impl FnOnce(&mut pil_client::DevTokenParams),
+    ) -> PilClient {
+        let profile = Profile::load(&self.profile(org, addr)).expect("profile");
+        let credentials = pil_client::Credentials::dev(profile.token.as_ref().expect("token"))
+            .expect("credentials")
+            .adjust(f);
+        PilClient::connect(&profile)
+            .await
+            .expect("connect")
+            .with_credentials(credentials)
+    }
+
+    /// A client for `org` that sends exactly `token` (and `dpop` as its proof key).
+    pub async fn client_with_token(
+        &self,
+        org: &str,
+        addr: SocketAddr,
+        token: String,
+        dpop: Option<pil_auth::dev_issuer::DpopKey>,
+    ) -> PilClient {
+        let profile = Profile::load(&self.profile(org, addr)).expect("profile");
+        PilClient::connect(&profile)
+            .await
+            .expect("connect")
+            .with_credentials(pil_client::Credentials::Token { token, dpop })
     }
 
     /// Issues an extra certificate from a *different* CA, for refusal tests.

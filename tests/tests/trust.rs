@@ -19,7 +19,7 @@ async fn client_without_certificate_is_refused() {
             .unwrap()
             .connect()
             .await?;
-        let client = PilClient::from_channel(channel);
+        let client = PilClient::from_channel(channel, &format!("https://{}", node.addr()));
         client
             .lookup(lookup(&patient_id(1)))
             .await

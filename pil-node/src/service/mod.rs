@@ -9,7 +9,11 @@ use pil_proto::{ident::OrgNumber, v1};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+mod admin;
+mod explain;
+
 use crate::{
+    access::{Access, AccessError, Requester},
     config::NodeConfig,
     identity::Caller,
     pointer::{self, FieldError, NewPointer},
@@ -26,11 +30,108 @@ const EXPORT_PAGE: usize = 500;
 pub struct NodeService {
     registry: Registry,
     config: Arc<NodeConfig>,
+    access: Arc<Access>,
+}
+
+/// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
+#[derive(Debug, Clone)]
+pub struct ArrivedOn(pub String);
+
+/// Records where each request arrived, as a request extension.
+pub fn remember_origin(
+    mut req: http::Request<tonic::body::Body>,
+) -> http::Request<tonic::body::Body> {
+    let origin = format!(
+        "https://{}",
+        req.uri().authority().map(|a| a.as_str()).unwrap_or("")
+    );
+    req.extensions_mut().insert(ArrivedOn(origin));
+    req
+}
+
+/// The rules of a decision in their wire form.
+pub fn applied_rules<'a>(
+    rules: impl IntoIterator<Item = &'a pil_legal::RuleRef>,
+) -> Vec<v1::AppliedRule> {
+    rules
+        .into_iter()
+        .map(|r| v1::AppliedRule {
+            id: r.id.clone(),
+            legal_basis: r.legal_basis.clone(),
+            explanation: r.explanation.clone(),
+            effect: match r.effect {
+                pil_legal::RuleEffect::Permit => v1::RuleEffect::Permit as i32,
+                pil_legal::RuleEffect::Forbid => v1::RuleEffect::Forbid as i32,
+            },
+        })
+        .collect()
+}
+
+/// A refusal naming the deciding rules and their legal bases.
+fn denied(decision: &pil_legal::Decision) -> Status {
+    let rules: Vec<String> = decision
+        .rules
+        .iter()
+        .map(|r| format!("{} ({})", r.id, r.legal_basis))
+        .collect();
+    Status::permission_denied(format!(
+        "refused by the legal configuration: {}",
+        rules.join("; ")
+    ))
 }
 
 impl NodeService {
-    pub fn new(registry: Registry, config: Arc<NodeConfig>) -> Self {
-        Self { registry, config }
+    pub fn new(registry: Registry, config: Arc<NodeConfig>, access: Arc<Access>) -> Self {
+        Self {
+            registry,
+            config,
+            access,
+        }
+    }
+
+    /// The verified requester of a call to `path`: certificate, token and DPoP proof.
+    fn requester<T>(&self, req: &Request<T>, path: &str) -> Result<Requester, Status> {
+        let org = self.organization(req)?;
+        let meta = req.metadata();
+        let header = |name: &str| meta.get(name).and_then(|v| v.to_str().ok());
+        let arrived_on = req
+            .extensions()
+            .get::<ArrivedOn>()
+            .map(|a| a.0.as_str())
+            .unwrap_or("");
+        self.access
+            .authenticate(
+                org.as_str(),
+                header("authorization"),
+                header("dpop"),
+                arrived_on,
+                path,
+            )
+            .map_err(|e| match e {
+                AccessError::Unauthenticated(reason) => {
+                    tracing::info!(caller = %org, %reason, "requester refused");
+                    Status::unauthenticated(reason)
+                }
+                other => internal_access(other),
+            })
+    }
+
+    /// Refuses unless the caller's organization holds `role` in the legal configuration.
+    fn require_role<T>(
+        &self,
+        req: &Request<T>,
+        role: pil_legal::Role,
+    ) -> Result<OrgNumber, Status> {
+        let org = self.organization(req)?;
+        if self.access.legal().has_role(org.as_str(), role) {
+            Ok(org)
+        } else {
+            tracing::warn!(caller = %org, ?role, "call without the required role refused");
+            Err(Status::permission_denied(format!(
+                "organization {org} does not hold the {role:?} role in this node's legal \
+                 configuration"
+            )))
+        }
     }
 
     /// The calling organization, from the connection's client certificate.
@@ -268,6 +369,11 @@ impl v1::registry_service_server::RegistryService for NodeService {
     }
 }
 
+fn internal_access(e: AccessError) -> Status {
+    tracing::error!(error = %e, "access check failed");
+    Status::internal("the node could not check the request; see its log")
+}
+
 fn sync_status(e: SyncError) -> Status {
     match e {
         SyncError::Invalid(msg) => Status::invalid_argument(msg),
@@ -281,7 +387,8 @@ impl v1::lookup_service_server::LookupService for NodeService {
         &self,
         req: Request<v1::LookupRequest>,
     ) -> Result<Response<v1::LookupResponse>, Status> {
-        let caller = self.organization(&req)?;
+        let requester = self.requester(&req, "/pil.v1.LookupService/Lookup")?;
+        let caller = requester.token.org_number.clone();
         let req = req.into_inner();
         let patient =
             pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
@@ -293,26 +400,95 @@ impl v1::lookup_service_server::LookupService for NodeService {
             .map(|o| pointer::org_number("organization_numbers", o).map(|o| o.to_string()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
+        let query_id = new_query_id();
+        if !requester.covers(&patient) {
+            tracing::info!(caller = %caller, query_id, "lookup outside the token's patients refused");
+            return Err(Status::permission_denied(
+                "the access token's attest names other patients than the one looked up",
+            ));
+        }
+        let legal = self.access.legal();
+        let search = legal.decide_lookup(&requester.facts);
+        if !search.allowed {
+            tracing::info!(caller = %caller, query_id, rules = ?search.rule_ids(), "lookup denied");
+            return Err(denied(&search));
+        }
+        let (opt_out, blocks) = self
+            .registry
+            .protections(&patient)
+            .await
+            .map_err(internal)?;
+        let region = self.registry.region().to_string();
+        if opt_out.is_some() {
+            tracing::info!(caller = %caller, query_id, "lookup of an opted-out patient");
+            return Ok(Response::new(v1::LookupResponse {
+                regions: vec![v1::RegionStatus {
+                    region,
+                    state: v1::RegionState::Ok as i32,
+                    detail: "the patient has opted out of PIL".into(),
+                    pointer_count: 0,
+                }],
+                query_id,
+                opted_out: true,
+                rules: applied_rules(&search.rules),
+                ..Default::default()
+            }));
+        }
         let filter = LookupFilter {
             categories,
             organizations,
         };
-        let pointers = self
+        let found = self
             .registry
             .lookup(&patient, &filter)
             .await
             .map_err(internal)?;
-        let query_id = new_query_id();
-        tracing::info!(caller = %caller, query_id, found = pointers.len(), "lookup");
+        let mut rules = search.rules.clone();
+        let mut emergency = search.emergency;
+        let mut pointers = Vec::with_capacity(found.len());
+        for p in found {
+            let holder = p
+                .holder
+                .as_ref()
+                .map(|h| h.organization_number.clone())
+                .unwrap_or_default();
+            if requester.is_blocked(&blocks, &holder) {
+                continue;
+            }
+            let decision = legal.decide(
+                &requester.facts,
+                &pil_legal::PointerFacts {
+                    holder,
+                    categories: p.categories.clone(),
+                    region: region.clone(),
+                },
+            );
+            for r in &decision.rules {
+                if !rules.iter().any(|k| k.id == r.id) {
+                    rules.push(r.clone());
+                }
+            }
+            if decision.allowed {
+                emergency |= decision.emergency;
+                pointers.push(p);
+            }
+        }
+        tracing::info!(
+            caller = %caller, query_id, found = pointers.len(), emergency,
+            purpose = %requester.facts.purpose, "lookup"
+        );
         Ok(Response::new(v1::LookupResponse {
             regions: vec![v1::RegionStatus {
-                region: self.registry.region().to_string(),
+                region,
                 state: v1::RegionState::Ok as i32,
                 detail: String::new(),
                 pointer_count: pointers.len() as u32,
             }],
             pointers,
             query_id,
+            opted_out: false,
+            rules: applied_rules(&rules),
+            emergency,
         }))
     }
 }

@@ -1,0 +1,130 @@
+//! The requester's credentials for lookups: the access token and, for DPoP-bound
+//! tokens, a fresh proof per call.
+//!
+//! A real record system passes on the HelseID token it holds ([`Credentials::Token`]);
+//! the demo and tests mint development tokens per call from a profile
+//! ([`Credentials::Dev`]).
+
+use std::time::Duration;
+
+use pil_auth::dev_issuer::{DevIssuer, DpopKey};
+
+use crate::{client::ClientError, profile::DevTokenProfile};
+
+/// What a development token says about the requester.
+#[derive(Debug, Clone)]
+pub struct DevTokenParams {
+    pub audience: String,
+    pub scope: String,
+    pub organization: String,
+    pub point_of_care: Option<String>,
+    pub hpr: Option<String>,
+    pub profession: Option<String>,
+    pub purpose: String,
+    pub care_relationship: bool,
+    /// Patients the attest names (empty: not limited).
+    pub patients: Vec<String>,
+}
+
+/// How calls are authorized.
+pub enum Credentials {
+    /// No token: only the registry API can be used.
+    None,
+    /// A token obtained elsewhere, optionally DPoP-bound to `dpop`.
+    Token {
+        token: String,
+        dpop: Option<DpopKey>,
+    },
+    /// Development tokens minted per call.
+    Dev {
+        issuer: Box<DevIssuer>,
+        params: DevTokenParams,
+        dpop: Option<DpopKey>,
+    },
+}
+
+fn err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Credentials(e.to_string())
+}
+
+impl Credentials {
+    /// Development credentials from a profile's `[token]` section.
+    pub fn dev(p: &DevTokenProfile) -> Result<Self, ClientError> {
+        let issuer = DevIssuer::load(&p.issuer, &p.kid, &p.issuer_key).map_err(err)?;
+        let dpop = if p.dpop {
+            Some(DpopKey::generate().map_err(err)?)
+        } else {
+            None
+        };
+        Ok(Self::Dev {
+            issuer: Box::new(issuer),
+            dpop,
+            params: DevTokenParams {
+                audience: p.audience.clone(),
+                scope: p.scope.clone(),
+                organization: p.organization.clone(),
+                point_of_care: p.point_of_care.clone(),
+                hpr: p.hpr.clone(),
+                profession: p.profession.clone(),
+                purpose: p.purpose.clone(),
+                care_relationship: p.care_relationship,
+                patients: Vec::new(),
+            },
+        })
+    }
+
+    /// Changes the development requester (no effect on other credentials).
+    pub fn adjust(mut self, f: impl FnOnce(&mut DevTokenParams)) -> Self {
+        if let Self::Dev { params, .. } = &mut self {
+            f(params);
+        }
+        self
+    }
+
+    /// The metadata for one call to `uri`: `authorization` and, when bound, `dpop`.
+    pub fn headers(&self, uri: &str) -> Result<Vec<(&'static str, String)>, ClientError> {
+        let (token, dpop) = match self {
+            Self::None => return Ok(Vec::new()),
+            Self::Token { token, dpop } => (token.clone(), dpop.as_ref()),
+            Self::Dev {
+                issuer,
+                params,
+                dpop,
+            } => {
+                let mut b = issuer
+                    .token()
+                    .audience(&params.audience)
+                    .scope(&params.scope)
+                    .org_parent(&params.organization)
+                    .purpose(&params.purpose)
+                    .expires_in(Duration::from_secs(300));
+                if let Some(c) = &params.point_of_care {
+                    b = b.org_child(c);
+                }
+                if let Some(h) = &params.hpr {
+                    b = b.hpr_number(h);
+                }
+                if let Some(p) = &params.profession {
+                    b = b.profession(p);
+                }
+                if params.care_relationship {
+                    b = b.decision_ref("care-relationship-recorded-in-ehr", false);
+                }
+                for patient in &params.patients {
+                    b = b.patient(patient, pil_proto::ident::SYSTEM_FNR);
+                }
+                if let Some(key) = dpop {
+                    b = b.bound_to(key);
+                }
+                (b.sign().map_err(err)?, dpop.as_ref())
+            }
+        };
+        Ok(match dpop {
+            Some(key) => vec![
+                ("authorization", format!("DPoP {token}")),
+                ("dpop", key.proof("POST", uri, &token).map_err(err)?),
+            ],
+            None => vec![("authorization", format!("Bearer {token}"))],
+        })
+    }
+}

@@ -1,0 +1,192 @@
+//! Who is asking, and what the legal configuration lets them see.
+//!
+//! A lookup is never answered on the organization's certificate alone: the requester's
+//! access token (HelseID style, with the tillitsrammeverk attest) is verified here,
+//! DPoP proof included, and turned into the facts the legal configuration decides on.
+//! The legal configuration can be swapped at run time: a reload that does not validate
+//! leaves the old one in force.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use pil_auth::verify::{RequestContext, TokenVerifier, VerifiedRequester, VerifierConfig};
+use pil_legal::{LegalConfig, PolicyError};
+use pil_proto::ident::PatientId;
+
+use crate::{config::NodeConfig, storage::StoredBlock};
+
+/// Block target kinds as stored.
+pub const BLOCK_HPR: i32 = 1;
+pub const BLOCK_PROFESSION: i32 = 2;
+pub const BLOCK_ORGANIZATION: i32 = 3;
+
+/// Why access could not be set up or a requester not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("cannot load the issuer keys: {0}")]
+    Jwks(String),
+    #[error("{0}")]
+    Legal(#[from] PolicyError),
+    #[error("legal configuration is for region {found:?}, this node serves {expected:?}")]
+    Region { found: String, expected: String },
+    /// The token or its proof was refused; the reason is for the caller.
+    #[error("{0}")]
+    Unauthenticated(String),
+}
+
+/// A verified requester and the facts the legal configuration decides on.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub token: VerifiedRequester,
+    pub facts: pil_legal::Requester,
+}
+
+/// Token verification and the legal configuration in force.
+pub struct Access {
+    verifier: TokenVerifier,
+    public_url: Option<String>,
+    legal_dir: PathBuf,
+    region: String,
+    legal: RwLock<Arc<LegalConfig>>,
+}
+
+impl Access {
+    /// Loads the issuer keys and the legal configuration; refuses an invalid one.
+    pub fn load(config: &NodeConfig) -> Result<Self, AccessError> {
+        let auth = &config.auth;
+        let mut vc = VerifierConfig::new(&auth.issuer, &auth.audience, &auth.required_scope);
+        vc.leeway = Duration::from_secs(auth.leeway_secs);
+        vc.require_dpop = auth.require_dpop;
+        let verifier = TokenVerifier::from_jwks_file(vc, &auth.jwks_file)
+            .map_err(|e| AccessError::Jwks(format!("{}: {e}", auth.jwks_file.display())))?;
+        let legal = load_legal(&config.legal_config, &config.region)?;
+        Ok(Self {
+            verifier,
+            public_url: auth
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
+            legal_dir: config.legal_config.clone(),
+            region: config.region.clone(),
+            legal: RwLock::new(Arc::new(legal)),
+        })
+    }
+
+    /// The legal configuration in force.
+    pub fn legal(&self) -> Arc<LegalConfig> {
+        self.legal
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Re-reads the legal configuration. On any error the old one stays in force.
+    pub fn reload(&self) -> Result<usize, AccessError> {
+        let fresh = load_legal(&self.legal_dir, &self.region)?;
+        let policies = fresh.summary().policies;
+        match self.legal.write() {
+            Ok(mut l) => *l = Arc::new(fresh),
+            Err(e) => *e.into_inner() = Arc::new(fresh),
+        }
+        Ok(policies)
+    }
+
+    /// Verifies the token (and DPoP proof) of a call to `path` that arrived on
+    /// `arrived_on` (scheme and authority), for the organization in the certificate.
+    pub fn authenticate(
+        &self,
+        cert_org: &str,
+        authorization: Option<&str>,
+        dpop: Option<&str>,
+        arrived_on: &str,
+        path: &str,
+    ) -> Result<Requester, AccessError> {
+        let authorization = authorization.ok_or_else(|| {
+            AccessError::Unauthenticated(
+                "no access token: send `authorization: DPoP <token>` (or Bearer) with the \
+                 requester's token"
+                    .into(),
+            )
+        })?;
+        let token = match authorization.split_once(' ') {
+            Some((scheme, token))
+                if scheme.eq_ignore_ascii_case("dpop") || scheme.eq_ignore_ascii_case("bearer") =>
+            {
+                token.trim()
+            }
+            _ => {
+                return Err(AccessError::Unauthenticated(
+                    "authorization must be `DPoP <token>` or `Bearer <token>`".into(),
+                ));
+            }
+        };
+        let base = self.public_url.as_deref().unwrap_or(arrived_on);
+        let uri = format!("{base}{path}");
+        let ctx = RequestContext::grpc(cert_org, &uri, dpop);
+        let token = self
+            .verifier
+            .verify(token, &ctx)
+            .map_err(|e| AccessError::Unauthenticated(format!("access token refused: {e}")))?;
+        let facts = pil_legal::Requester {
+            organization: token.org_number.clone(),
+            point_of_care: token.child_org_number.clone(),
+            hpr_number: token.hpr_number.clone(),
+            profession: token.profession.clone(),
+            purpose: token.purpose_of_use.code.clone(),
+            purpose_details: token
+                .purpose_of_use_details
+                .as_ref()
+                .map(|c| c.code.clone()),
+            // The attest's reference to the record system's documented decision is
+            // what asserts a care relationship.
+            care_relationship: token.decision_ref.as_ref().is_some_and(|d| d.id.is_some()),
+        };
+        Ok(Requester { token, facts })
+    }
+}
+
+fn load_legal(dir: &std::path::Path, region: &str) -> Result<LegalConfig, AccessError> {
+    let legal = LegalConfig::load(dir)?;
+    if legal.settings().node.region != region {
+        return Err(AccessError::Region {
+            found: legal.settings().node.region.clone(),
+            expected: region.to_string(),
+        });
+    }
+    Ok(legal)
+}
+
+impl Requester {
+    /// False when the token's attest names the patients it covers and `patient` is
+    /// not among them.
+    pub fn covers(&self, patient: &PatientId) -> bool {
+        let named: Vec<&str> = self
+            .token
+            .patients
+            .iter()
+            .filter_map(|p| p.identifier.as_ref().map(|i| i.id.as_str()))
+            .collect();
+        named.is_empty() || named.contains(&patient.value())
+    }
+
+    /// Whether one of the patient's blocks shuts this requester out of pointers held
+    /// by `holder`.
+    pub fn is_blocked(&self, blocks: &[StoredBlock], holder: &str) -> bool {
+        blocks.iter().any(|b| {
+            let applies_to_holder = b.holder.is_empty() || b.holder == holder;
+            let hits = match b.target_kind {
+                BLOCK_HPR => self.token.hpr_number.as_deref() == Some(b.target.as_str()),
+                BLOCK_PROFESSION => self.token.profession.as_deref() == Some(b.target.as_str()),
+                BLOCK_ORGANIZATION => {
+                    self.token.org_number == b.target
+                        || self.token.child_org_number.as_deref() == Some(b.target.as_str())
+                }
+                _ => false,
+            };
+            applies_to_holder && hits
+        })
+    }
+}
