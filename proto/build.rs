@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pil/v1/lookup.proto",
         "pil/v1/admin.proto",
         "pil/v1/policy.proto",
+        "pil/v1/audit.proto",
+        "pil/v1/federation.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

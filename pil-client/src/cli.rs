@@ -70,6 +70,9 @@ enum Command {
         /// Only these organizations (repeatable).
         #[arg(long = "organization")]
         organizations: Vec<String>,
+        /// Ask the home region only, not the federated regions.
+        #[arg(long)]
+        home_region_only: bool,
     },
     /// Register (insert or replace) one pointer.
     Register {
@@ -161,6 +164,13 @@ enum PolicyCommand {
         /// Only these categories (repeatable).
         #[arg(long = "category")]
         categories: Vec<String>,
+        /// The patient in mind (fødselsnummer or D-number): also tells whether they
+        /// have opted out.
+        #[arg(long)]
+        patient: Option<String>,
+        /// The patient identifier's system, when not a fødselsnummer or D-number.
+        #[arg(long)]
+        system: Option<String>,
     },
     /// Make the node re-read its legal configuration (operator role).
     Reload,
@@ -400,12 +410,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             system,
             categories,
             organizations,
+            home_region_only,
         } => {
             let resp = client
                 .lookup(v1::LookupRequest {
                     patient: Some(patient(&value, system.as_deref())),
                     categories,
                     organization_numbers: organizations,
+                    home_region_only,
                 })
                 .await?;
             print_lookup(&resp, json)?;
@@ -540,8 +552,17 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
                 r.policies
             );
         }
-        PolicyCommand::Explain { categories } => {
-            let r = client.explain(v1::ExplainRequest { categories }).await?;
+        PolicyCommand::Explain {
+            categories,
+            patient: who,
+            system,
+        } => {
+            let r = client
+                .explain(v1::ExplainRequest {
+                    categories,
+                    patient: who.as_deref().map(|p| patient(p, system.as_deref())),
+                })
+                .await?;
             if json {
                 let cats: Vec<_> = r
                     .categories
@@ -558,6 +579,7 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
                     serde_json::json!({
                         "allowed": r.allowed, "emergency": r.emergency,
                         "rules": rules_json(&r.rules), "categories": cats,
+                        "opted_out": r.opted_out,
                     })
                 );
                 return Ok(());
@@ -570,6 +592,9 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
             };
             println!("lookup {verdict}{emergency}");
             print_rules(&r.rules);
+            if r.opted_out {
+                println!("the patient has opted out of PIL: a lookup returns nothing");
+            }
             for c in &r.categories {
                 let v = if c.allowed { "shown" } else { "withheld" };
                 println!("{}: {v}", c.category);

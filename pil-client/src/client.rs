@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pil_proto::v1::{
-    self, admin_service_client::AdminServiceClient, lookup_service_client::LookupServiceClient,
-    policy_service_client::PolicyServiceClient, registry_service_client::RegistryServiceClient,
+    self, admin_service_client::AdminServiceClient, audit_service_client::AuditServiceClient,
+    lookup_service_client::LookupServiceClient, policy_service_client::PolicyServiceClient,
+    registry_service_client::RegistryServiceClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -47,6 +48,7 @@ pub struct PilClient {
     lookup: LookupServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
     policy: PolicyServiceClient<Channel>,
+    audit: AuditServiceClient<Channel>,
     channel: Channel,
     /// `https://host:port` as called, for DPoP proofs' `htu`.
     address: String,
@@ -112,6 +114,7 @@ impl PilClient {
             lookup: LookupServiceClient::new(channel.clone()).max_decoding_message_size(max),
             admin: AdminServiceClient::new(channel.clone()),
             policy: PolicyServiceClient::new(channel.clone()),
+            audit: AuditServiceClient::new(channel.clone()).max_decoding_message_size(max),
             channel,
             address: address.trim_end_matches('/').to_string(),
             credentials: std::sync::Arc::new(Credentials::None),
@@ -233,6 +236,239 @@ impl PilClient {
             .into_inner();
         Ok(stream.map(|r| r.map(|m| m.pointers).map_err(ClientError::from)))
     }
+}
+
+/// The admin API, typed (operator role required; no requester token).
+impl PilClient {
+    /// Records a block (sperring) for a patient; returns the block as stored.
+    pub async fn create_block(
+        &self,
+        patient: v1::PatientIdentifier,
+        block: v1::Block,
+    ) -> Result<v1::Block, ClientError> {
+        let req = v1::CreateBlockRequest {
+            patient: Some(patient),
+            block: Some(block),
+        };
+        let resp = self.admin.clone().create_block(req).await?.into_inner();
+        Ok(resp.block.unwrap_or_default())
+    }
+
+    /// Lifts a block; `Ok(false)` when there was no such block.
+    pub async fn lift_block(
+        &self,
+        patient: v1::PatientIdentifier,
+        block_id: &str,
+    ) -> Result<bool, ClientError> {
+        let req = v1::LiftBlockRequest {
+            patient: Some(patient),
+            block_id: block_id.to_string(),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .lift_block(req)
+            .await?
+            .into_inner()
+            .lifted)
+    }
+
+    /// A patient's blocks, oldest first.
+    pub async fn list_blocks(
+        &self,
+        patient: v1::PatientIdentifier,
+    ) -> Result<Vec<v1::Block>, ClientError> {
+        let req = v1::ListBlocksRequest {
+            patient: Some(patient),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .list_blocks(req)
+            .await?
+            .into_inner()
+            .blocks)
+    }
+
+    /// Records that a patient opts out; returns when it took effect.
+    pub async fn set_opt_out(
+        &self,
+        patient: v1::PatientIdentifier,
+        reason: &str,
+    ) -> Result<Option<prost_types::Timestamp>, ClientError> {
+        let req = v1::SetOptOutRequest {
+            patient: Some(patient),
+            reason: reason.to_string(),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .set_opt_out(req)
+            .await?
+            .into_inner()
+            .since)
+    }
+
+    /// Lifts a patient's opt-out; `Ok(false)` when there was none.
+    pub async fn lift_opt_out(&self, patient: v1::PatientIdentifier) -> Result<bool, ClientError> {
+        let req = v1::LiftOptOutRequest {
+            patient: Some(patient),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .lift_opt_out(req)
+            .await?
+            .into_inner()
+            .lifted)
+    }
+
+    /// Whether a patient has opted out, and since when.
+    pub async fn get_opt_out(
+        &self,
+        patient: v1::PatientIdentifier,
+    ) -> Result<v1::GetOptOutResponse, ClientError> {
+        let req = v1::GetOptOutRequest {
+            patient: Some(patient),
+        };
+        Ok(self.admin.clone().get_opt_out(req).await?.into_inner())
+    }
+
+    /// Makes the node re-read its legal configuration; returns the number of
+    /// policies now in force.
+    pub async fn reload_legal_config(&self) -> Result<u32, ClientError> {
+        let req = v1::ReloadLegalConfigRequest {};
+        Ok(self
+            .admin
+            .clone()
+            .reload_legal_config(req)
+            .await?
+            .into_inner()
+            .policies)
+    }
+}
+
+/// The audit API (auditor role required; authorized by the organization certificate
+/// alone, so no requester token is sent). Every call is itself recorded in the log.
+impl PilClient {
+    /// One page of records matching a filter, newest first.
+    pub async fn audit_search(
+        &self,
+        req: v1::SearchAuditRequest,
+    ) -> Result<v1::SearchAuditResponse, ClientError> {
+        Ok(self.audit.clone().search(req).await?.into_inner())
+    }
+
+    /// Records matching a filter, oldest first, one line (JSON document) per item.
+    pub async fn audit_export(
+        &self,
+        req: v1::ExportAuditRequest,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
+        let stream = self.audit.clone().export(req).await?.into_inner();
+        Ok(flatten_pages(stream, |page: v1::ExportAuditResponse| {
+            page.lines
+        }))
+    }
+
+    /// The whole log from `from_index` on, in order, one entry at a time.
+    pub async fn audit_read_log(
+        &self,
+        from_index: u64,
+    ) -> Result<impl Stream<Item = Result<v1::LogEntry, ClientError>> + use<>, ClientError> {
+        let req = v1::ReadLogRequest { from_index };
+        let stream = self.audit.clone().read_log(req).await?.into_inner();
+        Ok(flatten_pages(stream, |page: v1::ReadLogResponse| {
+            page.entries
+        }))
+    }
+
+    /// Every signed tree head the node has made, oldest first.
+    pub async fn audit_tree_heads(&self) -> Result<Vec<v1::SignedTreeHead>, ClientError> {
+        let req = v1::ListTreeHeadsRequest {};
+        Ok(self
+            .audit
+            .clone()
+            .list_tree_heads(req)
+            .await?
+            .into_inner()
+            .heads)
+    }
+
+    /// The newest signed tree head; with `sign_now`, the node signs its current tree
+    /// first, so the head covers every record up to this call.
+    pub async fn audit_tree_head(&self, sign_now: bool) -> Result<v1::SignedTreeHead, ClientError> {
+        let req = v1::GetTreeHeadRequest { sign_now };
+        self.audit
+            .clone()
+            .get_tree_head(req)
+            .await?
+            .into_inner()
+            .head
+            .ok_or_else(|| tonic::Status::internal("the node sent no tree head").into())
+    }
+
+    /// Proof that record `index` is in the tree of `tree_size`, with the record.
+    pub async fn audit_inclusion_proof(
+        &self,
+        index: u64,
+        tree_size: u64,
+    ) -> Result<v1::GetInclusionProofResponse, ClientError> {
+        let req = v1::GetInclusionProofRequest { index, tree_size };
+        Ok(self
+            .audit
+            .clone()
+            .get_inclusion_proof(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Proof that the tree of `old_size` is a prefix of the tree of `new_size`.
+    pub async fn audit_consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let req = v1::GetConsistencyProofRequest { old_size, new_size };
+        Ok(self
+            .audit
+            .clone()
+            .get_consistency_proof(req)
+            .await?
+            .into_inner()
+            .proof)
+    }
+
+    /// Who looked the patient up, per region.
+    pub async fn audit_patient_report(
+        &self,
+        patient: v1::PatientIdentifier,
+        home_region_only: bool,
+    ) -> Result<v1::PatientReportResponse, ClientError> {
+        let req = v1::PatientReportRequest {
+            patient: Some(patient),
+            home_region_only,
+        };
+        Ok(self.audit.clone().patient_report(req).await?.into_inner())
+    }
+}
+
+/// A server stream of pages as a stream of their items.
+fn flatten_pages<P, T, F>(
+    pages: tonic::Streaming<P>,
+    items: F,
+) -> impl Stream<Item = Result<T, ClientError>>
+where
+    P: Send + 'static,
+    T: Send + 'static,
+    F: Fn(P) -> Vec<T> + Send + 'static,
+{
+    pages.flat_map(move |page| {
+        let batch: Vec<Result<T, ClientError>> = match page {
+            Ok(p) => items(p).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(ClientError::from(e))],
+        };
+        futures::stream::iter(batch)
+    })
 }
 
 /// `InvalidArgument` → `invalid argument`: the gRPC code as a person reads it.

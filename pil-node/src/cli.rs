@@ -39,7 +39,8 @@ enum Command {
         #[arg(long, env = "PIL_LOG_FORMAT")]
         log_format: Option<LogFormat>,
     },
-    /// Generate a development PKI: CA, node certificate and organization certificates.
+    /// Generate a development PKI: CA, node certificate, organization certificates, and
+    /// a development token issuer (signing key and JWKS) for `[auth]`.
     DevPki {
         /// Output directory (an existing CA there is reused).
         #[arg(long)]
@@ -107,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             telemetry::init(cfg.log.format, &cfg.log.filter);
             let node = server::start(cfg).await?;
-            reload_on_sighup(node.access());
+            reload_on_sighup(node.reloader());
             node.run_until(shutdown_signal()).await?;
         }
         Command::DevPki { out, region, orgs } => {
@@ -128,6 +129,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     o.key.display()
                 );
             }
+            let (audit_key, audit_public) = crate::audit::write_signing_key(&out.join("audit"))?;
+            println!(
+                "audit log signing key: {} (public key for auditors: {})",
+                audit_key.display(),
+                audit_public.display()
+            );
+            let (key, jwks) = demo::write_dev_issuer(&out.join("issuer"))?;
+            println!(
+                "token issuer {}: {} (signing key {})",
+                demo::DEV_ISSUER,
+                jwks.display(),
+                key.display()
+            );
         }
         Command::Demo {
             dir,
@@ -188,7 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Reloads the legal configuration on SIGHUP; an invalid one leaves the old in force.
-fn reload_on_sighup(access: std::sync::Arc<crate::access::Access>) {
+fn reload_on_sighup(reloader: crate::reload::Reloader) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -196,7 +210,7 @@ fn reload_on_sighup(access: std::sync::Arc<crate::access::Access>) {
             return;
         };
         while hup.recv().await.is_some() {
-            match access.reload() {
+            match reloader.reload() {
                 Ok(policies) => tracing::info!(policies, "legal configuration reloaded"),
                 Err(e) => tracing::error!(
                     error = %e,

@@ -29,6 +29,10 @@ pub struct NodeConfig {
     pub tls: TlsConfig,
     pub keys: KeyConfig,
     pub auth: AuthConfig,
+    pub audit: AuditConfig,
+    /// Other regions' nodes this node federates with.
+    #[serde(default)]
+    pub federation: crate::federation::FederationConfig,
     /// Hosting providers and record-system vendors that write for other organizations:
     /// writer organization number → the organization numbers it may write for.
     #[serde(default)]
@@ -88,6 +92,29 @@ pub struct AuthConfig {
     /// DPoP proofs' `htu`. Default: the URL the request arrived on.
     #[serde(default)]
     pub public_url: Option<String>,
+}
+
+/// The audit log's tree-head signing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Ed25519 private key (PKCS#8 PEM) that signs the audit log's tree heads. Give
+    /// auditors its public key; keep the private key off the data directory's backups.
+    pub signing_key_file: PathBuf,
+    /// Seconds between signed tree heads while the log grows.
+    #[serde(default = "default_sign_interval")]
+    pub sign_interval_secs: u64,
+    /// Seconds between runs of the retention task.
+    #[serde(default = "default_retention_interval")]
+    pub retention_interval_secs: u64,
+}
+
+fn default_sign_interval() -> u64 {
+    10
+}
+
+fn default_retention_interval() -> u64 {
+    3600
 }
 
 fn default_scope() -> String {
@@ -211,6 +238,7 @@ impl NodeConfig {
             &mut self.tls.key,
             &mut self.keys.pseudonym_key_file,
             &mut self.keys.storage_key_file,
+            &mut self.audit.signing_key_file,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -7,7 +7,7 @@ use pil_proto::{ident, v1};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 use crate::{
-    config::{AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    config::{AuditConfig, AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
     patient_keys::write_new_key_file,
     pki::{self, PkiError},
     pointer::NewPointer,
@@ -153,6 +153,8 @@ pub fn prepare(
         &[vendor.as_str()],
     )
     .map_err(io(&legal_config))?;
+    let (audit_key, _) = crate::audit::write_signing_key(&dir.join("audit"))
+        .map_err(|e| DemoError::Data(e.to_string()))?;
     let config = NodeConfig {
         region: region.to_string(),
         listen,
@@ -177,6 +179,12 @@ pub fn prepare(
             pseudonym_key_file,
             storage_key_file,
         },
+        audit: AuditConfig {
+            signing_key_file: audit_key,
+            sign_interval_secs: 10,
+            retention_interval_secs: 3600,
+        },
+        federation: Default::default(),
         writes_for: [(vendor, vec![DEMO_ORGS[2].number.to_string()])].into(),
         limits: Limits::default(),
         log: LogConfig::default(),

@@ -3,14 +3,17 @@
 //! Start at [`server::start`]; docs/ARCHITECTURE.md maps the modules.
 
 pub mod access;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod federation;
 pub mod identity;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod storage;

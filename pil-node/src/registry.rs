@@ -4,7 +4,13 @@
 //! (which only knows bytes). Turns validated pointers into pseudonymized, sealed
 //! records and back; reads run on the blocking pool, writes go to the single writer.
 
-use std::{sync::Arc, thread};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+};
 
 use pil_proto::{
     ident::{OrgNumber, PatientId},
@@ -21,6 +27,25 @@ use crate::{
     },
     writer::{Op, OpResult, WriteError, Writer},
 };
+
+/// Pointer lifetime until the legal configuration sets one.
+const DEFAULT_LIFETIME_DAYS: u32 = 365;
+const NANOS_PER_DAY: i64 = 24 * 3600 * 1_000_000_000;
+
+/// The pointer lifetime in force, in days; changed by reloads, applied to pointers
+/// written from then on.
+#[derive(Clone)]
+pub struct PointerLifetime(Arc<AtomicU32>);
+
+impl PointerLifetime {
+    pub fn set_days(&self, days: u32) {
+        self.0.store(days.max(1), Ordering::Relaxed);
+    }
+
+    pub fn days(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Why a registry operation failed. None of these is the caller's fault.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +86,7 @@ struct Inner {
     keys: PatientKeys,
     region: String,
     writer: Writer,
+    lifetime: PointerLifetime,
 }
 
 /// Joins the writer thread when the registry is closed.
@@ -77,11 +103,10 @@ impl RegistryCloser {
 
 impl Registry {
     pub fn open(
-        store: Store,
+        store: Arc<Store>,
         keys: PatientKeys,
         region: impl Into<String>,
     ) -> (Self, RegistryCloser) {
-        let store = Arc::new(store);
         let (writer, writer_thread) = Writer::start(store.clone());
         let registry = Self {
             inner: Arc::new(Inner {
@@ -89,9 +114,16 @@ impl Registry {
                 keys,
                 region: region.into(),
                 writer,
+                lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
             }),
         };
         (registry, RegistryCloser { writer_thread })
+    }
+
+    /// How long a pointer lives without a refresh by its holder. The handle does not
+    /// keep the registry open.
+    pub fn pointer_lifetime(&self) -> PointerLifetime {
+        self.inner.lifetime.clone()
     }
 
     pub fn region(&self) -> &str {
@@ -133,6 +165,9 @@ impl Registry {
             last_updated: p.last_updated.unwrap_or(now),
             expires_at: p.expires_at,
             holder_name: p.holder_name.clone(),
+            lapses_at: Some(
+                now.saturating_add(i64::from(self.inner.lifetime.days()) * NANOS_PER_DAY),
+            ),
         };
         Op::Upsert {
             key,
@@ -203,7 +238,7 @@ impl Registry {
                 .patient_pointers(&pseudonym)?
                 .into_iter()
                 .filter(|(key, p)| {
-                    p.expires_at.is_none_or(|at| at > now)
+                    p.effective_expiry().is_none_or(|at| at > now)
                         && (filter.organizations.is_empty()
                             || filter.organizations.iter().any(|o| o.as_bytes() == key.org))
                         && (filter.categories.is_empty()

@@ -5,16 +5,19 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use pil_proto::v1::{
-    admin_service_server::AdminServiceServer, lookup_service_server::LookupServiceServer,
-    policy_service_server::PolicyServiceServer, registry_service_server::RegistryServiceServer,
+    admin_service_server::AdminServiceServer, audit_service_server::AuditServiceServer,
+    lookup_service_server::LookupServiceServer, policy_service_server::PolicyServiceServer,
+    registry_service_server::RegistryServiceServer,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
     access::{Access, AccessError},
+    audit::{AuditError, AuditLog},
     config::NodeConfig,
     patient_keys::{KeyError, PatientKeys},
     registry::Registry,
+    reload::Reloader,
     service::NodeService,
     storage::{StorageError, Store},
     tls::{self, TlsError},
@@ -40,6 +43,8 @@ pub enum NodeError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -49,6 +54,7 @@ pub struct RunningNode {
     addr: SocketAddr,
     registry: Registry,
     access: Arc<Access>,
+    reloader: Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
 }
@@ -67,6 +73,11 @@ impl RunningNode {
     /// Token verification and the legal configuration in force (for reloads).
     pub fn access(&self) -> Arc<Access> {
         self.access.clone()
+    }
+
+    /// Reloads the node's configuration (SIGHUP does the same).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Stops accepting, lets in-flight requests finish, and closes the database.
@@ -100,7 +111,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;
+    let store = Arc::new(store);
+    let signer =
+        pil_transparency::HeadSigner::load(&config.audit.signing_key_file).map_err(|e| {
+            AuditError::Key(format!("{}: {e}", config.audit.signing_key_file.display()))
+        })?;
+    let (audit, audit_thread) = AuditLog::open(store.clone(), &config.region, signer)?;
+    // Records written before an unclean stop get a signed head now.
+    audit.sign_head().await?;
     let (registry, closer) = Registry::open(store, keys, config.region.clone());
+    let reloader = Reloader::new(access.clone(), registry.pointer_lifetime());
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -113,7 +133,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         source,
     })?;
 
-    let service = NodeService::new(registry.clone(), config.clone(), access.clone());
+    let service = NodeService::new(
+        registry.clone(),
+        config.clone(),
+        access.clone(),
+        reloader.clone(),
+        audit.clone(),
+    );
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
         .max_decoding_message_size(max)
@@ -122,7 +148,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let admin_svc = AdminServiceServer::new(service.clone()).max_decoding_message_size(max);
-    let policy_svc = PolicyServiceServer::new(service).max_decoding_message_size(max);
+    let policy_svc = PolicyServiceServer::new(service.clone()).max_decoding_message_size(max);
+    let audit_svc = AuditServiceServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<RegistryServiceServer<NodeService>>()
@@ -142,6 +171,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let purge = tokio::spawn(purge_loop(registry.clone(), config.clone()));
+    let heads = tokio::spawn(head_loop(audit.clone(), config.clone()));
+    let retention = tokio::spawn(retention_loop(
+        audit.clone(),
+        access.clone(),
+        config.clone(),
+    ));
+    let final_head = audit.clone();
 
     let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -153,7 +189,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(registry_svc)
         .add_service(lookup_svc)
         .add_service(admin_svc)
-        .add_service(policy_svc);
+        .add_service(policy_svc)
+        .add_service(audit_svc);
     tracing::info!(region = %config.region, %addr, test_data = config.test_data, "node serving");
 
     let grace = config.limits.shutdown_grace();
@@ -170,8 +207,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             served = serve => Some(served),
             _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => None,
         };
-        purge.abort();
-        let _ = purge.await;
+        for task in [purge, heads, retention] {
+            task.abort();
+            let _ = task.await;
+        }
+        // The last records get a signed head, so tampering with them while the node
+        // is stopped shows.
+        if let Err(e) = final_head.sign_head().await {
+            tracing::warn!(error = %e, "could not sign the audit log's final tree head");
+        }
+        drop(final_head);
         let Some(served) = served else {
             tracing::warn!(
                 ?grace,
@@ -180,9 +225,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             return Ok(());
         };
         // Every registry handle is gone with the router; wait for queued writes.
-        tokio::task::spawn_blocking(move || closer.join())
-            .await
-            .map_err(|e| NodeError::Task(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            closer.join();
+            let _ = audit_thread.join();
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))?;
         tracing::info!("node stopped");
         served.map_err(NodeError::from)
     });
@@ -191,9 +239,42 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         addr,
         registry,
         access,
+        reloader,
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// Signs the audit tree head whenever records were added since the last one.
+async fn head_loop(audit: AuditLog, config: Arc<NodeConfig>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(
+        config.audit.sign_interval_secs.max(1),
+    ));
+    loop {
+        tick.tick().await;
+        if audit.unsigned()
+            && let Err(e) = audit.sign_head().await
+        {
+            tracing::warn!(error = %e, "signing the audit tree head failed");
+        }
+    }
+}
+
+/// Drops the contents of audit records past the legal configuration's retention.
+async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeConfig>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(
+        config.audit.retention_interval_secs.max(1),
+    ));
+    loop {
+        tick.tick().await;
+        let days = access.legal().settings().retention.audit_log_days;
+        let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
+        match crate::audit::retention::apply(&audit, keep, std::time::SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "audit record contents past retention removed"),
+            Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        }
+    }
 }
 
 async fn purge_loop(registry: Registry, config: Arc<NodeConfig>) {

@@ -10,6 +10,10 @@
 //! | `blocks`          | patient pseudonym (16) · block id (16)        | [`StoredBlock`] |
 //! | `opt_outs`        | patient pseudonym (16)                        | [`StoredOptOut`] |
 //! | `meta`            | name                                         | value          |
+//! | `audit_records`   | index (8, BE)                                 | record JSON    |
+//! | `audit_nodes`     | level (1) · index (8, BE)                      | SHA-256 (32)   |
+//! | `audit_heads`     | tree size (8, BE)                             | signed note    |
+//! | `audit_by_patient`| patient pseudonym (16) · index (8, BE)         | empty          |
 //!
 //! `pointers` is laid out for the hot path: a lookup is one prefix scan over the
 //! patient's pseudonym (a fixed 16-byte prefix with a bloom filter, so patients with no
@@ -18,6 +22,11 @@
 //! the endpoint identity (sub-unit, base URL, API kind), keeping keys short and fixed.
 //! Every write goes through one `WriteBatch` with a synced WAL, so the three families
 //! never disagree and an acknowledged write survives a crash.
+//!
+//! The audit log is append-only: `audit_records` holds each record's exact bytes (the
+//! hash tree's leaf data), `audit_nodes` every complete subtree of the RFC 6962 tree
+//! (level 0 = leaf hashes, kept when retention drops a record's contents), so proofs
+//! need O(log² n) reads. `audit_heads` keeps every signed tree head.
 
 use std::path::Path;
 
@@ -35,6 +44,13 @@ const CF_EXPIRY: &str = "pointer_expiry";
 const CF_META: &str = "meta";
 const CF_BLOCKS: &str = "blocks";
 const CF_OPT_OUTS: &str = "opt_outs";
+/// Audit record contents, by index.
+pub const CF_AUDIT_RECORDS: &str = "audit_records";
+const CF_AUDIT_NODES: &str = "audit_nodes";
+const CF_AUDIT_HEADS: &str = "audit_heads";
+const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
+/// First audit index whose contents are kept (earlier ones fell to retention).
+const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
 
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_VERSION: &[u8] = b"1";
@@ -142,6 +158,10 @@ pub struct StoredPointer {
     pub expires_at: Option<i64>,
     #[prost(string, tag = "10")]
     pub holder_name: String,
+    /// When the pointer lapses unless its holder refreshes it: receipt time plus the
+    /// node's pointer lifetime. Moved forward by refreshes, not part of the content.
+    #[prost(int64, optional, tag = "11")]
+    pub lapses_at: Option<i64>,
 }
 
 impl StoredPointer {
@@ -157,6 +177,15 @@ impl StoredPointer {
             && self.last_updated == other.last_updated
             && self.expires_at == other.expires_at
             && self.holder_name == other.holder_name
+    }
+
+    /// When the pointer stops being shown: its holder's expiry or its lapse, whichever
+    /// comes first.
+    pub fn effective_expiry(&self) -> Option<i64> {
+        match (self.expires_at, self.lapses_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -215,6 +244,10 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_BLOCKS, cf(Some(PSEUDONYM_LEN))),
             ColumnFamilyDescriptor::new(CF_OPT_OUTS, cf(None)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_RECORDS, cf(None)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_NODES, cf(None)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_HEADS, cf(None)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_BY_PATIENT, cf(Some(PSEUDONYM_LEN))),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self { db };
@@ -358,25 +391,24 @@ impl Store {
                     previous,
                 } => {
                     batch.put_cf(pointers, key.encode(), value.encode_to_vec());
-                    match previous {
-                        None => batch.put_cf(by_org, key.by_org(), []),
-                        Some(prev) if prev.expires_at != value.expires_at => {
-                            if let Some(at) = prev.expires_at {
-                                batch.delete_cf(expiry, key.expiry(at));
-                            }
-                        }
-                        Some(_) => {}
+                    if previous.is_none() {
+                        batch.put_cf(by_org, key.by_org(), []);
                     }
-                    if let Some(at) = value.expires_at
-                        && previous.as_ref().and_then(|p| p.expires_at) != Some(at)
-                    {
-                        batch.put_cf(expiry, key.expiry(at), []);
+                    let before = previous.as_ref().and_then(|p| p.effective_expiry());
+                    let after = value.effective_expiry();
+                    if before != after {
+                        if let Some(at) = before {
+                            batch.delete_cf(expiry, key.expiry(at));
+                        }
+                        if let Some(at) = after {
+                            batch.put_cf(expiry, key.expiry(at), []);
+                        }
                     }
                 }
                 Change::Delete { key, previous } => {
                     batch.delete_cf(pointers, key.encode());
                     batch.delete_cf(by_org, key.by_org());
-                    if let Some(at) = previous.expires_at {
+                    if let Some(at) = previous.effective_expiry() {
                         batch.delete_cf(expiry, key.expiry(at));
                     }
                 }
@@ -398,6 +430,10 @@ impl Store {
             CF_META,
             CF_BLOCKS,
             CF_OPT_OUTS,
+            CF_AUDIT_RECORDS,
+            CF_AUDIT_NODES,
+            CF_AUDIT_HEADS,
+            CF_AUDIT_BY_PATIENT,
         ] {
             self.db.flush_cf(self.cf(name))?;
         }
@@ -516,6 +552,214 @@ impl Store {
             .get_cf(self.cf(CF_OPT_OUTS), patient)?
             .map(|v| StoredOptOut::decode(&*v).map_err(|e| corrupt(CF_OPT_OUTS, &e.to_string())))
             .transpose()
+    }
+}
+
+/// One record appended to the audit log.
+pub struct AuditAppend<'a> {
+    pub index: u64,
+    pub record: &'a [u8],
+    pub patient: Option<Pseudonym>,
+}
+
+fn audit_node_key(level: u8, index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = level;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, StorageError> {
+    k.get(k.len().saturating_sub(8)..)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(cf, "bad key"))
+}
+
+/// The audit log's storage: append-only records, tree nodes and signed heads.
+impl Store {
+    /// Appends records with the tree nodes they complete (and optionally a signed
+    /// head) in one durable write.
+    pub fn audit_append(
+        &self,
+        records: &[AuditAppend<'_>],
+        nodes: &[(u8, u64, [u8; 32])],
+        heads: &[(u64, String)],
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for r in records {
+            batch.put_cf(self.cf(CF_AUDIT_RECORDS), r.index.to_be_bytes(), r.record);
+            if let Some(p) = &r.patient {
+                let key = [p.as_slice(), &r.index.to_be_bytes()].concat();
+                batch.put_cf(self.cf(CF_AUDIT_BY_PATIENT), key, []);
+            }
+        }
+        for (level, index, hash) in nodes {
+            batch.put_cf(
+                self.cf(CF_AUDIT_NODES),
+                audit_node_key(*level, *index),
+                hash,
+            );
+        }
+        for (size, note) in heads {
+            batch.put_cf(self.cf(CF_AUDIT_HEADS), size.to_be_bytes(), note.as_bytes());
+        }
+        if records.is_empty() && nodes.is_empty() && heads.is_empty() {
+            return Ok(());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// Number of leaves in the audit tree.
+    pub fn audit_size(&self) -> Result<u64, StorageError> {
+        let mut it = self.db.iterator_cf(
+            self.cf(CF_AUDIT_NODES),
+            IteratorMode::From(&audit_node_key(0, u64::MAX), rocksdb::Direction::Reverse),
+        );
+        match it.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                if k.first() == Some(&0) {
+                    Ok(be_u64(&k, CF_AUDIT_NODES)? + 1)
+                } else {
+                    Ok(0)
+                }
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// A stored complete subtree's hash.
+    pub fn audit_node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StorageError> {
+        self.db
+            .get_cf(self.cf(CF_AUDIT_NODES), audit_node_key(level, index))?
+            .map(|v| {
+                <[u8; 32]>::try_from(v.as_slice()).map_err(|_| corrupt(CF_AUDIT_NODES, "bad hash"))
+            })
+            .transpose()
+    }
+
+    /// One record's bytes, if its contents are kept.
+    pub fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_AUDIT_RECORDS), index.to_be_bytes())?)
+    }
+
+    /// Up to `limit` stored records from `from` on (ascending) or before `from`
+    /// (descending), as `(index, bytes)`.
+    pub fn audit_records(
+        &self,
+        from: u64,
+        ascending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let start = from.to_be_bytes();
+        let mode = if ascending {
+            IteratorMode::From(&start, rocksdb::Direction::Forward)
+        } else {
+            IteratorMode::From(&start, rocksdb::Direction::Reverse)
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_AUDIT_RECORDS), mode) {
+            let (k, v) = item?;
+            let index = be_u64(&k, CF_AUDIT_RECORDS)?;
+            if !ascending && index >= from {
+                continue;
+            }
+            out.push((index, v.into_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Indexes of records about a patient before `before`, newest first.
+    pub fn audit_patient_indexes(
+        &self,
+        patient: &Pseudonym,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StorageError> {
+        let start = [patient.as_slice(), &before.to_be_bytes()].concat();
+        let mut opts = ReadOptions::default();
+        opts.set_prefix_same_as_start(true);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_AUDIT_BY_PATIENT),
+            opts,
+            IteratorMode::From(&start, rocksdb::Direction::Reverse),
+        ) {
+            let (k, _) = item?;
+            if !k.starts_with(patient) {
+                break;
+            }
+            let index = be_u64(&k, CF_AUDIT_BY_PATIENT)?;
+            if index >= before {
+                continue;
+            }
+            out.push(index);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every signed tree head, oldest first, as `(size, note)`.
+    pub fn audit_heads(&self) -> Result<Vec<(u64, String)>, StorageError> {
+        self.db
+            .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((
+                    be_u64(&k, CF_AUDIT_HEADS)?,
+                    String::from_utf8(v.into_vec())
+                        .map_err(|_| corrupt(CF_AUDIT_HEADS, "utf-8"))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The first index whose record contents are kept.
+    pub fn audit_retained_from(&self) -> Result<u64, StorageError> {
+        match self.db.get_cf(self.cf(CF_META), AUDIT_RETAINED_FROM)? {
+            Some(v) => be_u64(&v, CF_META),
+            None => Ok(0),
+        }
+    }
+
+    /// Drops the contents of records `[retained_from, upto)`, keeping their leaf
+    /// hashes; `patients` are the dropped records' pseudonyms, to drop their index
+    /// entries too.
+    pub fn audit_drop_contents(
+        &self,
+        upto: u64,
+        patients: &[(u64, Pseudonym)],
+    ) -> Result<(), StorageError> {
+        let from = self.audit_retained_from()?;
+        if upto <= from {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_AUDIT_RECORDS),
+            from.to_be_bytes(),
+            upto.to_be_bytes(),
+        );
+        for (index, p) in patients {
+            let key = [p.as_slice(), &index.to_be_bytes()].concat();
+            batch.delete_cf(self.cf(CF_AUDIT_BY_PATIENT), key);
+        }
+        batch.put_cf(self.cf(CF_META), AUDIT_RETAINED_FROM, upto.to_be_bytes());
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
     }
 }
 

@@ -17,6 +17,9 @@ use crate::storage::{Change, PointerKey, Store, StoredPointer};
 const MAX_GROUP_OPS: usize = 50_000;
 /// Jobs that may wait for the writer before submitters are slowed down.
 const QUEUE_DEPTH: usize = 1024;
+/// How far a refresh must move a pointer's lapse before it is written: a holder
+/// syncing the same data twice in a day writes once.
+const REFRESH_STEP_NANOS: i64 = 24 * 3600 * 1_000_000_000;
 
 /// One change a caller asks for.
 #[derive(Debug, Clone)]
@@ -195,6 +198,23 @@ fn apply_op(
                     // Keep the sealed identifier: same patient, no needless rewrite.
                     value.sealed_patient.clone_from(&prev.sealed_patient);
                     if prev.same_content(&value) {
+                        // Unchanged content still counts as a refresh. The lapse moves
+                        // in coarse steps, so repeating a sync costs no writes.
+                        let refreshed = match (prev.lapses_at, value.lapses_at) {
+                            (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
+                            (old, new) => old != new,
+                        };
+                        if refreshed {
+                            let mut kept = prev.clone();
+                            kept.lapses_at = value.lapses_at;
+                            changes.push(Change::Put {
+                                key: *key,
+                                value: kept.clone(),
+                                previous: Some(prev),
+                            });
+                            *slot = Some(kept.clone());
+                            return OpResult::Unchanged(kept);
+                        }
                         *slot = Some(prev.clone());
                         OpResult::Unchanged(prev)
                     } else {
@@ -212,7 +232,9 @@ fn apply_op(
         Op::Delete { key } | Op::Purge { key, .. } => {
             let slot = current.entry(*key).or_default();
             let still_due = match (op, slot.as_ref()) {
-                (Op::Purge { now, .. }, Some(prev)) => prev.expires_at.is_some_and(|at| at <= *now),
+                (Op::Purge { now, .. }, Some(prev)) => {
+                    prev.effective_expiry().is_some_and(|at| at <= *now)
+                }
                 (_, Some(_)) => true,
                 (_, None) => false,
             };

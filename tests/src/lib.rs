@@ -14,7 +14,7 @@ use std::{
 
 use pil_client::{PilClient, Profile, v1};
 use pil_node::{
-    config::{AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
+    config::{AuditConfig, AuthConfig, KeyConfig, Limits, LogConfig, NodeConfig, TlsConfig},
     demo::{DEV_AUDIENCE, DEV_ISSUER, DevToken},
     patient_keys::write_new_key_file,
     pki::{self, DevCa},
@@ -53,6 +53,7 @@ impl World {
             write_new_key_file(&dir.path().join(k)).expect("key file");
         }
         pil_node::demo::write_dev_issuer(&dir.path().join("issuer")).expect("dev issuer");
+        pil_node::audit::write_signing_key(&dir.path().join("audit")).expect("audit key");
         pil_legal::write_default(
             &dir.path().join("legal-config"),
             "test",
@@ -97,6 +98,12 @@ impl World {
                 pseudonym_key_file: self.path().join("pseudonym.key"),
                 storage_key_file: self.path().join("storage.key"),
             },
+            audit: AuditConfig {
+                signing_key_file: self.path().join("audit").join("signing-key.pem"),
+                sign_interval_secs: 1,
+                retention_interval_secs: 3600,
+            },
+            federation: Default::default(),
             writes_for: [(HOST.to_string(), vec![ORG_C.to_string()])].into(),
             limits: Limits {
                 purge_interval_secs: 1,
@@ -177,6 +184,41 @@ impl World {
     }
 
     /// Issues an extra certificate from a *different* CA, for refusal tests.
+    /// A bare mTLS channel as organization `org`, for hand-made requests.
+    pub async fn raw_channel(&self, org: &str, addr: SocketAddr) -> tonic::transport::Channel {
+        let pki = self.path().join("pki");
+        self.channel_with(
+            addr,
+            pki.join(format!("org-{org}.pem")),
+            pki.join(format!("org-{org}-key.pem")),
+        )
+        .await
+    }
+
+    /// A bare mTLS channel presenting the given certificate and key.
+    pub async fn channel_with(
+        &self,
+        addr: SocketAddr,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.ca).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(cert).unwrap(),
+                std::fs::read(key).unwrap(),
+            ))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub fn foreign_org_profile(&self, addr: SocketAddr) -> PathBuf {
         let foreign = DevCa::generate("Foreign CA").expect("foreign CA");
         let cert = foreign
@@ -294,6 +336,16 @@ impl ProcessNode {
             assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends a signal by name, e.g. `HUP`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     pub fn log_text(&self) -> String {

@@ -279,6 +279,18 @@ async fn bad_tokens_are_unauthenticated() {
     };
     let payload = good.split('.').nth(1).unwrap().to_string();
     let alg_none = format!("{}.{payload}.", header("none"));
+    // The classic key-confusion forgery: HMAC keyed with the issuer's public key.
+    let hmac_with_public_key = {
+        use base64::Engine;
+        use hmac::Mac;
+        let jwks = std::fs::read(world.path().join("issuer/jwks.json")).unwrap();
+        let signing_input = format!("{}.{payload}", header("HS256"));
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&jwks).unwrap();
+        mac.update(signing_input.as_bytes());
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{sig}")
+    };
 
     let cases: Vec<(&str, String)> = vec![
         (
@@ -322,6 +334,7 @@ async fn bad_tokens_are_unauthenticated() {
             base().scope("something-else").sign().unwrap(),
         ),
         ("alg none", alg_none),
+        ("HMAC with the public key", hmac_with_public_key),
         ("tampered", tampered),
         (
             "unknown kid",
@@ -420,22 +433,7 @@ async fn dpop_bound_tokens_need_a_fresh_proof_from_their_key() {
     );
 
     // Hand-made proofs: another method, another URI, stale, replayed.
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-    let pki = world.path().join("pki");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&world.ca).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(pki.join(format!("org-{ORG_A}.pem"))).unwrap(),
-            std::fs::read(pki.join(format!("org-{ORG_A}-key.pem"))).unwrap(),
-        ))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = world.raw_channel(ORG_A, addr).await;
     let mut raw = v1::lookup_service_client::LookupServiceClient::new(channel);
     let uri = format!("https://{addr}/pil.v1.LookupService/Lookup");
     let call = |proof: String| {
@@ -508,17 +506,19 @@ async fn a_token_naming_other_patients_is_refused() {
 #[tokio::test]
 async fn explain_answers_without_a_lookup() {
     let world = World::new();
-    let (node, _patient) = setup(&world).await;
+    let (node, patient) = setup(&world).await;
     let nurse = world
         .client_as(ORG_A, node.addr(), |p| p.profession = Some("SP".into()))
         .await;
     let r = nurse
         .explain(v1::ExplainRequest {
             categories: vec!["medications".into(), "mental-health".into()],
+            patient: Some(patient.clone()),
         })
         .await
         .unwrap();
     assert!(r.allowed);
+    assert!(!r.opted_out);
     let by: std::collections::HashMap<_, _> = r
         .categories
         .iter()
@@ -539,6 +539,24 @@ async fn explain_answers_without_a_lookup() {
             .iter()
             .any(|r| r.effect == v1::RuleEffect::Forbid as i32)
     );
+
+    // For a patient who has opted out, the explanation says a lookup returns nothing.
+    let mut admin = world.client(OPERATOR, node.addr()).await.admin();
+    admin
+        .set_opt_out(v1::SetOptOutRequest {
+            patient: Some(patient.clone()),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let r = nurse
+        .explain(v1::ExplainRequest {
+            categories: vec![],
+            patient: Some(patient.clone()),
+        })
+        .await
+        .unwrap();
+    assert!(r.opted_out);
     node.stop().await;
 }
 
@@ -612,4 +630,79 @@ fn policy_check_validates_offline() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("99-broken.cedar"));
+}
+
+#[tokio::test]
+async fn a_node_can_require_dpop_bound_tokens() {
+    use pil_auth::dev_issuer::DpopKey;
+    let world = World::new();
+    let mut config = world.config(true);
+    config.auth.require_dpop = true;
+    let node = TestNode::start(config).await;
+    let patient = patient_id(503);
+    let issuer = world.issuer();
+    let token = || {
+        issuer
+            .token()
+            .audience("pil")
+            .scope("pil:lookup")
+            .org_parent(ORG_A)
+            .hpr_number(HPR)
+            .profession("LE")
+            .decision_ref("d", false)
+    };
+    let bearer = world
+        .client_with_token(ORG_A, node.addr(), token().sign().unwrap(), None)
+        .await;
+    let err = bearer.lookup(lookup(&patient)).await.unwrap_err();
+    assert_eq!(code(&err), Code::Unauthenticated);
+    assert!(err.to_string().contains("DPoP"), "{err}");
+
+    let key = DpopKey::generate().unwrap();
+    let bound = token().bound_to(&key).sign().unwrap();
+    let client = world
+        .client_with_token(ORG_A, node.addr(), bound, Some(key))
+        .await;
+    client.lookup(lookup(&patient)).await.unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_legal_configuration_or_keeps_the_old_one() {
+    let world = World::new();
+    let node = ProcessNode::start(&world.config(true), world.path());
+    let doctor = world.client(ORG_A, node.addr).await;
+    let patient = patient_id(504);
+    let policies = world.path().join("legal-config").join("policies");
+    let wait_for_log = |needle: &str, count: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while node.log_text().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // An invalid file: refused, the old policies stay in force.
+    let extra = policies.join("99-extra.cedar");
+    std::fs::write(&extra, "forbid(principal, action, resource) when {").unwrap();
+    node.signal("HUP");
+    wait_for_log("legal configuration reload refused", 1);
+    doctor.lookup(lookup(&patient)).await.unwrap();
+
+    // A valid change takes effect without a restart.
+    std::fs::write(
+        &extra,
+        "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
+    )
+    .unwrap();
+    node.signal("HUP");
+    wait_for_log("legal configuration reloaded", 1);
+    let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
+    assert_eq!(code(&err), Code::PermissionDenied);
+    assert!(err.to_string().contains("closed"), "{err}");
+    assert!(node.terminate().success());
 }

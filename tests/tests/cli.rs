@@ -173,3 +173,33 @@ async fn errors_are_one_line_and_exit_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"));
     node.stop().await;
 }
+
+#[test]
+fn dev_pki_makes_certificates_and_a_token_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(sibling_binary("pil-test-node"))
+        .args(["dev-pki", "--region", "helse-test", "--org"])
+        .arg(format!("{ORG_A}=Test Org"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run pil-node dev-pki");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("issuer/jwks.json")).unwrap())
+            .unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], pil_node::demo::DEV_KID);
+    let key = std::fs::read_to_string(dir.path().join("issuer/issuer-key.pem")).unwrap();
+    let issuer = pil_auth::dev_issuer::DevIssuer::from_pem(
+        pil_node::demo::DEV_ISSUER,
+        pil_node::demo::DEV_KID,
+        &key,
+    )
+    .unwrap();
+    assert_eq!(issuer.jwks(), jwks, "the key and the JWKS belong together");
+    assert!(dir.path().join(format!("org-{ORG_A}.pem")).exists());
+}

@@ -139,3 +139,73 @@ async fn expired_pointers_are_not_returned_and_are_purged() {
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn pointers_lapse_unless_their_holder_refreshes_them() {
+    use futures::StreamExt;
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let a = world.client(ORG_A, node.addr()).await;
+    let registry = node.node.registry().clone();
+    let patient = patient_id(78);
+    let ident = pil_proto::ident::PatientId::parse(&patient.system, &patient.value, true).unwrap();
+
+    // Received 400 days ago, never refreshed: past the configured 365-day lifetime.
+    let old = pointer(&patient, ORG_A, 1, &["medications"]);
+    let stale = pil_node::pointer::NewPointer::from_wire(&old, true).unwrap();
+    let long_ago = pil_node::registry::now_nanos() - 400 * 24 * 3600 * 1_000_000_000;
+    registry
+        .apply(vec![registry.prepare(&stale, long_ago)])
+        .await
+        .unwrap();
+    a.upsert(pointer(&patient, ORG_A, 2, &["imaging"]))
+        .await
+        .unwrap();
+    let found = a.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(found.pointers.len(), 1, "the lapsed pointer is not shown");
+    assert_eq!(found.pointers[0].categories, ["imaging"]);
+    assert!(
+        registry
+            .lookup(&ident, &Default::default())
+            .await
+            .unwrap()
+            .len()
+            == 1
+    );
+
+    // Its holder sending it again, unchanged, refreshes it.
+    let again = a.upsert(old.clone()).await.unwrap();
+    assert_eq!(again.outcome, v1::WriteOutcome::Unchanged as i32);
+    let found = a.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(found.pointers.len(), 2, "the refreshed pointer is back");
+
+    // A pointer left to lapse is purged from storage.
+    let other = patient_id(79);
+    let forgotten = pil_node::pointer::NewPointer::from_wire(
+        &pointer(&other, ORG_A, 1, &["medications"]),
+        true,
+    )
+    .unwrap();
+    registry
+        .apply(vec![registry.prepare(&forgotten, long_ago)])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut exported = 0;
+        let mut stream = a.export(ORG_A).await.unwrap();
+        while let Some(page) = stream.next().await {
+            exported += page.unwrap().len();
+        }
+        if exported == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lapsed pointer never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(registry);
+    node.stop().await;
+}

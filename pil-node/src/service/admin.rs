@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{NodeService, internal, invalid};
 use crate::{
     access::{AccessError, BLOCK_HPR, BLOCK_ORGANIZATION, BLOCK_PROFESSION},
+    audit::{AuditRecord, record::Action},
     pointer,
     registry::now_nanos,
     storage::{StoredBlock, StoredOptOut},
@@ -43,17 +44,27 @@ fn block_to_wire(id: [u8; 16], b: &StoredBlock) -> v1::Block {
     }
 }
 
-#[tonic::async_trait]
-impl v1::admin_service_server::AdminService for NodeService {
-    async fn create_block(
+impl NodeService {
+    /// The request's patient, validated and noted (pseudonymized) in its audit record.
+    fn patient_of(
         &self,
+        patient: Option<&v1::PatientIdentifier>,
+        entry: &mut AuditRecord,
+    ) -> Result<pil_proto::ident::PatientId, Status> {
+        let patient = pointer::patient(patient, self.config.test_data).map_err(invalid)?;
+        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
+        Ok(patient)
+    }
+
+    async fn create_block_inner(
+        &self,
+        entry: &mut AuditRecord,
         req: Request<v1::CreateBlockRequest>,
     ) -> Result<Response<v1::CreateBlockResponse>, Status> {
         use v1::block_target::Target;
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
-        let patient =
-            pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
+        let patient = self.patient_of(req.patient.as_ref(), entry)?;
         let block = req
             .block
             .ok_or_else(|| Status::invalid_argument("block: is required"))?;
@@ -105,19 +116,34 @@ impl v1::admin_service_server::AdminService for NodeService {
             .await
             .map_err(internal)?;
         tracing::info!(caller = %caller, kind = target_kind, "block created");
+        let kind = match target_kind {
+            BLOCK_HPR => "professional",
+            BLOCK_PROFESSION => "profession",
+            _ => "organization",
+        };
+        entry.detail = Some(format!(
+            "block {} on {kind} {}{}",
+            hex::encode(id),
+            stored.target,
+            if stored.holder.is_empty() {
+                String::new()
+            } else {
+                format!(", holder {}", stored.holder)
+            }
+        ));
         Ok(Response::new(v1::CreateBlockResponse {
             block: Some(block_to_wire(id, &stored)),
         }))
     }
 
-    async fn lift_block(
+    async fn lift_block_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::LiftBlockRequest>,
     ) -> Result<Response<v1::LiftBlockResponse>, Status> {
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
-        let patient =
-            pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
+        let patient = self.patient_of(req.patient.as_ref(), entry)?;
         let id: [u8; 16] = hex::decode(req.block_id.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
@@ -131,13 +157,13 @@ impl v1::admin_service_server::AdminService for NodeService {
         Ok(Response::new(v1::LiftBlockResponse { lifted }))
     }
 
-    async fn list_blocks(
+    async fn list_blocks_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::ListBlocksRequest>,
     ) -> Result<Response<v1::ListBlocksResponse>, Status> {
         self.require_role(&req, Role::Operator)?;
-        let patient = pointer::patient(req.get_ref().patient.as_ref(), self.config.test_data)
-            .map_err(invalid)?;
+        let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         let mut blocks = self.registry.blocks(&patient).await.map_err(internal)?;
         blocks.sort_by_key(|(_, b)| b.created_at);
         Ok(Response::new(v1::ListBlocksResponse {
@@ -145,14 +171,14 @@ impl v1::admin_service_server::AdminService for NodeService {
         }))
     }
 
-    async fn set_opt_out(
+    async fn set_opt_out_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::SetOptOutRequest>,
     ) -> Result<Response<v1::SetOptOutResponse>, Status> {
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
-        let patient =
-            pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
+        let patient = self.patient_of(req.patient.as_ref(), entry)?;
         let since = now_nanos();
         let opt_out = StoredOptOut {
             since,
@@ -168,13 +194,13 @@ impl v1::admin_service_server::AdminService for NodeService {
         }))
     }
 
-    async fn lift_opt_out(
+    async fn lift_opt_out_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::LiftOptOutRequest>,
     ) -> Result<Response<v1::LiftOptOutResponse>, Status> {
         let caller = self.require_role(&req, Role::Operator)?;
-        let patient = pointer::patient(req.get_ref().patient.as_ref(), self.config.test_data)
-            .map_err(invalid)?;
+        let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         let lifted = self
             .registry
             .set_opt_out(&patient, None)
@@ -184,13 +210,13 @@ impl v1::admin_service_server::AdminService for NodeService {
         Ok(Response::new(v1::LiftOptOutResponse { lifted }))
     }
 
-    async fn get_opt_out(
+    async fn get_opt_out_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::GetOptOutRequest>,
     ) -> Result<Response<v1::GetOptOutResponse>, Status> {
         self.require_role(&req, Role::Operator)?;
-        let patient = pointer::patient(req.get_ref().patient.as_ref(), self.config.test_data)
-            .map_err(invalid)?;
+        let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         let (opt_out, _) = self
             .registry
             .protections(&patient)
@@ -202,14 +228,19 @@ impl v1::admin_service_server::AdminService for NodeService {
         }))
     }
 
-    async fn reload_legal_config(
+    async fn reload_legal_config_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::ReloadLegalConfigRequest>,
     ) -> Result<Response<v1::ReloadLegalConfigResponse>, Status> {
         let caller = self.require_role(&req, Role::Operator)?;
-        match self.access.reload() {
+        entry.detail = Some("legal configuration reload".into());
+        match self.reloader.reload() {
             Ok(policies) => {
                 tracing::info!(caller = %caller, policies, "legal configuration reloaded");
+                entry.detail = Some(format!(
+                    "legal configuration reloaded: {policies} policies in force"
+                ));
                 Ok(Response::new(v1::ReloadLegalConfigResponse {
                     policies: policies as u32,
                 }))
@@ -224,5 +255,71 @@ impl v1::admin_service_server::AdminService for NodeService {
                 "the previous legal configuration stays in force: {e}"
             ))),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_service_server::AdminService for NodeService {
+    async fn create_block(
+        &self,
+        req: Request<v1::CreateBlockRequest>,
+    ) -> Result<Response<v1::CreateBlockResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::BlockCreate);
+        let result = self.create_block_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn lift_block(
+        &self,
+        req: Request<v1::LiftBlockRequest>,
+    ) -> Result<Response<v1::LiftBlockResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::BlockLift);
+        let result = self.lift_block_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn list_blocks(
+        &self,
+        req: Request<v1::ListBlocksRequest>,
+    ) -> Result<Response<v1::ListBlocksResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::BlockList);
+        let result = self.list_blocks_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn set_opt_out(
+        &self,
+        req: Request<v1::SetOptOutRequest>,
+    ) -> Result<Response<v1::SetOptOutResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::OptOutSet);
+        let result = self.set_opt_out_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn lift_opt_out(
+        &self,
+        req: Request<v1::LiftOptOutRequest>,
+    ) -> Result<Response<v1::LiftOptOutResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::OptOutLift);
+        let result = self.lift_opt_out_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn get_opt_out(
+        &self,
+        req: Request<v1::GetOptOutRequest>,
+    ) -> Result<Response<v1::GetOptOutResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::OptOutGet);
+        let result = self.get_opt_out_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn reload_legal_config(
+        &self,
+        req: Request<v1::ReloadLegalConfigRequest>,
+    ) -> Result<Response<v1::ReloadLegalConfigResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PolicyReload);
+        let result = self.reload_legal_config_inner(&mut entry, req).await;
+        self.audited(entry, result).await
     }
 }

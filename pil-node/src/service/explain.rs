@@ -4,8 +4,19 @@
 use pil_proto::{categories, v1};
 use tonic::{Request, Response, Status};
 
-use super::{NodeService, applied_rules, invalid};
-use crate::pointer;
+use super::{NodeService, applied_rules, internal, invalid};
+use crate::{
+    audit::{
+        AuditRecord,
+        record::{Action, RequesterInfo},
+        rule_infos,
+    },
+    pointer,
+};
+
+/// The holder of the hypothetical pointers explained: an organization number no
+/// requester has, so the rules treat it as "another organization".
+const ANOTHER_ORGANIZATION: &str = "000000000";
 
 #[tonic::async_trait]
 impl v1::policy_service_server::PolicyService for NodeService {
@@ -13,7 +24,20 @@ impl v1::policy_service_server::PolicyService for NodeService {
         &self,
         req: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::Explain);
+        let result = self.explain_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+}
+
+impl NodeService {
+    async fn explain_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ExplainRequest>,
+    ) -> Result<Response<v1::ExplainResponse>, Status> {
         let requester = self.requester(&req, "/pil.v1.PolicyService/Explain")?;
+        entry.requester = Some(RequesterInfo::from(&requester));
         let wanted = pointer::category_list("categories", &req.get_ref().categories, false)
             .map_err(invalid)?;
         let wanted: Vec<String> = if wanted.is_empty() {
@@ -24,26 +48,48 @@ impl v1::policy_service_server::PolicyService for NodeService {
         } else {
             wanted
         };
+        let patient = match req.get_ref().patient.as_ref() {
+            Some(p) => Some(pointer::patient(Some(p), self.config.test_data).map_err(invalid)?),
+            None => None,
+        };
+        if let Some(patient) = &patient {
+            entry.patient = Some(hex::encode(self.registry.pseudonym(patient)));
+        }
+        if let Some(patient) = &patient
+            && !requester.covers(patient)
+        {
+            return Err(Status::permission_denied(
+                "the access token's attest names other patients than the one asked about",
+            ));
+        }
+        let opted_out = match &patient {
+            Some(patient) => self
+                .registry
+                .protections(patient)
+                .await
+                .map_err(internal)?
+                .0
+                .is_some(),
+            None => false,
+        };
         let legal = self.access.legal();
         let search = legal.decide_lookup(&requester.facts);
+        entry.decision.outcome = if search.allowed { "allowed" } else { "denied" }.into();
+        entry.decision.emergency = search.emergency;
+        entry.decision.rules = rule_infos(&search.rules);
         let mut out = v1::ExplainResponse {
             allowed: search.allowed,
             emergency: search.emergency,
             rules: applied_rules(&search.rules),
             categories: Vec::new(),
+            opted_out,
         };
         if search.allowed {
-            // A pointer of another organization: the case the rules distinguish.
-            let other = if requester.facts.organization == "974760673" {
-                "983044778"
-            } else {
-                "974760673"
-            };
             for category in wanted {
                 let d = legal.decide(
                     &requester.facts,
                     &pil_legal::PointerFacts {
-                        holder: other.to_string(),
+                        holder: ANOTHER_ORGANIZATION.to_string(),
                         categories: vec![category.clone()],
                         region: self.registry.region().to_string(),
                     },

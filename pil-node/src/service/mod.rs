@@ -10,14 +10,21 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 mod admin;
+mod audit;
 mod explain;
+mod lookup;
 
 use crate::{
     access::{Access, AccessError, Requester},
+    audit::{
+        AuditLog, AuditRecord,
+        record::{Action, CallerInfo, DecisionInfo, OutcomeInfo},
+    },
     config::NodeConfig,
     identity::Caller,
     pointer::{self, FieldError, NewPointer},
-    registry::{LookupFilter, Outcome, Registry, RegistryError},
+    registry::{Outcome, Registry, RegistryError},
+    reload::Reloader,
     sync::{ReplaceScope, SyncError, SyncParams, SyncSession},
     tls::PeerInfo,
 };
@@ -31,6 +38,8 @@ pub struct NodeService {
     registry: Registry,
     config: Arc<NodeConfig>,
     access: Arc<Access>,
+    reloader: Reloader,
+    audit: AuditLog,
 }
 
 /// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
@@ -81,11 +90,84 @@ fn denied(decision: &pil_legal::Decision) -> Status {
 }
 
 impl NodeService {
-    pub fn new(registry: Registry, config: Arc<NodeConfig>, access: Arc<Access>) -> Self {
+    pub fn new(
+        registry: Registry,
+        config: Arc<NodeConfig>,
+        access: Arc<Access>,
+        reloader: Reloader,
+        audit: AuditLog,
+    ) -> Self {
         Self {
             registry,
             config,
             access,
+            reloader,
+            audit,
+        }
+    }
+
+    /// A request's audit record, with what the connection says about the caller.
+    /// Handlers fill in the rest; [`NodeService::audited`] completes and stores it.
+    fn audit_entry<T>(&self, req: &Request<T>, action: Action) -> AuditRecord {
+        let caller = match req.extensions().get::<PeerInfo>().map(|i| &i.caller) {
+            Some(Ok(Caller::Organization { org_number, .. })) => CallerInfo {
+                organization: Some(org_number.clone()),
+                node_region: None,
+            },
+            Some(Ok(Caller::Node { region })) => CallerInfo {
+                organization: None,
+                node_region: Some(region.clone()),
+            },
+            _ => CallerInfo::default(),
+        };
+        AuditRecord {
+            index: 0,
+            time: now_rfc3339(),
+            region: self.registry.region().to_string(),
+            action,
+            query_id: new_query_id(),
+            caller,
+            requester: None,
+            patient: None,
+            decision: DecisionInfo::default(),
+            outcome: OutcomeInfo::default(),
+            peers_asked: Vec::new(),
+            forwarded_by: None,
+            detail: None,
+        }
+    }
+
+    /// Records the request's outcome durably, then lets the answer go. An answer whose
+    /// record cannot be stored is not given.
+    async fn audited<R>(
+        &self,
+        mut entry: AuditRecord,
+        result: Result<Response<R>, Status>,
+    ) -> Result<Response<R>, Status> {
+        match &result {
+            Ok(_) => entry.outcome.status = "OK".into(),
+            Err(status) => {
+                entry.outcome.status = status_name(status.code()).into();
+                entry.outcome.detail = status.message().to_string();
+                entry.outcome.pointers = 0;
+                entry.outcome.organizations.clear();
+                if status.code() == tonic::Code::Unauthenticated {
+                    entry.decision.outcome = "unauthenticated".into();
+                }
+            }
+        }
+        if entry.decision.outcome.is_empty() {
+            entry.decision.outcome = "not_applicable".into();
+        }
+        match self.audit.append(entry).await {
+            Ok(_) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "request not answered: its audit record could not be stored");
+                Err(Status::unavailable(
+                    "the node could not record this request in its audit log, so it was not \
+                     answered; retry later",
+                ))
+            }
         }
     }
 
@@ -190,10 +272,10 @@ fn internal(e: RegistryError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl v1::registry_service_server::RegistryService for NodeService {
-    async fn upsert_pointer(
+impl NodeService {
+    async fn upsert_pointer_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::UpsertPointerRequest>,
     ) -> Result<Response<v1::UpsertPointerResponse>, Status> {
         let caller = self.organization(&req)?;
@@ -202,8 +284,11 @@ impl v1::registry_service_server::RegistryService for NodeService {
             .pointer
             .ok_or_else(|| Status::invalid_argument("pointer: is required"))?;
         let p = NewPointer::from_wire(&wire, self.config.test_data).map_err(invalid)?;
+        entry.patient = Some(hex::encode(self.registry.pseudonym(&p.patient)));
+        entry.detail = Some(format!("holder {}", p.endpoint.org));
         self.authorize_write(&caller, &p.endpoint.org)?;
         let (outcome, stored) = self.registry.upsert(p).await.map_err(internal)?;
+        entry.outcome.pointers = u32::from(outcome != Outcome::Unchanged);
         tracing::info!(caller = %caller, ?outcome, "pointer upserted");
         let outcome = match outcome {
             Outcome::Inserted => v1::WriteOutcome::Inserted,
@@ -216,28 +301,33 @@ impl v1::registry_service_server::RegistryService for NodeService {
         }))
     }
 
-    async fn delete_pointer(
+    async fn delete_pointer_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::DeletePointerRequest>,
     ) -> Result<Response<v1::DeletePointerResponse>, Status> {
         let caller = self.organization(&req)?;
         let req = req.into_inner();
         let patient =
             pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
+        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
         let endpoint =
             pointer::endpoint_ref(req.holder.as_ref(), req.endpoint.as_ref()).map_err(invalid)?;
+        entry.detail = Some(format!("holder {}", endpoint.org));
         self.authorize_write(&caller, &endpoint.org)?;
         let deleted = self
             .registry
             .delete(&patient, &endpoint)
             .await
             .map_err(internal)?;
+        entry.outcome.pointers = u32::from(deleted);
         tracing::info!(caller = %caller, deleted, "pointer delete");
         Ok(Response::new(v1::DeletePointerResponse { deleted }))
     }
 
-    async fn sync_pointers(
+    async fn sync_pointers_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<Streaming<v1::SyncPointersRequest>>,
     ) -> Result<Response<v1::SyncPointersResponse>, Status> {
         let caller = self.organization(&req)?;
@@ -313,6 +403,12 @@ impl v1::registry_service_server::RegistryService for NodeService {
             unchanged = report.unchanged, removed = report.removed, rejected = report.rejected,
             "sync finished"
         );
+        entry.outcome.pointers =
+            u32::try_from(report.inserted + report.updated + report.removed).unwrap_or(u32::MAX);
+        entry.detail = Some(format!(
+            "holder {org}: {} inserted, {} updated, {} unchanged, {} removed, {} rejected",
+            report.inserted, report.updated, report.unchanged, report.removed, report.rejected
+        ));
         Ok(Response::new(v1::SyncPointersResponse {
             inserted: report.inserted,
             updated: report.updated,
@@ -332,16 +428,15 @@ impl v1::registry_service_server::RegistryService for NodeService {
         }))
     }
 
-    type ExportPointersStream =
-        Pin<Box<dyn Stream<Item = Result<v1::ExportPointersResponse, Status>> + Send>>;
-
-    async fn export_pointers(
+    async fn export_pointers_inner(
         &self,
+        entry: &mut AuditRecord,
         req: Request<v1::ExportPointersRequest>,
-    ) -> Result<Response<Self::ExportPointersStream>, Status> {
+    ) -> Result<Response<ExportStream>, Status> {
         let caller = self.organization(&req)?;
         let org = pointer::org_number("organization_number", &req.get_ref().organization_number)
             .map_err(invalid)?;
+        entry.detail = Some(format!("holder {org}"));
         self.authorize_write(&caller, &org)?;
         tracing::info!(caller = %caller, org = %org, "export started");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -369,6 +464,49 @@ impl v1::registry_service_server::RegistryService for NodeService {
     }
 }
 
+type ExportStream = Pin<Box<dyn Stream<Item = Result<v1::ExportPointersResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::registry_service_server::RegistryService for NodeService {
+    async fn upsert_pointer(
+        &self,
+        req: Request<v1::UpsertPointerRequest>,
+    ) -> Result<Response<v1::UpsertPointerResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PointerUpsert);
+        let result = self.upsert_pointer_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn delete_pointer(
+        &self,
+        req: Request<v1::DeletePointerRequest>,
+    ) -> Result<Response<v1::DeletePointerResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PointerDelete);
+        let result = self.delete_pointer_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    async fn sync_pointers(
+        &self,
+        req: Request<Streaming<v1::SyncPointersRequest>>,
+    ) -> Result<Response<v1::SyncPointersResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PointerSync);
+        let result = self.sync_pointers_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
+    type ExportPointersStream = ExportStream;
+
+    async fn export_pointers(
+        &self,
+        req: Request<v1::ExportPointersRequest>,
+    ) -> Result<Response<Self::ExportPointersStream>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PointerExport);
+        let result = self.export_pointers_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+}
+
 fn internal_access(e: AccessError) -> Status {
     tracing::error!(error = %e, "access check failed");
     Status::internal("the node could not check the request; see its log")
@@ -381,116 +519,37 @@ fn sync_status(e: SyncError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl v1::lookup_service_server::LookupService for NodeService {
-    async fn lookup(
-        &self,
-        req: Request<v1::LookupRequest>,
-    ) -> Result<Response<v1::LookupResponse>, Status> {
-        let requester = self.requester(&req, "/pil.v1.LookupService/Lookup")?;
-        let caller = requester.token.org_number.clone();
-        let req = req.into_inner();
-        let patient =
-            pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
-        let categories =
-            pointer::category_list("categories", &req.categories, false).map_err(invalid)?;
-        let organizations = req
-            .organization_numbers
-            .iter()
-            .map(|o| pointer::org_number("organization_numbers", o).map(|o| o.to_string()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
-        let query_id = new_query_id();
-        if !requester.covers(&patient) {
-            tracing::info!(caller = %caller, query_id, "lookup outside the token's patients refused");
-            return Err(Status::permission_denied(
-                "the access token's attest names other patients than the one looked up",
-            ));
-        }
-        let legal = self.access.legal();
-        let search = legal.decide_lookup(&requester.facts);
-        if !search.allowed {
-            tracing::info!(caller = %caller, query_id, rules = ?search.rule_ids(), "lookup denied");
-            return Err(denied(&search));
-        }
-        let (opt_out, blocks) = self
-            .registry
-            .protections(&patient)
-            .await
-            .map_err(internal)?;
-        let region = self.registry.region().to_string();
-        if opt_out.is_some() {
-            tracing::info!(caller = %caller, query_id, "lookup of an opted-out patient");
-            return Ok(Response::new(v1::LookupResponse {
-                regions: vec![v1::RegionStatus {
-                    region,
-                    state: v1::RegionState::Ok as i32,
-                    detail: "the patient has opted out of PIL".into(),
-                    pointer_count: 0,
-                }],
-                query_id,
-                opted_out: true,
-                rules: applied_rules(&search.rules),
-                ..Default::default()
-            }));
-        }
-        let filter = LookupFilter {
-            categories,
-            organizations,
-        };
-        let found = self
-            .registry
-            .lookup(&patient, &filter)
-            .await
-            .map_err(internal)?;
-        let mut rules = search.rules.clone();
-        let mut emergency = search.emergency;
-        let mut pointers = Vec::with_capacity(found.len());
-        for p in found {
-            let holder = p
-                .holder
-                .as_ref()
-                .map(|h| h.organization_number.clone())
-                .unwrap_or_default();
-            if requester.is_blocked(&blocks, &holder) {
-                continue;
-            }
-            let decision = legal.decide(
-                &requester.facts,
-                &pil_legal::PointerFacts {
-                    holder,
-                    categories: p.categories.clone(),
-                    region: region.clone(),
-                },
-            );
-            for r in &decision.rules {
-                if !rules.iter().any(|k| k.id == r.id) {
-                    rules.push(r.clone());
-                }
-            }
-            if decision.allowed {
-                emergency |= decision.emergency;
-                pointers.push(p);
-            }
-        }
-        tracing::info!(
-            caller = %caller, query_id, found = pointers.len(), emergency,
-            purpose = %requester.facts.purpose, "lookup"
-        );
-        Ok(Response::new(v1::LookupResponse {
-            regions: vec![v1::RegionStatus {
-                region,
-                state: v1::RegionState::Ok as i32,
-                detail: String::new(),
-                pointer_count: pointers.len() as u32,
-            }],
-            pointers,
-            query_id,
-            opted_out: false,
-            rules: applied_rules(&rules),
-            emergency,
-        }))
+/// The canonical gRPC name of a status code, as recorded.
+pub fn status_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// Now as RFC 3339, UTC, milliseconds.
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&format).unwrap_or_default()
 }
 
 /// A random id for one lookup, carried into logs (and, across regions, the audit log).

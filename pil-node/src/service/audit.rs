@@ -1,0 +1,640 @@
+//! `AuditService`: auditors' read access to the audit log, itself audited. Needs the
+//! auditor role in the legal configuration.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use pil_legal::Role;
+use pil_proto::v1;
+use pil_transparency::NodeSource;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{NodeService, invalid};
+use crate::{
+    audit::{
+        AuditError, AuditRecord,
+        fhir::{self, NodeInfo},
+        record::Action,
+    },
+    pointer,
+    storage::Store,
+};
+
+/// Records a search returns by default, and at most.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// Records read per storage call while scanning.
+const SCAN_CHUNK: usize = 1000;
+/// Records one search call scans at most before returning a page token.
+const MAX_SCAN: usize = 200_000;
+/// Lines per message of an export or log stream.
+const STREAM_PAGE: usize = 500;
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<v1::ExportAuditResponse, Status>> + Send>>;
+type ReadLogStream = Pin<Box<dyn Stream<Item = Result<v1::ReadLogResponse, Status>> + Send>>;
+
+/// A parsed search filter.
+#[derive(Clone, Default)]
+struct Filter {
+    patient: Option<String>,
+    hpr: Option<String>,
+    organization: Option<String>,
+    purpose: Option<String>,
+    decision: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    actions: Vec<String>,
+    emergency_only: bool,
+    /// Only lookups (patient reports).
+    lookups_only: bool,
+}
+
+impl Filter {
+    fn matches(&self, r: &AuditRecord) -> bool {
+        let req = r.requester.as_ref();
+        self.patient
+            .as_ref()
+            .is_none_or(|p| r.patient.as_ref() == Some(p))
+            && self
+                .hpr
+                .as_ref()
+                .is_none_or(|h| req.and_then(|q| q.hpr_number.as_ref()) == Some(h))
+            && self.organization.as_ref().is_none_or(|o| {
+                r.caller.organization.as_ref() == Some(o)
+                    || req.is_some_and(|q| {
+                        &q.organization == o || q.child_organization.as_ref() == Some(o)
+                    })
+            })
+            && self
+                .purpose
+                .as_ref()
+                .is_none_or(|p| req.is_some_and(|q| q.purpose_of_use.code.eq_ignore_ascii_case(p)))
+            && self
+                .decision
+                .as_ref()
+                .is_none_or(|d| &r.decision.outcome == d)
+            && self
+                .from
+                .as_ref()
+                .is_none_or(|f| r.time.as_str() >= f.as_str())
+            && self
+                .to
+                .as_ref()
+                .is_none_or(|t| r.time.as_str() < t.as_str())
+            && (self.actions.is_empty() || self.actions.iter().any(|a| action_name(r.action) == *a))
+            && (!self.emergency_only || r.decision.emergency)
+            && (!self.lookups_only || matches!(r.action, Action::Lookup | Action::FederatedLookup))
+    }
+}
+
+fn action_name(a: Action) -> String {
+    serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// RFC 3339 UTC with milliseconds, comparable as text with recorded times.
+fn timestamp_text(t: &prost_types::Timestamp) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(t.seconds)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        + time::Duration::nanoseconds(i64::from(t.nanos));
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    at.format(&format).unwrap_or_default()
+}
+
+/// The audit tree as stored, for proofs.
+struct StoredTree<'a>(&'a Store);
+
+impl NodeSource for StoredTree<'_> {
+    type Error = AuditError;
+
+    fn node(&self, level: u8, index: u64) -> Result<[u8; 32], AuditError> {
+        self.0.audit_node(level, index)?.ok_or_else(|| {
+            AuditError::Tree(format!("missing subtree at level {level}, index {index}"))
+        })
+    }
+}
+
+fn audit_internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "audit log read failed");
+    Status::internal("the node could not read its audit log; see its log")
+}
+
+fn parse_record(bytes: &[u8]) -> Option<AuditRecord> {
+    serde_json::from_slice(bytes).ok()
+}
+
+impl NodeService {
+    fn filter_of(
+        &self,
+        f: Option<v1::AuditFilter>,
+        entry: &mut AuditRecord,
+    ) -> Result<Filter, Status> {
+        let f = f.unwrap_or_default();
+        let patient = match f.patient.as_ref() {
+            Some(p) => {
+                let id = pointer::patient(Some(p), self.config.test_data).map_err(invalid)?;
+                let pseudonym = hex::encode(self.registry.pseudonym(&id));
+                entry.patient = Some(pseudonym.clone());
+                Some(pseudonym)
+            }
+            None => None,
+        };
+        let some = |s: String| {
+            let s = s.trim().to_string();
+            (!s.is_empty()).then_some(s)
+        };
+        let decision = some(f.decision);
+        if let Some(d) = &decision
+            && !["allowed", "denied", "unauthenticated", "not_applicable"].contains(&d.as_str())
+        {
+            return Err(Status::invalid_argument(
+                "filter.decision: must be allowed, denied, unauthenticated or not_applicable",
+            ));
+        }
+        let filter = Filter {
+            patient,
+            hpr: some(f.hpr_number),
+            organization: some(f.organization_number),
+            purpose: some(f.purpose_of_use),
+            decision,
+            from: f.from.as_ref().map(timestamp_text),
+            to: f.to.as_ref().map(timestamp_text),
+            actions: f.actions.iter().map(|a| a.trim().to_string()).collect(),
+            emergency_only: f.emergency_only,
+            lookups_only: false,
+        };
+        entry.detail = Some(format!(
+            "filter: hpr={:?} organization={:?} purpose={:?} decision={:?} from={:?} to={:?} actions={:?} emergency_only={}",
+            filter.hpr,
+            filter.organization,
+            filter.purpose,
+            filter.decision,
+            filter.from,
+            filter.to,
+            filter.actions,
+            filter.emergency_only
+        ));
+        Ok(filter)
+    }
+
+    /// Newest-first matching records before index `before`, at most `limit`; returns
+    /// them and where to continue.
+    async fn search_records(
+        &self,
+        filter: Filter,
+        before: u64,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, Option<u64>), Status> {
+        let store = self.audit.store().clone();
+        let pseudonym = filter
+            .patient
+            .as_ref()
+            .and_then(|p| hex::decode(p).ok())
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut cursor = before;
+            let mut scanned = 0usize;
+            loop {
+                let chunk: Vec<(u64, Vec<u8>)> = match &pseudonym {
+                    Some(p) => store
+                        .audit_patient_indexes(p, cursor, SCAN_CHUNK)?
+                        .into_iter()
+                        .filter_map(|i| match store.audit_record(i) {
+                            Ok(Some(b)) => Some(Ok((i, b))),
+                            Ok(None) => None,
+                            Err(e) => Some(Err(e)),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    None => store.audit_records(cursor, false, SCAN_CHUNK)?,
+                };
+                if chunk.is_empty() {
+                    return Ok((out, None));
+                }
+                for (index, bytes) in chunk {
+                    cursor = index;
+                    scanned += 1;
+                    if parse_record(&bytes).is_some_and(|r| filter.matches(&r)) {
+                        out.push(bytes);
+                        if out.len() >= limit {
+                            return Ok((out, (index > 0).then_some(index)));
+                        }
+                    }
+                }
+                if cursor == 0 {
+                    return Ok((out, None));
+                }
+                if scanned >= MAX_SCAN {
+                    return Ok((out, Some(cursor)));
+                }
+            }
+        })
+        .await
+        .map_err(audit_internal)?
+        .map_err(|e: crate::storage::StorageError| audit_internal(e))
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            region: self.registry.region().to_string(),
+            node_url: self
+                .config
+                .auth
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("https://{}", self.config.listen)),
+        }
+    }
+
+    async fn search_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::SearchAuditRequest>,
+    ) -> Result<Response<v1::SearchAuditResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let req = req.into_inner();
+        let filter = self.filter_of(req.filter, entry)?;
+        let limit = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let before = match req.page_token.trim() {
+            "" => u64::MAX,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token: not from a previous page"))?,
+        };
+        let (records, next) = self.search_records(filter, before, limit).await?;
+        entry.outcome.pointers = 0;
+        Ok(Response::new(v1::SearchAuditResponse {
+            records,
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn export_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ExportAuditRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let req = req.into_inner();
+        let fhir_format = match v1::AuditExportFormat::try_from(req.format) {
+            Ok(v1::AuditExportFormat::JsonLines) => false,
+            Ok(v1::AuditExportFormat::FhirAuditEvent) => true,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "format: must be AUDIT_EXPORT_FORMAT_JSON_LINES or \
+                     AUDIT_EXPORT_FORMAT_FHIR_AUDIT_EVENT",
+                ));
+            }
+        };
+        let filter = self.filter_of(req.filter, entry)?;
+        let store = self.audit.store().clone();
+        let node = self.node_info();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut from = 0u64;
+            loop {
+                let s = store.clone();
+                let page =
+                    tokio::task::spawn_blocking(move || s.audit_records(from, true, SCAN_CHUNK))
+                        .await;
+                let page = match page {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(audit_internal(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(audit_internal(e))).await;
+                        return;
+                    }
+                };
+                let Some(last) = page.last().map(|(i, _)| *i) else {
+                    return;
+                };
+                from = last + 1;
+                let mut lines = Vec::new();
+                for (_, bytes) in page {
+                    let Some(record) = parse_record(&bytes) else {
+                        continue;
+                    };
+                    if !filter.matches(&record) {
+                        continue;
+                    }
+                    lines.push(if fhir_format {
+                        serde_json::to_vec(&fhir::audit_event(&record, &node)).unwrap_or_default()
+                    } else {
+                        bytes
+                    });
+                    if lines.len() >= STREAM_PAGE {
+                        let msg = v1::ExportAuditResponse {
+                            lines: std::mem::take(&mut lines),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if !lines.is_empty()
+                    && tx
+                        .send(Ok(v1::ExportAuditResponse { lines }))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn read_log_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ReadLogRequest>,
+    ) -> Result<Response<ReadLogStream>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let from = req.get_ref().from_index;
+        entry.detail = Some(format!("read log from {from}"));
+        let store = self.audit.store().clone();
+        let size = self.audit.size();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut next = from;
+            while next < size {
+                let s = store.clone();
+                let start = next;
+                let page = tokio::task::spawn_blocking(move || {
+                    let end = (start + STREAM_PAGE as u64).min(size);
+                    let present: std::collections::HashMap<u64, Vec<u8>> = s
+                        .audit_records(start, true, (end - start) as usize)?
+                        .into_iter()
+                        .filter(|(i, _)| *i < end)
+                        .collect();
+                    let mut entries = Vec::new();
+                    for index in start..end {
+                        let leaf = s
+                            .audit_node(0, index)?
+                            .map(|h| h.to_vec())
+                            .unwrap_or_default();
+                        entries.push(v1::LogEntry {
+                            index,
+                            record: present.get(&index).cloned().unwrap_or_default(),
+                            leaf_hash: leaf,
+                        });
+                    }
+                    Ok::<_, crate::storage::StorageError>((entries, end))
+                })
+                .await;
+                match page {
+                    Ok(Ok((entries, end))) => {
+                        next = end;
+                        if tx.send(Ok(v1::ReadLogResponse { entries })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(audit_internal(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(audit_internal(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_tree_heads_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ListTreeHeadsRequest>,
+    ) -> Result<Response<v1::ListTreeHeadsResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        entry.detail = Some("list tree heads".into());
+        let store = self.audit.store().clone();
+        let heads = tokio::task::spawn_blocking(move || store.audit_heads())
+            .await
+            .map_err(audit_internal)?
+            .map_err(audit_internal)?;
+        Ok(Response::new(v1::ListTreeHeadsResponse {
+            heads: heads
+                .into_iter()
+                .map(|(size, note)| v1::SignedTreeHead { note, size })
+                .collect(),
+        }))
+    }
+
+    async fn get_tree_head_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::GetTreeHeadRequest>,
+    ) -> Result<Response<v1::GetTreeHeadResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        entry.detail = Some("get tree head".into());
+        let head = if req.get_ref().sign_now {
+            self.audit.sign_head().await.map_err(audit_internal)?
+        } else {
+            let store = self.audit.store().clone();
+            tokio::task::spawn_blocking(move || store.audit_heads())
+                .await
+                .map_err(audit_internal)?
+                .map_err(audit_internal)?
+                .pop()
+        };
+        let head = head.ok_or_else(|| {
+            Status::failed_precondition("the audit log has no signed tree head yet")
+        })?;
+        Ok(Response::new(v1::GetTreeHeadResponse {
+            head: Some(v1::SignedTreeHead {
+                note: head.1,
+                size: head.0,
+            }),
+        }))
+    }
+
+    async fn get_inclusion_proof_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::GetInclusionProofRequest>,
+    ) -> Result<Response<v1::GetInclusionProofResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let v1::GetInclusionProofRequest { index, tree_size } = req.into_inner();
+        entry.detail = Some(format!("inclusion proof of {index} in {tree_size}"));
+        let size = self.audit.size();
+        if tree_size == 0 || tree_size > size || index >= tree_size {
+            return Err(Status::out_of_range(format!(
+                "need index < tree_size <= {size} (the log's size); got index {index}, tree_size {tree_size}"
+            )));
+        }
+        let store = self.audit.store().clone();
+        let (record, leaf, proof) = tokio::task::spawn_blocking(move || {
+            let tree = StoredTree(&store);
+            let proof = pil_transparency::inclusion_proof(&tree, index, tree_size)
+                .map_err(|e| e.to_string())?;
+            let leaf = tree.node(0, index).map_err(|e| e.to_string())?;
+            let record = store.audit_record(index).map_err(|e| e.to_string())?;
+            Ok::<_, String>((record.unwrap_or_default(), leaf, proof))
+        })
+        .await
+        .map_err(audit_internal)?
+        .map_err(audit_internal)?;
+        Ok(Response::new(v1::GetInclusionProofResponse {
+            record,
+            leaf_hash: leaf.to_vec(),
+            proof: proof.into_iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_consistency_proof_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::GetConsistencyProofRequest>,
+    ) -> Result<Response<v1::GetConsistencyProofResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let v1::GetConsistencyProofRequest { old_size, new_size } = req.into_inner();
+        entry.detail = Some(format!("consistency proof {old_size} to {new_size}"));
+        let size = self.audit.size();
+        if old_size == 0 || old_size > new_size || new_size > size {
+            return Err(Status::out_of_range(format!(
+                "need 1 <= old_size <= new_size <= {size} (the log's size); got {old_size}, {new_size}"
+            )));
+        }
+        let store = self.audit.store().clone();
+        let proof = tokio::task::spawn_blocking(move || {
+            pil_transparency::consistency_proof(&StoredTree(&store), old_size, new_size)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(audit_internal)?
+        .map_err(audit_internal)?;
+        Ok(Response::new(v1::GetConsistencyProofResponse {
+            proof: proof.into_iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    /// This node's records of lookups of a patient, oldest first.
+    pub(super) async fn patient_lookups(&self, pseudonym: String) -> Result<Vec<Vec<u8>>, Status> {
+        let filter = Filter {
+            patient: Some(pseudonym),
+            lookups_only: true,
+            ..Filter::default()
+        };
+        let mut records = Vec::new();
+        let mut before = u64::MAX;
+        loop {
+            let (page, next) = self
+                .search_records(filter.clone(), before, MAX_PAGE)
+                .await?;
+            records.extend(page);
+            match next {
+                Some(n) => before = n,
+                None => break,
+            }
+        }
+        records.reverse();
+        Ok(records)
+    }
+
+    async fn patient_report_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::PatientReportRequest>,
+    ) -> Result<Response<v1::PatientReportResponse>, Status> {
+        self.require_role(&req, Role::Auditor)?;
+        let req = req.into_inner();
+        let patient =
+            pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
+        let pseudonym = hex::encode(self.registry.pseudonym(&patient));
+        entry.patient = Some(pseudonym.clone());
+        entry.detail = Some("patient report".into());
+        let records = self.patient_lookups(pseudonym).await?;
+        let regions = vec![v1::RegionReport {
+            region: self.registry.region().to_string(),
+            answered: true,
+            detail: String::new(),
+            records,
+        }];
+        Ok(Response::new(v1::PatientReportResponse { regions }))
+    }
+}
+
+macro_rules! audited_call {
+    ($self:ident, $req:ident, $inner:ident) => {{
+        let mut entry = $self.audit_entry(&$req, Action::AuditAccess);
+        let result = $self.$inner(&mut entry, $req).await;
+        $self.audited(entry, result).await
+    }};
+}
+
+#[tonic::async_trait]
+impl v1::audit_service_server::AuditService for NodeService {
+    async fn search(
+        &self,
+        req: Request<v1::SearchAuditRequest>,
+    ) -> Result<Response<v1::SearchAuditResponse>, Status> {
+        audited_call!(self, req, search_inner)
+    }
+
+    type ExportStream = ExportStream;
+
+    async fn export(
+        &self,
+        req: Request<v1::ExportAuditRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        audited_call!(self, req, export_inner)
+    }
+
+    type ReadLogStream = ReadLogStream;
+
+    async fn read_log(
+        &self,
+        req: Request<v1::ReadLogRequest>,
+    ) -> Result<Response<ReadLogStream>, Status> {
+        audited_call!(self, req, read_log_inner)
+    }
+
+    async fn list_tree_heads(
+        &self,
+        req: Request<v1::ListTreeHeadsRequest>,
+    ) -> Result<Response<v1::ListTreeHeadsResponse>, Status> {
+        audited_call!(self, req, list_tree_heads_inner)
+    }
+
+    async fn get_tree_head(
+        &self,
+        req: Request<v1::GetTreeHeadRequest>,
+    ) -> Result<Response<v1::GetTreeHeadResponse>, Status> {
+        audited_call!(self, req, get_tree_head_inner)
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        req: Request<v1::GetInclusionProofRequest>,
+    ) -> Result<Response<v1::GetInclusionProofResponse>, Status> {
+        audited_call!(self, req, get_inclusion_proof_inner)
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        req: Request<v1::GetConsistencyProofRequest>,
+    ) -> Result<Response<v1::GetConsistencyProofResponse>, Status> {
+        audited_call!(self, req, get_consistency_proof_inner)
+    }
+
+    async fn patient_report(
+        &self,
+        req: Request<v1::PatientReportRequest>,
+    ) -> Result<Response<v1::PatientReportResponse>, Status> {
+        audited_call!(self, req, patient_report_inner)
+    }
+}
