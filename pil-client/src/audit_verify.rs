@@ -319,9 +319,7 @@ pub fn check_head(note: &str, verifier: &HeadVerifier) -> Result<SignedTreeHead,
 fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, ProofCheckError> {
     proof
         .iter()
-        .map(|h| {
-            Hash::try_from(h.as_slice()).map_err(|_| ProofCheckError::BadHash(h.len()))
-        })
+        .map(|h| Hash::try_from(h.as_slice()).map_err(|_| ProofCheckError::BadHash(h.len())))
         .collect()
 }
 
@@ -379,20 +377,18 @@ pub fn check_consistency(
     if n < o {
         return Err(ProofCheckError::Shrunk { old: o, new: n });
     }
-    verify_consistency(o, n, &old.head.root, &new.head.root, &hashes(proof)?).map_err(
-        |source| ProofCheckError::Consistency {
+    verify_consistency(o, n, &old.head.root, &new.head.root, &hashes(proof)?).map_err(|source| {
+        ProofCheckError::Consistency {
             old: o,
             new: n,
             source,
-        },
-    )
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use pil_transparency::{
-        HeadSigner, MemoryNodes, TreeHead, consistency_proof, inclusion_proof,
-    };
+    use pil_transparency::{HeadSigner, MemoryNodes, TreeHead, consistency_proof, inclusion_proof};
 
     use super::*;
 
@@ -563,7 +559,10 @@ mod tests {
         log.entries.remove(5);
         let report = log.verify();
         assert_eq!(first(&report), LogProblem::Skipped { index: 5, next: 6 });
-        assert!(report.problems >= 2, "the heads no longer match: {report:?}");
+        assert!(
+            report.problems >= 2,
+            "the heads no longer match: {report:?}"
+        );
     }
 
     #[test]
@@ -750,7 +749,11 @@ mod tests {
         let rewritten = check_head(&log.sign(7, [1; 32]).note, &verifier).unwrap();
         assert!(matches!(
             check_consistency(&rewritten, &head, &proof),
-            Err(ProofCheckError::Consistency { old: 7, new: 12, .. })
+            Err(ProofCheckError::Consistency {
+                old: 7,
+                new: 12,
+                ..
+            })
         ));
         assert!(matches!(
             check_head(&log.heads[0].note, &HeadSigner::generate().verifier()),

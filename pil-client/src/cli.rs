@@ -140,6 +140,15 @@ enum Command {
         #[command(subcommand)]
         command: OptOutCommand,
     },
+    /// The node's federation peers: address, identity, reachability (checked now),
+    /// latency, circuit state and last error. Needs the operator role.
+    Peers,
+    /// The node's audit log: search, export, verify, proofs, patient reports
+    /// (auditor role).
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit_cli::AuditCommand,
+    },
     /// Write every pointer registered for an organization as NDJSON.
     Export {
         /// The organization whose pointers to export.
@@ -302,7 +311,7 @@ fn detect_system(value: &str) -> &'static str {
     }
 }
 
-fn patient(value: &str, system: Option<&str>) -> v1::PatientIdentifier {
+pub(crate) fn patient(value: &str, system: Option<&str>) -> v1::PatientIdentifier {
     v1::PatientIdentifier {
         system: system.unwrap_or_else(|| detect_system(value)).to_string(),
         value: value.trim().to_string(),
@@ -405,6 +414,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy { command } => policy(&client, command, json).await?,
         Command::Block { command } => block(&client, command, json).await?,
         Command::OptOut { command } => opt_out(&client, command, json).await?,
+        Command::Peers => crate::peers_cli::show(&client, json).await?,
+        Command::Audit { command } => {
+            let globals = crate::audit_cli::Globals {
+                json,
+                hpr: cli.hpr.clone(),
+                purpose: cli.purpose.clone(),
+            };
+            crate::audit_cli::run(&client, command, globals).await?
+        }
         Command::Lookup {
             patient: value,
             system,
@@ -541,16 +559,8 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
     match command {
         PolicyCommand::Check { .. } => unreachable!("handled offline"),
         PolicyCommand::Reload => {
-            let r = client
-                .admin()
-                .reload_legal_config(v1::ReloadLegalConfigRequest {})
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
-            println!(
-                "legal configuration reloaded: {} policies in force",
-                r.policies
-            );
+            let policies = client.reload_legal_config().await?;
+            println!("legal configuration reloaded: {policies} policies in force");
         }
         PolicyCommand::Explain {
             categories,
@@ -607,7 +617,6 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
 
 async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow::Result<()> {
     use v1::block_target::Target;
-    let mut admin = client.admin();
     let show = |b: &v1::Block| {
         let target = match b.target.as_ref().and_then(|t| t.target.as_ref()) {
             Some(Target::HprNumber(h)) => format!("professional {h}"),
@@ -639,22 +648,19 @@ async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow:
                     bail!("name whom to block: --hpr-number, --block-profession or --organization")
                 }
             };
-            let r = admin
-                .create_block(v1::CreateBlockRequest {
-                    patient: Some(patient(&value, None)),
-                    block: Some(v1::Block {
+            let b = client
+                .create_block(
+                    patient(&value, None),
+                    v1::Block {
                         target: Some(v1::BlockTarget {
                             target: Some(target),
                         }),
                         holder_organization_number: holder.unwrap_or_default(),
                         reason,
                         ..Default::default()
-                    }),
-                })
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
-            let b = r.block.unwrap_or_default();
+                    },
+                )
+                .await?;
             if json {
                 println!("{}", serde_json::json!({ "block_id": b.block_id }));
             } else {
@@ -662,20 +668,14 @@ async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow:
             }
         }
         BlockCommand::List { patient: value } => {
-            let r = admin
-                .list_blocks(v1::ListBlocksRequest {
-                    patient: Some(patient(&value, None)),
-                })
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
+            let blocks = client.list_blocks(patient(&value, None)).await?;
             if json {
-                let ids: Vec<_> = r.blocks.iter().map(|b| b.block_id.clone()).collect();
+                let ids: Vec<_> = blocks.iter().map(|b| b.block_id.clone()).collect();
                 println!("{}", serde_json::json!({ "block_ids": ids }));
-            } else if r.blocks.is_empty() {
+            } else if blocks.is_empty() {
                 println!("no blocks");
             } else {
-                for b in &r.blocks {
+                for b in &blocks {
                     println!("{}", show(b));
                 }
             }
@@ -684,17 +684,10 @@ async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow:
             patient: value,
             block_id,
         } => {
-            let r = admin
-                .lift_block(v1::LiftBlockRequest {
-                    patient: Some(patient(&value, None)),
-                    block_id,
-                })
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
+            let lifted = client.lift_block(patient(&value, None), &block_id).await?;
             println!(
                 "{}",
-                if r.lifted {
+                if lifted {
                     "block lifted"
                 } else {
                     "no such block"
@@ -706,32 +699,19 @@ async fn block(client: &PilClient, command: BlockCommand, json: bool) -> anyhow:
 }
 
 async fn opt_out(client: &PilClient, command: OptOutCommand, json: bool) -> anyhow::Result<()> {
-    let mut admin = client.admin();
     match command {
         OptOutCommand::Set {
             patient: value,
             reason,
         } => {
-            admin
-                .set_opt_out(v1::SetOptOutRequest {
-                    patient: Some(patient(&value, None)),
-                    reason,
-                })
-                .await
-                .map_err(crate::ClientError::from)?;
+            client.set_opt_out(patient(&value, None), &reason).await?;
             println!("opt-out recorded");
         }
         OptOutCommand::Lift { patient: value } => {
-            let r = admin
-                .lift_opt_out(v1::LiftOptOutRequest {
-                    patient: Some(patient(&value, None)),
-                })
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
+            let lifted = client.lift_opt_out(patient(&value, None)).await?;
             println!(
                 "{}",
-                if r.lifted {
+                if lifted {
                     "opt-out lifted"
                 } else {
                     "no opt-out to lift"
@@ -739,13 +719,7 @@ async fn opt_out(client: &PilClient, command: OptOutCommand, json: bool) -> anyh
             );
         }
         OptOutCommand::Show { patient: value } => {
-            let r = admin
-                .get_opt_out(v1::GetOptOutRequest {
-                    patient: Some(patient(&value, None)),
-                })
-                .await
-                .map_err(crate::ClientError::from)?
-                .into_inner();
+            let r = client.get_opt_out(patient(&value, None)).await?;
             if json {
                 println!("{}", serde_json::json!({ "opted_out": r.opted_out }));
             } else if r.opted_out {

@@ -126,9 +126,23 @@ impl Access {
         let base = self.public_url.as_deref().unwrap_or(arrived_on);
         let uri = format!("{base}{path}");
         let ctx = RequestContext::grpc(cert_org, &uri, dpop);
+        self.requester(token, &ctx)
+    }
+
+    /// Verifies a token forwarded by a peer node for a client of `client_org`: all
+    /// checks but the DPoP proof, which the node it was made for has checked.
+    pub fn authenticate_forwarded(
+        &self,
+        client_org: &str,
+        token: &str,
+    ) -> Result<Requester, AccessError> {
+        self.requester(token.trim(), &RequestContext::forwarded(client_org))
+    }
+
+    fn requester(&self, token: &str, ctx: &RequestContext<'_>) -> Result<Requester, AccessError> {
         let token = self
             .verifier
-            .verify(token, &ctx)
+            .verify(token, ctx)
             .map_err(|e| AccessError::Unauthenticated(format!("access token refused: {e}")))?;
         let facts = pil_legal::Requester {
             organization: token.org_number.clone(),

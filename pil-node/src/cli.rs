@@ -52,12 +52,14 @@ enum Command {
         #[arg(long = "org", value_parser = parse_org)]
         orgs: Vec<(String, String)>,
     },
-    /// Start a working local node with synthetic data, and print how to query it.
+    /// Start three federated regions with synthetic data spread across them, and print
+    /// how to query them.
     Demo {
-        /// Where the demo keeps its PKI, keys, configuration, profiles and data.
+        /// Where the demo keeps its PKI, keys, configuration, profiles and data (one
+        /// directory per region).
         #[arg(long, default_value = "pil-demo")]
         dir: PathBuf,
-        /// Listen address.
+        /// Listen address of the first region; the others use the next ports.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
         /// Number of synthetic patients.
@@ -150,10 +152,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_serve,
         } => {
             telemetry::init(LogFormat::Human, "info");
-            let setup = demo::prepare(&dir, "helse-vest", listen)?;
-            let node = server::start(setup.config.clone()).await?;
+            let setups = demo::prepare_regions(&dir, listen)?;
+            let mut nodes = Vec::new();
+            for setup in &setups {
+                nodes.push(server::start(setup.config.clone()).await?);
+            }
             let data = demo::data_set(patients, 2032);
-            let (inserted, unchanged) = demo::load(node.registry(), &data).await?;
+            let mut per_region: Vec<Vec<pil_proto::v1::Pointer>> =
+                vec![Vec::new(); demo::DEMO_REGIONS.len()];
+            for (i, p) in data.iter().enumerate() {
+                let value = p.patient.as_ref().map(|p| p.value.as_str()).unwrap_or("");
+                per_region[demo::region_of(i, value)].push(p.clone());
+            }
+            let mut loaded = Vec::new();
+            for (node, pointers) in nodes.iter().zip(&per_region) {
+                loaded.push(demo::load(node.registry(), pointers).await?);
+            }
             let sample = data
                 .first()
                 .and_then(|p| p.patient.as_ref())
@@ -167,34 +181,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "pil".into());
             println!();
             println!(
-                "PIL demo node for region helse-vest on https://{}",
-                node.addr()
-            );
-            println!(
-                "  {} synthetic patients, {} pointers ({inserted} new, {unchanged} already there)",
+                "PIL demo: {} regions federated with each other, {} synthetic patients, {} pointers",
+                setups.len(),
                 patients,
                 data.len()
             );
-            println!("  configuration: {}", setup.config_path.display());
-            println!("  client profiles:");
-            for (org, path) in &setup.profiles {
-                println!("    {:<24} {}", org.name, path.display());
+            for ((setup, node), (pointers, (inserted, unchanged))) in setups
+                .iter()
+                .zip(&nodes)
+                .zip(per_region.iter().zip(&loaded))
+            {
+                println!(
+                    "  {} on https://{}: {} pointers ({inserted} new, {unchanged} already there)",
+                    setup.config.region,
+                    node.addr(),
+                    pointers.len()
+                );
+                println!("    configuration: {}", setup.config_path.display());
+                println!("    client profiles:");
+                for (org, path) in &setup.profiles {
+                    println!("      {:<24} {}", org.name, path.display());
+                }
             }
-            let profile = setup.profiles[0].1.display();
+            let profile = setups[0].profiles[0].1.display();
+            let operator = setups[0].profiles[0].1.display();
             println!();
-            println!("Try:");
+            println!("Try (a lookup at the home region answers for every region):");
             println!("  {pil} --profile {profile} lookup --patient {sample}");
+            println!("  {pil} --profile {profile} lookup --patient {sample} --home-region-only");
             println!("  {pil} --profile {profile} lookup --patient {sample} --json");
+            println!("  {pil} --profile {operator} peers");
             println!(
                 "  {pil} --profile {profile} export --organization {} --out export.ndjson",
-                setup.profiles[0].0.number
+                setups[0].profiles[0].0.number
             );
             println!();
             if no_serve {
-                node.shutdown().await?;
+                for node in nodes {
+                    node.shutdown().await?;
+                }
             } else {
                 println!("Press ctrl-c to stop.");
-                node.run_until(shutdown_signal()).await?;
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                for node in nodes {
+                    node.shutdown().await?;
+                }
             }
         }
     }
@@ -211,7 +243,10 @@ fn reload_on_sighup(reloader: crate::reload::Reloader) {
         };
         while hup.recv().await.is_some() {
             match reloader.reload() {
-                Ok(policies) => tracing::info!(policies, "legal configuration reloaded"),
+                Ok(r) => tracing::info!(
+                    policies = r.policies, peers = ?r.peers,
+                    "legal configuration reloaded"
+                ),
                 Err(e) => tracing::error!(
                     error = %e,
                     "legal configuration reload refused; the previous one stays in force"

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub log: LogConfig,
+    /// The file this configuration was read from, re-read on reload for the peers.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The node's TLS identity and the CA its clients' certificates must chain to.
@@ -224,6 +227,7 @@ impl NodeConfig {
         if let Some(base) = path.parent() {
             config.resolve_relative_to(base);
         }
+        config.source = Some(path.to_path_buf());
         config.validate()?;
         Ok(config)
     }

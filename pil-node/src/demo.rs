@@ -188,6 +188,7 @@ pub fn prepare(
         writes_for: [(vendor, vec![DEMO_ORGS[2].number.to_string()])].into(),
         limits: Limits::default(),
         log: LogConfig::default(),
+        source: None,
     };
     let config_path = dir.join("node.toml");
     let text = toml::to_string_pretty(&config).map_err(|e| DemoError::Data(e.to_string()))?;
@@ -214,6 +215,69 @@ pub fn prepare(
         config,
         profiles,
     })
+}
+
+/// The demo's regions.
+pub const DEMO_REGIONS: [&str; 3] = ["helse-vest", "helse-midt", "helse-nord"];
+
+/// Prepares one node per region in `dir/<region>`, on consecutive ports from
+/// `first_listen`, sharing one CA and one token issuer and federated with each other.
+pub fn prepare_regions(
+    dir: &Path,
+    first_listen: std::net::SocketAddr,
+) -> Result<Vec<DemoSetup>, DemoError> {
+    let listen = |i: usize| {
+        let mut a = first_listen;
+        a.set_port(first_listen.port() + i as u16);
+        a
+    };
+    let mut setups = Vec::new();
+    for (i, region) in DEMO_REGIONS.iter().enumerate() {
+        let region_dir = dir.join(region);
+        if i > 0 {
+            // Same CA and token issuer as the first region.
+            let first = dir.join(DEMO_REGIONS[0]);
+            for (from, to) in [
+                ("pki/ca.pem", "pki/ca.pem"),
+                ("pki/ca-key.pem", "pki/ca-key.pem"),
+                ("issuer/issuer-key.pem", "issuer/issuer-key.pem"),
+            ] {
+                let (from, to) = (first.join(from), region_dir.join(to));
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(io(parent))?;
+                }
+                std::fs::copy(&from, &to).map_err(io(&from))?;
+            }
+        }
+        setups.push(prepare(&region_dir, region, listen(i))?);
+    }
+    for (i, setup) in setups.iter_mut().enumerate() {
+        setup.config.federation.peers = DEMO_REGIONS
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, region)| crate::federation::PeerConfig {
+                region: region.to_string(),
+                address: listen(j).to_string(),
+                server_name: "localhost".into(),
+                purposes: Vec::new(),
+            })
+            .collect();
+        let text =
+            toml::to_string_pretty(&setup.config).map_err(|e| DemoError::Data(e.to_string()))?;
+        std::fs::write(&setup.config_path, text).map_err(io(&setup.config_path))?;
+        setup.config.source = Some(setup.config_path.clone());
+    }
+    Ok(setups)
+}
+
+/// Which region holds each pointer of the data set: spread so that many patients
+/// have pointers in more than one region.
+pub fn region_of(pointer_index: usize, patient_value: &str) -> usize {
+    let patient: usize = patient_value
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    (patient.wrapping_add(pointer_index)) % DEMO_REGIONS.len()
 }
 
 fn files_ca(dir: &Path) -> PathBuf {

@@ -1,38 +1,90 @@
 //! Re-reading configuration while the node serves: on SIGHUP or an operator's call.
 //!
 //! One place decides what a reload covers, so both triggers behave the same: the
-//! legal configuration (swapped atomically, or kept when the new one is invalid) and
-//! the settings that follow from it. It holds no registry handle, so it never keeps
-//! the database open past shutdown.
+//! legal configuration (swapped atomically, or kept when the new one is invalid), the
+//! settings that follow from it, and the federation peers from the node configuration
+//! file. It holds no registry handle, so it never keeps the database open past
+//! shutdown.
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     access::{Access, AccessError},
+    config::NodeConfig,
+    federation::Federation,
     registry::PointerLifetime,
 };
+
+/// Why a reload was refused; the previous configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error("node configuration: {0}")]
+    Config(String),
+}
+
+/// What a reload put in force.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub policies: usize,
+    pub peers: Vec<String>,
+}
 
 /// Reloads a running node's configuration. Cheap to clone.
 #[derive(Clone)]
 pub struct Reloader {
     access: Arc<Access>,
     lifetime: PointerLifetime,
+    federation: Arc<Federation>,
+    source: Option<PathBuf>,
 }
 
 impl Reloader {
     /// Applies the settings of the legal configuration now in force.
-    pub fn new(access: Arc<Access>, lifetime: PointerLifetime) -> Self {
-        let this = Self { access, lifetime };
+    pub fn new(
+        access: Arc<Access>,
+        lifetime: PointerLifetime,
+        federation: Arc<Federation>,
+        source: Option<PathBuf>,
+    ) -> Self {
+        let this = Self {
+            access,
+            lifetime,
+            federation,
+            source,
+        };
         this.apply_settings();
         this
     }
 
-    /// Re-reads the legal configuration; returns the number of policies in force. On
-    /// error nothing changes.
-    pub fn reload(&self) -> Result<usize, AccessError> {
+    /// Re-reads the node configuration's peers and the legal configuration. On error
+    /// nothing changes.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let federation = match &self.source {
+            Some(path) => Some(
+                NodeConfig::load(path)
+                    .map_err(|e| ReloadError::Config(e.to_string()))?
+                    .federation,
+            ),
+            None => None,
+        };
         let policies = self.access.reload()?;
+        if let Some(f) = federation {
+            self.federation
+                .set(&f)
+                .map_err(|e| ReloadError::Config(e.to_string()))?;
+        }
         self.apply_settings();
-        Ok(policies)
+        Ok(Reloaded {
+            policies,
+            peers: self
+                .federation
+                .view()
+                .into_iter()
+                .map(|p| p.config.region)
+                .collect(),
+        })
     }
 
     fn apply_settings(&self) {

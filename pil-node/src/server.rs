@@ -6,8 +6,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use pil_proto::v1::{
     admin_service_server::AdminServiceServer, audit_service_server::AuditServiceServer,
-    lookup_service_server::LookupServiceServer, policy_service_server::PolicyServiceServer,
-    registry_service_server::RegistryServiceServer,
+    federation_service_server::FederationServiceServer, lookup_service_server::LookupServiceServer,
+    policy_service_server::PolicyServiceServer, registry_service_server::RegistryServiceServer,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -15,6 +15,7 @@ use crate::{
     access::{Access, AccessError},
     audit::{AuditError, AuditLog},
     config::NodeConfig,
+    federation::Federation,
     patient_keys::{KeyError, PatientKeys},
     registry::Registry,
     reload::Reloader,
@@ -55,6 +56,7 @@ pub struct RunningNode {
     registry: Registry,
     access: Arc<Access>,
     reloader: Reloader,
+    federation: Arc<Federation>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
 }
@@ -73,6 +75,11 @@ impl RunningNode {
     /// Token verification and the legal configuration in force (for reloads).
     pub fn access(&self) -> Arc<Access> {
         self.access.clone()
+    }
+
+    /// The federation peers, e.g. to set them once every node's address is known.
+    pub fn federation(&self) -> Arc<Federation> {
+        self.federation.clone()
     }
 
     /// Reloads the node's configuration (SIGHUP does the same).
@@ -120,7 +127,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
     let (registry, closer) = Registry::open(store, keys, config.region.clone());
-    let reloader = Reloader::new(access.clone(), registry.pointer_lifetime());
+    let federation = Arc::new(
+        Federation::new(&config.federation, &config.tls, &config.region)
+            .map_err(|e| NodeError::Task(e.to_string()))?,
+    );
+    let reloader = Reloader::new(
+        access.clone(),
+        registry.pointer_lifetime(),
+        federation.clone(),
+        config.source.clone(),
+    );
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -139,6 +155,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access.clone(),
         reloader.clone(),
         audit.clone(),
+        federation.clone(),
     );
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
@@ -149,6 +166,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .max_encoding_message_size(max);
     let admin_svc = AdminServiceServer::new(service.clone()).max_decoding_message_size(max);
     let policy_svc = PolicyServiceServer::new(service.clone()).max_decoding_message_size(max);
+    let federation_svc = FederationServiceServer::new(service.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let audit_svc = AuditServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -190,7 +210,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(lookup_svc)
         .add_service(admin_svc)
         .add_service(policy_svc)
-        .add_service(audit_svc);
+        .add_service(audit_svc)
+        .add_service(federation_svc);
     tracing::info!(region = %config.region, %addr, test_data = config.test_data, "node serving");
 
     let grace = config.limits.shutdown_grace();
@@ -240,6 +261,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry,
         access,
         reloader,
+        federation,
         stop: Some(stop_tx),
         task,
     })

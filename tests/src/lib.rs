@@ -110,7 +110,42 @@ impl World {
                 ..Limits::default()
             },
             log: LogConfig::default(),
+            source: None,
         }
+    }
+
+    /// A node configuration for `region` in this world: its own node certificate,
+    /// keys, legal configuration, audit key and data, sharing the CA, the token issuer
+    /// and the organizations' certificates.
+    pub fn region_config(&self, region: &str) -> NodeConfig {
+        let dir = self.path().join("regions").join(region);
+        std::fs::create_dir_all(&dir).expect("region dir");
+        let pki = self.path().join("pki");
+        let ca = pki::DevCa::from_pem_files(&pki.join("ca.pem"), &pki.join("ca-key.pem"))
+            .expect("dev CA");
+        let node = ca
+            .issue_node(region, &["localhost", "127.0.0.1"])
+            .expect("node certificate");
+        std::fs::write(dir.join("node.pem"), &node.cert_pem).unwrap();
+        std::fs::write(dir.join("node-key.pem"), &node.key_pem).unwrap();
+        for k in ["pseudonym.key", "storage.key"] {
+            if !dir.join(k).exists() {
+                write_new_key_file(&dir.join(k)).expect("key file");
+            }
+        }
+        pil_legal::write_default(&dir.join("legal-config"), region, &[OPERATOR], &[HOST])
+            .expect("legal configuration");
+        pil_node::audit::write_signing_key(&dir.join("audit")).expect("audit key");
+        let mut config = self.config(true);
+        config.region = region.into();
+        config.data_dir = dir.join("data");
+        config.legal_config = dir.join("legal-config");
+        config.tls.cert = dir.join("node.pem");
+        config.tls.key = dir.join("node-key.pem");
+        config.keys.pseudonym_key_file = dir.join("pseudonym.key");
+        config.keys.storage_key_file = dir.join("storage.key");
+        config.audit.signing_key_file = dir.join("audit").join("signing-key.pem");
+        config
     }
 
     /// A client profile file for `org` against `addr`.
@@ -243,6 +278,29 @@ impl World {
 impl Default for World {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A peer entry for a node of `region` listening on `addr`.
+pub fn peer(region: &str, addr: SocketAddr) -> pil_node::federation::PeerConfig {
+    pil_node::federation::PeerConfig {
+        region: region.into(),
+        address: addr.to_string(),
+        server_name: "localhost".into(),
+        purposes: Vec::new(),
+    }
+}
+
+/// Federates `nodes` (region, node) with each other, every one with every other.
+pub fn federate(nodes: &[(&str, &TestNode)]) {
+    for (region, node) in nodes {
+        let mut config = node.node.federation().config().as_ref().clone();
+        config.peers = nodes
+            .iter()
+            .filter(|(r, _)| r != region)
+            .map(|(r, n)| peer(r, n.addr()))
+            .collect();
+        node.node.federation().set(&config).expect("peers");
     }
 }
 

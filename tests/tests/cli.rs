@@ -203,3 +203,82 @@ fn dev_pki_makes_certificates_and_a_token_issuer() {
     assert_eq!(issuer.jwks(), jwks, "the key and the JWKS belong together");
     assert!(dir.path().join(format!("org-{ORG_A}.pem")).exists());
 }
+
+/// A base port with the two after it free too.
+fn three_free_ports() -> u16 {
+    for _ in 0..50 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if base < 65000
+            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+#[test]
+fn the_demo_runs_three_federated_regions() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let base = three_free_ports();
+    let mut demo = Command::new(sibling_binary("pil-test-node"))
+        .args(["demo", "--patients", "60", "--listen"])
+        .arg(format!("127.0.0.1:{base}"))
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run pil-node demo");
+    let stdout = demo.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Press ctrl-c") {
+            break;
+        }
+    }
+    for region in ["helse-vest", "helse-midt", "helse-nord"] {
+        assert!(printed.contains(region), "{printed}");
+    }
+    // Some patient has pointers in several regions; one lookup at the first region
+    // returns them all, and every region answered.
+    let profile = dir.path().join("helse-vest/profiles/helse-bergen.toml");
+    let mut multi_region = false;
+    for i in 0..10 {
+        let value = pil_proto::ident::synthetic_fnr(2032 + i);
+        let out = pil(&profile, &["--json", "lookup", "--patient", &value]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let states: Vec<_> = r["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["state"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(states.len(), 3, "{r}");
+        assert!(states.iter().all(|s| s == "ok"), "{r}");
+        let mut regions: Vec<_> = r["pointers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["region"].as_str().unwrap().to_string())
+            .collect();
+        regions.sort();
+        regions.dedup();
+        multi_region |= regions.len() > 1;
+    }
+    assert!(multi_region, "no patient with pointers in several regions");
+    let _ = demo.kill();
+    let _ = demo.wait();
+}

@@ -171,7 +171,8 @@ struct EventKind {
 /// record at this node (110110 "Patient Record"), an export is 110106, a sync is an
 /// import (110107), a reload of the legal configuration is a security configuration
 /// change (110113 "Security Alert", subtype 110129), and audit access is 110101
-/// "Audit Log Used".
+/// "Audit Log Used". An operator's look at the federation peers is application
+/// activity (110100).
 fn event_kind(action: Action) -> EventKind {
     let dicom = |code: &str, display: &str| coding(DCM, code, display);
     let patient_record = || dicom("110110", "Patient Record");
@@ -196,6 +197,7 @@ fn event_kind(action: Action) -> EventKind {
             false,
         ),
         Action::AuditAccess => (dicom("110101", "Audit Log Used"), None, "R", false),
+        Action::PeersList => (dicom("110100", "Application Activity"), None, "E", false),
     };
     EventKind {
         event_type,

@@ -48,7 +48,7 @@ impl From<StorageError> for AuditError {
 }
 
 enum Job {
-    Append(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
+    Append(Box<AuditRecord>, oneshot::Sender<Result<u64, AuditError>>),
     Sign(oneshot::Sender<Result<Option<(u64, String)>, AuditError>>),
 }
 
@@ -102,7 +102,7 @@ impl AuditLog {
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Append(record, reply))
+            .send(Job::Append(Box::new(record), reply))
             .await
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?

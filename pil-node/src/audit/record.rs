@@ -27,6 +27,8 @@ pub enum Action {
     OptOutLift,
     OptOutGet,
     PolicyReload,
+    /// An operator's look at the federation peers.
+    PeersList,
     /// An auditor's search, export or proof request.
     AuditAccess,
 }

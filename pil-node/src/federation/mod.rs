@@ -1,8 +1,412 @@
-//! Federation with other regions' nodes.
+//! Federation with other regions' nodes: who the peers are, calling them in parallel
+//! under one deadline, and not hammering the ones that are down.
+//!
+//! Pointers never leave their region except inside one answer: a client's lookup is
+//! forwarded to every peer with the requester's token, each peer decides under its own
+//! legal configuration, and the home node merges what comes back.
 
+mod breaker;
+
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use pil_proto::v1::{self, federation_service_client::FederationServiceClient};
 use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+pub use breaker::{Breaker, BreakerState};
+
+use crate::config::TlsConfig;
 
 /// Federation settings of a node.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct FederationConfig {}
+pub struct FederationConfig {
+    /// The other regions' nodes.
+    pub peers: Vec<PeerConfig>,
+    /// Longest a lookup waits for peers, in milliseconds; a client's shorter gRPC
+    /// deadline wins.
+    pub deadline_ms: u64,
+    /// Forwarded lookups served at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_forwarded: usize,
+    /// Consecutive failures that open a peer's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit stays open before one trial call, in milliseconds
+    /// (doubling while the peer stays down, up to 60 s).
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            deadline_ms: 2000,
+            max_concurrent_forwarded: 64,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 1000,
+        }
+    }
+}
+
+/// One peer region's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's region id; its node certificate must carry `urn:pil:node:<region>`.
+    pub region: String,
+    /// `host:port` of the peer's listener.
+    pub address: String,
+    /// The DNS name its TLS certificate is checked against.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// Purposes of use (e.g. "TREAT", "ETREAT") forwarded to this peer. Empty: all.
+    #[serde(default)]
+    pub purposes: Vec<String>,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// How one peer fared in answering a lookup.
+#[derive(Debug)]
+pub enum PeerOutcome {
+    Answered(v1::ForwardedLookupResponse),
+    Denied(String),
+    TimedOut,
+    Unavailable(String),
+    NotAsked(String),
+}
+
+/// A peer as this node sees it, for `pil peers`.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub config: PeerConfig,
+    pub breaker: BreakerState,
+    pub last_latency: Option<Duration>,
+    pub last_error: Option<String>,
+    pub last_success: Option<Instant>,
+}
+
+struct Peer {
+    config: PeerConfig,
+    client: FederationServiceClient<Channel>,
+    health: Mutex<Health>,
+}
+
+struct Health {
+    breaker: Breaker,
+    last_latency: Option<Duration>,
+    last_error: Option<String>,
+    last_success: Option<Instant>,
+}
+
+/// The node's peers and how to reach them. Reloadable.
+pub struct Federation {
+    config: RwLock<Arc<FederationConfig>>,
+    peers: RwLock<Arc<Vec<Arc<Peer>>>>,
+    tls: TlsConfig,
+    region: String,
+}
+
+/// Why the peers could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    #[error("federation: {0}")]
+    Config(String),
+}
+
+impl Federation {
+    pub fn new(
+        config: &FederationConfig,
+        tls: &TlsConfig,
+        region: &str,
+    ) -> Result<Self, FederationError> {
+        let this = Self {
+            config: RwLock::new(Arc::new(config.clone())),
+            peers: RwLock::new(Arc::new(Vec::new())),
+            tls: tls.clone(),
+            region: region.to_string(),
+        };
+        this.set(config)?;
+        Ok(this)
+    }
+
+    /// Replaces the peer list. Peers whose settings did not change keep their
+    /// connection and circuit state.
+    pub fn set(&self, config: &FederationConfig) -> Result<(), FederationError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &config.peers {
+            if !crate::identity::is_valid_region_id(&p.region) {
+                return Err(FederationError::Config(format!(
+                    "peer region {:?} is not a valid region id",
+                    p.region
+                )));
+            }
+            if p.region == self.region {
+                return Err(FederationError::Config(format!(
+                    "peer {:?} is this node's own region",
+                    p.region
+                )));
+            }
+            if !seen.insert(p.region.clone()) {
+                return Err(FederationError::Config(format!(
+                    "peer region {:?} is listed twice",
+                    p.region
+                )));
+            }
+        }
+        let old = self.peers();
+        let mut peers = Vec::with_capacity(config.peers.len());
+        for p in &config.peers {
+            if let Some(kept) = old.iter().find(|o| o.config == *p) {
+                peers.push(kept.clone());
+                continue;
+            }
+            let client = self.client_for(p)?;
+            peers.push(Arc::new(Peer {
+                config: p.clone(),
+                client,
+                health: Mutex::new(Health {
+                    breaker: Breaker::new(
+                        config.breaker_failures,
+                        Duration::from_millis(config.breaker_cooldown_ms),
+                    ),
+                    last_latency: None,
+                    last_error: None,
+                    last_success: None,
+                }),
+            }));
+        }
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clone());
+        Ok(())
+    }
+
+    fn client_for(
+        &self,
+        p: &PeerConfig,
+    ) -> Result<FederationServiceClient<Channel>, FederationError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| FederationError::Config(format!("{}: {e}", path.display())))
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.tls.client_ca)?))
+            .identity(Identity::from_pem(
+                read(&self.tls.cert)?,
+                read(&self.tls.key)?,
+            ))
+            .domain_name(p.server_name.clone());
+        let endpoint = Endpoint::from_shared(format!("https://{}", p.address))
+            .map_err(|e| FederationError::Config(format!("peer {}: address: {e}", p.region)))?
+            .tls_config(tls)
+            .map_err(|e| FederationError::Config(format!("peer {}: TLS: {e}", p.region)))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        Ok(FederationServiceClient::new(endpoint.connect_lazy()))
+    }
+
+    fn peers(&self) -> Arc<Vec<Arc<Peer>>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn config(&self) -> Arc<FederationConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether `region` is a configured peer.
+    pub fn is_peer(&self, region: &str) -> bool {
+        self.peers().iter().any(|p| p.config.region == region)
+    }
+
+    /// The peers with their state.
+    pub fn view(&self) -> Vec<PeerView> {
+        self.peers()
+            .iter()
+            .map(|p| {
+                let h = p.health.lock().unwrap_or_else(|e| e.into_inner());
+                PeerView {
+                    config: p.config.clone(),
+                    breaker: h.breaker.state(Instant::now()),
+                    last_latency: h.last_latency,
+                    last_error: h.last_error.clone(),
+                    last_success: h.last_success,
+                }
+            })
+            .collect()
+    }
+
+    /// Pings every peer in parallel; a successful ping counts as a success for its
+    /// circuit (so a recovered peer closes it).
+    pub async fn ping_all(&self, timeout: Duration) -> Vec<(PeerView, Result<Duration, String>)> {
+        let peers = self.peers();
+        let pings = peers.iter().map(|peer| async move {
+            let mut client = peer.client.clone();
+            let started = Instant::now();
+            let mut req = tonic::Request::new(v1::PingRequest {});
+            req.set_timeout(timeout);
+            let result = match tokio::time::timeout(timeout, client.ping(req)).await {
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                Ok(Err(status)) => Err(format!(
+                    "{}: {}",
+                    crate::service::status_name(status.code()),
+                    status.message()
+                )),
+                Ok(Ok(resp)) if resp.get_ref().region != peer.config.region => {
+                    Err(format!("answered as region {:?}", resp.get_ref().region))
+                }
+                Ok(Ok(_)) => Ok(started.elapsed()),
+            };
+            {
+                let mut h = peer.health.lock().unwrap_or_else(|e| e.into_inner());
+                match &result {
+                    Ok(rtt) => {
+                        h.breaker.success();
+                        h.last_latency = Some(*rtt);
+                        h.last_success = Some(Instant::now());
+                    }
+                    Err(e) => h.last_error = Some(e.clone()),
+                }
+            }
+            result
+        });
+        let results = futures::future::join_all(pings).await;
+        self.view().into_iter().zip(results).collect()
+    }
+
+    /// Asks every peer for its part of a patient's access report.
+    pub async fn patient_reports(
+        &self,
+        request: v1::ForwardedPatientReportRequest,
+        deadline: Duration,
+    ) -> Vec<(String, Result<Vec<Vec<u8>>, String>)> {
+        let peers = self.peers();
+        let calls =
+            peers.iter().map(|peer| {
+                let request = request.clone();
+                async move {
+                    let mut client = peer.client.clone();
+                    let mut req = tonic::Request::new(request);
+                    req.set_timeout(deadline);
+                    let result =
+                        match tokio::time::timeout(deadline, client.forwarded_patient_report(req))
+                            .await
+                        {
+                            Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
+                            Ok(Err(status)) => Err(format!(
+                                "{}: {}",
+                                crate::service::status_name(status.code()),
+                                status.message()
+                            )),
+                            Ok(Ok(resp)) => Ok(resp.into_inner().records),
+                        };
+                    (peer.config.region.clone(), result)
+                }
+            });
+        futures::future::join_all(calls).await
+    }
+
+    /// Asks every peer in parallel; each gets at most `deadline`. `purpose` decides
+    /// which peers may be asked; `ask` false lists them all as not asked.
+    pub async fn fan_out(
+        &self,
+        request: v1::ForwardedLookupRequest,
+        purpose: &str,
+        deadline: Duration,
+        ask: bool,
+    ) -> Vec<(String, PeerOutcome)> {
+        let peers = self.peers();
+        let calls = peers.iter().map(|peer| {
+            let request = request.clone();
+            let peer = peer.clone();
+            async move {
+                let region = peer.config.region.clone();
+                if !ask {
+                    return (
+                        region,
+                        PeerOutcome::NotAsked("the client asked for its home region only".into()),
+                    );
+                }
+                if !peer.config.purposes.is_empty()
+                    && !peer
+                        .config
+                        .purposes
+                        .iter()
+                        .any(|p| p.eq_ignore_ascii_case(purpose))
+                {
+                    return (
+                        region,
+                        PeerOutcome::NotAsked(format!(
+                            "purpose {purpose} is not forwarded to this region"
+                        )),
+                    );
+                }
+                let now = Instant::now();
+                if let Err(retry_in) = peer
+                    .health
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .breaker
+                    .allow(now)
+                {
+                    return (
+                        region,
+                        PeerOutcome::Unavailable(format!(
+                            "not called: circuit open after repeated failures, next try in {} ms",
+                            retry_in.as_millis()
+                        )),
+                    );
+                }
+                let mut client = peer.client.clone();
+                let mut req = tonic::Request::new(request);
+                req.set_timeout(deadline);
+                let started = Instant::now();
+                let result = tokio::time::timeout(deadline, client.forwarded_lookup(req)).await;
+                let elapsed = started.elapsed();
+                let outcome = match result {
+                    Err(_) => PeerOutcome::TimedOut,
+                    Ok(Ok(resp)) => PeerOutcome::Answered(resp.into_inner()),
+                    Ok(Err(status)) => match status.code() {
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                            PeerOutcome::Denied(status.message().to_string())
+                        }
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                            PeerOutcome::TimedOut
+                        }
+                        _ => PeerOutcome::Unavailable(format!(
+                            "{}: {}",
+                            crate::service::status_name(status.code()),
+                            status.message()
+                        )),
+                    },
+                };
+                let mut h = peer.health.lock().unwrap_or_else(|e| e.into_inner());
+                match &outcome {
+                    PeerOutcome::Answered(_) | PeerOutcome::Denied(_) => {
+                        h.breaker.success();
+                        h.last_latency = Some(elapsed);
+                        h.last_success = Some(Instant::now());
+                    }
+                    PeerOutcome::TimedOut => {
+                        h.breaker.failure(Instant::now());
+                        h.last_error = Some(format!("timed out after {} ms", elapsed.as_millis()));
+                    }
+                    PeerOutcome::Unavailable(e) => {
+                        h.breaker.failure(Instant::now());
+                        h.last_error = Some(e.clone());
+                    }
+                    PeerOutcome::NotAsked(_) => {}
+                }
+                drop(h);
+                (region, outcome)
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}

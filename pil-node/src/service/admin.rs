@@ -236,16 +236,17 @@ impl NodeService {
         let caller = self.require_role(&req, Role::Operator)?;
         entry.detail = Some("legal configuration reload".into());
         match self.reloader.reload() {
-            Ok(policies) => {
+            Ok(crate::reload::Reloaded { policies, peers }) => {
                 tracing::info!(caller = %caller, policies, "legal configuration reloaded");
                 entry.detail = Some(format!(
                     "legal configuration reloaded: {policies} policies in force"
                 ));
                 Ok(Response::new(v1::ReloadLegalConfigResponse {
                     policies: policies as u32,
+                    peers,
                 }))
             }
-            Err(AccessError::Legal(e)) => {
+            Err(crate::reload::ReloadError::Access(AccessError::Legal(e))) => {
                 tracing::warn!(caller = %caller, error = %e, "legal configuration reload refused");
                 Err(Status::failed_precondition(format!(
                     "the new legal configuration is invalid; the previous one stays in force: {e}"
@@ -258,8 +259,56 @@ impl NodeService {
     }
 }
 
+impl NodeService {
+    async fn list_peers_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ListPeersRequest>,
+    ) -> Result<Response<v1::ListPeersResponse>, Status> {
+        self.require_role(&req, Role::Operator)?;
+        entry.detail = Some("list peers".into());
+        let peers = self
+            .federation
+            .ping_all(std::time::Duration::from_secs(2))
+            .await
+            .into_iter()
+            .map(|(view, ping)| {
+                use crate::federation::BreakerState;
+                v1::PeerStatus {
+                    identity: format!("urn:pil:node:{}", view.config.region),
+                    region: view.config.region,
+                    address: view.config.address,
+                    purposes: view.config.purposes,
+                    reachable: ping.is_ok(),
+                    latency_ms: ping
+                        .as_ref()
+                        .map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32)
+                        .unwrap_or(0),
+                    last_error: ping.err().or(view.last_error).unwrap_or_default(),
+                    circuit: match view.breaker {
+                        BreakerState::Closed => "closed",
+                        BreakerState::Open { .. } => "open",
+                        BreakerState::HalfOpen => "half-open",
+                    }
+                    .into(),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListPeersResponse { peers }))
+    }
+}
+
 #[tonic::async_trait]
 impl v1::admin_service_server::AdminService for NodeService {
+    async fn list_peers(
+        &self,
+        req: Request<v1::ListPeersRequest>,
+    ) -> Result<Response<v1::ListPeersResponse>, Status> {
+        let mut entry = self.audit_entry(&req, Action::PeersList);
+        let result = self.list_peers_inner(&mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
     async fn create_block(
         &self,
         req: Request<v1::CreateBlockRequest>,

@@ -558,12 +558,44 @@ impl NodeService {
         entry.patient = Some(pseudonym.clone());
         entry.detail = Some("patient report".into());
         let records = self.patient_lookups(pseudonym).await?;
-        let regions = vec![v1::RegionReport {
+        let mut regions = vec![v1::RegionReport {
             region: self.registry.region().to_string(),
             answered: true,
             detail: String::new(),
             records,
         }];
+        if !req.home_region_only {
+            let auditor = entry.caller.organization.clone().unwrap_or_default();
+            let deadline =
+                std::time::Duration::from_millis(self.federation.config().deadline_ms.max(1) * 5);
+            for (region, result) in self
+                .federation
+                .patient_reports(
+                    v1::ForwardedPatientReportRequest {
+                        patient: req.patient.clone(),
+                        auditor_organization_number: auditor,
+                    },
+                    deadline,
+                )
+                .await
+            {
+                entry.peers_asked.push(region.clone());
+                regions.push(match result {
+                    Ok(records) => v1::RegionReport {
+                        region,
+                        answered: true,
+                        detail: String::new(),
+                        records,
+                    },
+                    Err(detail) => v1::RegionReport {
+                        region,
+                        answered: false,
+                        detail,
+                        records: Vec::new(),
+                    },
+                });
+            }
+        }
         Ok(Response::new(v1::PatientReportResponse { regions }))
     }
 }

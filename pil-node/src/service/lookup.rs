@@ -1,5 +1,7 @@
 //! `LookupService.Lookup`, and the local answer that federated lookups share.
 
+use std::time::Duration;
+
 use pil_proto::{ident::PatientId, v1};
 use tonic::{Request, Response, Status};
 
@@ -11,6 +13,7 @@ use crate::{
         record::{Action, RequesterInfo},
         rule_infos,
     },
+    federation::PeerOutcome,
     pointer,
     registry::LookupFilter,
 };
@@ -123,6 +126,14 @@ impl NodeService {
         entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
         let requester = self.requester(&req, "/pil.v1.LookupService/Lookup")?;
         let caller = requester.token.org_number.clone();
+        let deadline = self.federation_deadline(&req);
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim().to_string()))
+            .unwrap_or_default();
+        let cert_org = self.organization(&req)?.to_string();
         let req = req.into_inner();
         let categories =
             pointer::category_list("categories", &req.categories, false).map_err(invalid)?;
@@ -136,10 +147,10 @@ impl NodeService {
             categories,
             organizations,
         };
-        let local = self
+        let local = match self
             .answer_locally(&requester, &patient, filter, entry)
-            .await;
-        let local = match local {
+            .await
+        {
             Ok(a) => a,
             Err(status) => {
                 tracing::info!(caller = %caller, query_id = %entry.query_id, status = %status.message(), "lookup refused");
@@ -147,29 +158,158 @@ impl NodeService {
             }
         };
         let region = self.registry.region().to_string();
+        let mut regions = vec![v1::RegionStatus {
+            region,
+            state: v1::RegionState::Ok as i32,
+            detail: if local.opted_out {
+                "the patient has opted out of PIL".into()
+            } else {
+                String::new()
+            },
+            pointer_count: local.pointers.len() as u32,
+        }];
+        let mut pointers = local.pointers;
+        let mut rules = applied_rules(&local.rules);
+        let mut emergency = local.emergency;
+        let mut opted_out = local.opted_out;
+        let forward = v1::ForwardedLookupRequest {
+            lookup: Some(req.clone()),
+            access_token: token,
+            query_id: entry.query_id.clone(),
+            client_organization_number: cert_org,
+        };
+        let ask = !req.home_region_only && !local.opted_out;
+        let outcomes = self
+            .federation
+            .fan_out(forward, &requester.facts.purpose, deadline, ask)
+            .await;
+        for (peer, outcome) in outcomes {
+            let (state, detail, count) = match outcome {
+                PeerOutcome::Answered(answer) => {
+                    entry.peers_asked.push(peer.clone());
+                    let n = answer.pointers.len() as u32;
+                    opted_out |= answer.opted_out;
+                    emergency |= answer.emergency;
+                    for r in answer.rules {
+                        if !rules.iter().any(|k| k.id == r.id) {
+                            rules.push(r);
+                        }
+                    }
+                    pointers.extend(answer.pointers);
+                    let detail = if answer.opted_out {
+                        "the patient has opted out of PIL".to_string()
+                    } else {
+                        String::new()
+                    };
+                    (v1::RegionState::Ok, detail, n)
+                }
+                PeerOutcome::Denied(why) => {
+                    entry.peers_asked.push(peer.clone());
+                    (v1::RegionState::Denied, why, 0)
+                }
+                PeerOutcome::TimedOut => {
+                    entry.peers_asked.push(peer.clone());
+                    (
+                        v1::RegionState::TimedOut,
+                        format!("no answer within {} ms", deadline.as_millis()),
+                        0,
+                    )
+                }
+                PeerOutcome::Unavailable(why) => {
+                    entry.peers_asked.push(peer.clone());
+                    (v1::RegionState::Unavailable, why, 0)
+                }
+                PeerOutcome::NotAsked(why) => (v1::RegionState::NotAsked, why, 0),
+            };
+            regions.push(v1::RegionStatus {
+                region: peer,
+                state: state as i32,
+                detail,
+                pointer_count: count,
+            });
+        }
+        if opted_out {
+            // Opted out anywhere means out of PIL altogether.
+            pointers.clear();
+        }
+        let pointers = merge(pointers);
+        entry.outcome.pointers = pointers.len() as u32;
+        let mut orgs: Vec<String> = pointers
+            .iter()
+            .filter_map(|p| p.holder.as_ref().map(|h| h.organization_number.clone()))
+            .collect();
+        orgs.sort();
+        orgs.dedup();
+        entry.outcome.organizations = orgs;
+        entry.decision.emergency = emergency;
         tracing::info!(
-            caller = %caller, query_id = %entry.query_id, found = local.pointers.len(),
-            emergency = local.emergency, opted_out = local.opted_out,
-            purpose = %requester.facts.purpose, "lookup"
+            caller = %caller, query_id = %entry.query_id, found = pointers.len(),
+            emergency, opted_out, purpose = %requester.facts.purpose, "lookup"
         );
         Ok(Response::new(v1::LookupResponse {
-            regions: vec![v1::RegionStatus {
-                region,
-                state: v1::RegionState::Ok as i32,
-                detail: if local.opted_out {
-                    "the patient has opted out of PIL".into()
-                } else {
-                    String::new()
-                },
-                pointer_count: local.pointers.len() as u32,
-            }],
-            pointers: local.pointers,
+            regions,
+            pointers,
             query_id: entry.query_id.clone(),
-            opted_out: local.opted_out,
-            rules: applied_rules(&local.rules),
-            emergency: local.emergency,
+            opted_out,
+            rules,
+            emergency,
         }))
     }
+
+    /// How long peers get: the configured cap, or less when the client's own gRPC
+    /// deadline is shorter (a little is kept back for merging and answering).
+    fn federation_deadline<T>(&self, req: &Request<T>) -> Duration {
+        let cap = Duration::from_millis(self.federation.config().deadline_ms.max(1));
+        let client = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| d.saturating_sub(Duration::from_millis(20)));
+        match client {
+            Some(d) => d.min(cap),
+            None => cap,
+        }
+    }
+}
+
+/// A `grpc-timeout` header value: up to 8 digits and a unit.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Newest first, one pointer per endpoint: the same endpoint registered in two
+/// regions shows once, as its newest registration.
+fn merge(mut pointers: Vec<v1::Pointer>) -> Vec<v1::Pointer> {
+    let millis = |p: &v1::Pointer| {
+        p.last_updated
+            .as_ref()
+            .map(|t| (t.seconds, t.nanos))
+            .unwrap_or_default()
+    };
+    pointers.sort_by_key(|p| std::cmp::Reverse(millis(p)));
+    let mut seen = std::collections::HashSet::new();
+    pointers.retain(|p| {
+        let holder = p.holder.as_ref();
+        let endpoint = p.endpoint.as_ref();
+        seen.insert((
+            holder.map(|h| h.organization_number.clone()),
+            holder.map(|h| h.sub_unit_organization_number.clone()),
+            endpoint.map(|e| e.base_url.clone()),
+            endpoint.map(|e| e.api_kind),
+        ))
+    });
+    pointers
 }
 
 #[tonic::async_trait]

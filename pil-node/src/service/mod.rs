@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod admin;
 mod audit;
 mod explain;
+mod federation;
 mod lookup;
 
 use crate::{
@@ -21,6 +22,7 @@ use crate::{
         record::{Action, CallerInfo, DecisionInfo, OutcomeInfo},
     },
     config::NodeConfig,
+    federation::Federation,
     identity::Caller,
     pointer::{self, FieldError, NewPointer},
     registry::{Outcome, Registry, RegistryError},
@@ -40,6 +42,9 @@ pub struct NodeService {
     access: Arc<Access>,
     reloader: Reloader,
     audit: AuditLog,
+    federation: Arc<Federation>,
+    /// Forwarded lookups being served; the rest are shed.
+    forward_limit: Arc<tokio::sync::Semaphore>,
 }
 
 /// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
@@ -96,13 +101,17 @@ impl NodeService {
         access: Arc<Access>,
         reloader: Reloader,
         audit: AuditLog,
+        federation: Arc<Federation>,
     ) -> Self {
+        let limit = federation.config().max_concurrent_forwarded.max(1);
         Self {
             registry,
             config,
             access,
             reloader,
             audit,
+            federation,
+            forward_limit: Arc::new(tokio::sync::Semaphore::new(limit)),
         }
     }
 

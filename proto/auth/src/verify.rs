@@ -376,9 +376,26 @@ pub struct RequestContext<'a> {
     pub uri: &'a str,
     /// The time to check against.
     pub now: SystemTime,
+    /// The token was forwarded by a peer node, which checked its DPoP proof: a proof
+    /// is bound to the node it was made for, so the answering node checks everything
+    /// else and takes the sender constraint as met.
+    pub forwarded: bool,
 }
 
 impl<'a> RequestContext<'a> {
+    /// A lookup forwarded by a peer node for a client of organization
+    /// `cert_org_number` (as the home node's certificate check found it).
+    pub fn forwarded(cert_org_number: &'a str) -> Self {
+        RequestContext {
+            cert_org_number,
+            dpop_proof: None,
+            method: "POST",
+            uri: "",
+            now: SystemTime::now(),
+            forwarded: true,
+        }
+    }
+
     /// A gRPC request (`POST`) at the current time.
     pub fn grpc(cert_org_number: &'a str, uri: &'a str, dpop_proof: Option<&'a str>) -> Self {
         RequestContext {
@@ -387,6 +404,7 @@ impl<'a> RequestContext<'a> {
             method: "POST",
             uri,
             now: SystemTime::now(),
+            forwarded: false,
         }
     }
 
@@ -639,6 +657,7 @@ impl TokenVerifier {
             .and_then(|c| c.jkt.as_deref())
             .filter(|j| !j.is_empty());
         let dpop_jkt = match jkt {
+            Some(jkt) if ctx.forwarded => Some(jkt.to_owned()),
             Some(jkt) => {
                 let proof = ctx.dpop_proof.ok_or(TokenError::DpopProofMissing)?;
                 let verified = self.dpop.verify(

@@ -1,0 +1,534 @@
+//! Federation with three or more real nodes on loopback: every region's pointers in
+//! one answer, partial answers when regions fail, each region deciding for itself.
+
+use std::time::{Duration, Instant};
+
+use pil_client::v1;
+use pil_tests::*;
+use tonic::Code;
+
+const VEST: &str = "helse-vest";
+const MIDT: &str = "helse-midt";
+const NORD: &str = "helse-nord";
+
+/// Three federated regions; the patient has one pointer in each.
+async fn three_regions(world: &World) -> (TestNode, TestNode, TestNode, v1::PatientIdentifier) {
+    let vest = TestNode::start(world.region_config(VEST)).await;
+    let midt = TestNode::start(world.region_config(MIDT)).await;
+    let nord = TestNode::start(world.region_config(NORD)).await;
+    federate(&[(VEST, &vest), (MIDT, &midt), (NORD, &nord)]);
+    let patient = patient_id(900);
+    for (n, node) in [&vest, &midt, &nord].into_iter().enumerate() {
+        world
+            .client(ORG_A, node.addr())
+            .await
+            .upsert(pointer(&patient, ORG_A, n as u32 + 1, &["medications"]))
+            .await
+            .unwrap();
+    }
+    (vest, midt, nord, patient)
+}
+
+fn state(r: &v1::LookupResponse, region: &str) -> v1::RegionState {
+    let s = r
+        .regions
+        .iter()
+        .find(|s| s.region == region)
+        .unwrap_or_else(|| panic!("no status for {region}: {:?}", r.regions));
+    v1::RegionState::try_from(s.state).unwrap()
+}
+
+fn regions_of(r: &v1::LookupResponse) -> Vec<String> {
+    let mut v: Vec<String> = r.pointers.iter().map(|p| p.region.clone()).collect();
+    v.sort();
+    v
+}
+
+/// Audit records of `node` about the lookups of `patient`, read as HOST (auditor).
+async fn audit_records(
+    world: &World,
+    node: &TestNode,
+    patient: &v1::PatientIdentifier,
+) -> Vec<serde_json::Value> {
+    let channel = world.raw_channel(HOST, node.addr()).await;
+    let mut audit = v1::audit_service_client::AuditServiceClient::new(channel);
+    let r = audit
+        .search(v1::SearchAuditRequest {
+            filter: Some(v1::AuditFilter {
+                patient: Some(patient.clone()),
+                ..Default::default()
+            }),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.records
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_returns_every_regions_pointers_each_labelled() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let doctor = world.client(ORG_A, vest.addr()).await;
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(regions_of(&r), [MIDT, NORD, VEST]);
+    for region in [VEST, MIDT, NORD] {
+        assert_eq!(state(&r, region), v1::RegionState::Ok);
+    }
+
+    // Each answering region recorded the lookup under the same query id, and knows
+    // which node forwarded it; the home node knows whom it asked.
+    let home = audit_records(&world, &vest, &patient).await;
+    let home_lookup = home.iter().find(|r| r["action"] == "lookup").unwrap();
+    assert_eq!(home_lookup["query_id"], r.query_id.as_str());
+    let mut asked: Vec<_> = home_lookup["peers_asked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    asked.sort();
+    assert_eq!(asked, [MIDT, NORD]);
+    for node in [&midt, &nord] {
+        let records = audit_records(&world, node, &patient).await;
+        let forwarded: Vec<_> = records
+            .iter()
+            .filter(|r| r["action"] == "federated_lookup")
+            .collect();
+        assert_eq!(forwarded.len(), 1, "{records:?}");
+        assert_eq!(forwarded[0]["query_id"], r.query_id.as_str());
+        assert_eq!(forwarded[0]["forwarded_by"], VEST);
+        assert_eq!(forwarded[0]["requester"]["hpr_number"], HPR);
+        assert_eq!(forwarded[0]["outcome"]["pointers"], 1);
+    }
+
+    // The same endpoint registered in two regions shows once.
+    world
+        .client(ORG_A, midt.addr())
+        .await
+        .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    let again = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(again.pointers.len(), 3, "{:?}", again.pointers);
+
+    // Home region only.
+    let mut home_only = lookup(&patient);
+    home_only.home_region_only = true;
+    let r = doctor.lookup(home_only).await.unwrap();
+    assert_eq!(regions_of(&r), [VEST]);
+    assert_eq!(state(&r, MIDT), v1::RegionState::NotAsked);
+    assert_eq!(state(&r, NORD), v1::RegionState::NotAsked);
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_region_gives_a_partial_answer() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let doctor = world.client(ORG_A, vest.addr()).await;
+    nord.stop().await;
+    let started = Instant::now();
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(regions_of(&r), [MIDT, VEST]);
+    assert_eq!(state(&r, NORD), v1::RegionState::Unavailable);
+    assert_eq!(state(&r, MIDT), v1::RegionState::Ok);
+
+    // After repeated failures the dead region is not called at all (circuit open),
+    // and `pil peers` shows it.
+    for _ in 0..3 {
+        doctor.lookup(lookup(&patient)).await.unwrap();
+    }
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    let nord_status = r.regions.iter().find(|s| s.region == NORD).unwrap();
+    assert!(
+        nord_status.detail.contains("circuit open"),
+        "{nord_status:?}"
+    );
+    let mut admin = world.client(OPERATOR, vest.addr()).await.admin();
+    let peers = admin
+        .list_peers(v1::ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
+    let by: std::collections::HashMap<_, _> =
+        peers.iter().map(|p| (p.region.as_str(), p)).collect();
+    assert!(by[MIDT].reachable);
+    assert_eq!(by[MIDT].identity, format!("urn:pil:node:{MIDT}"));
+    assert!(!by[NORD].reachable);
+    assert!(!by[NORD].last_error.is_empty());
+    vest.stop().await;
+    midt.stop().await;
+}
+
+/// A federation endpoint that never answers in time.
+struct Slow;
+
+#[tonic::async_trait]
+impl v1::federation_service_server::FederationService for Slow {
+    async fn forwarded_lookup(
+        &self,
+        _: tonic::Request<v1::ForwardedLookupRequest>,
+    ) -> Result<tonic::Response<v1::ForwardedLookupResponse>, tonic::Status> {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err(tonic::Status::internal("too late"))
+    }
+
+    async fn forwarded_patient_report(
+        &self,
+        _: tonic::Request<v1::ForwardedPatientReportRequest>,
+    ) -> Result<tonic::Response<v1::ForwardedPatientReportResponse>, tonic::Status> {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err(tonic::Status::internal("too late"))
+    }
+
+    async fn ping(
+        &self,
+        _: tonic::Request<v1::PingRequest>,
+    ) -> Result<tonic::Response<v1::PingResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1::PingResponse {
+            region: "helse-sor".into(),
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_region_times_out_without_holding_up_the_others() {
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    // A slow fourth region, with a real node certificate.
+    let sor = world.region_config("helse-sor");
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(&sor.tls.cert).unwrap(),
+            std::fs::read(&sor.tls.key).unwrap(),
+        ))
+        .client_ca_root(Certificate::from_pem(std::fs::read(&world.ca).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(v1::federation_service_server::FederationServiceServer::new(
+                Slow,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let federation = vest.node.federation();
+    let mut config = federation.config().as_ref().clone();
+    config.deadline_ms = 1500;
+    config.peers.push(peer("helse-sor", addr));
+    federation.set(&config).unwrap();
+
+    let doctor = world.client(ORG_A, vest.addr()).await;
+    let started = Instant::now();
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(state(&r, "helse-sor"), v1::RegionState::TimedOut);
+    assert_eq!(regions_of(&r), [MIDT, NORD, VEST]);
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_whose_policy_denies_says_so_while_others_answer() {
+    let world = World::new();
+    let vest = TestNode::start(world.region_config(VEST)).await;
+    let midt_config = world.region_config(MIDT);
+    std::fs::write(
+        midt_config.legal_config.join("policies/99-closed.cedar"),
+        "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
+    )
+    .unwrap();
+    let midt = TestNode::start(midt_config).await;
+    let nord = TestNode::start(world.region_config(NORD)).await;
+    federate(&[(VEST, &vest), (MIDT, &midt), (NORD, &nord)]);
+    let patient = patient_id(901);
+    for (n, node) in [&vest, &midt, &nord].into_iter().enumerate() {
+        world
+            .client(ORG_A, node.addr())
+            .await
+            .upsert(pointer(&patient, ORG_A, n as u32 + 1, &["medications"]))
+            .await
+            .unwrap();
+    }
+    let r = world
+        .client(ORG_A, vest.addr())
+        .await
+        .lookup(lookup(&patient))
+        .await
+        .unwrap();
+    assert_eq!(state(&r, MIDT), v1::RegionState::Denied);
+    let midt_status = r.regions.iter().find(|s| s.region == MIDT).unwrap();
+    assert!(midt_status.detail.contains("closed"), "{midt_status:?}");
+    assert_eq!(regions_of(&r), [NORD, VEST]);
+    // Midt logged its refusal.
+    let records = audit_records(&world, &midt, &patient).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == "federated_lookup" && r["decision"]["outcome"] == "denied"),
+        "{records:?}"
+    );
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answering_node_checks_forwarded_tokens_itself() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let regions = world.path().join("regions");
+    // Calls as node helse-vest, a configured peer of helse-midt.
+    let channel = world
+        .channel_with(
+            midt.addr(),
+            regions.join(VEST).join("node.pem"),
+            regions.join(VEST).join("node-key.pem"),
+        )
+        .await;
+    let mut federation = v1::federation_service_client::FederationServiceClient::new(channel);
+    let issuer = world.issuer();
+    let token = || {
+        issuer
+            .token()
+            .audience("pil")
+            .scope("pil:lookup")
+            .org_parent(ORG_A)
+            .hpr_number(HPR)
+            .profession("LE")
+            .decision_ref("d", false)
+    };
+    let forward = |access_token: String| v1::ForwardedLookupRequest {
+        lookup: Some(lookup(&patient)),
+        access_token,
+        query_id: "00112233445566778899aabbccddeeff".into(),
+        client_organization_number: ORG_A.into(),
+    };
+    let good = token().sign().unwrap();
+    let answer = federation
+        .forwarded_lookup(forward(good.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.pointers.len(), 1);
+    assert_eq!(answer.pointers[0].region, MIDT);
+
+    let mut forged = good.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let expired = token()
+        .issued_at(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expires_in(Duration::from_secs(60))
+        .sign()
+        .unwrap();
+    let other_org = token().org_parent(ORG_C).sign().unwrap();
+    for (what, t) in [
+        ("forged", forged),
+        ("expired", expired),
+        ("another organization", other_org),
+        ("none", String::new()),
+    ] {
+        let err = federation.forwarded_lookup(forward(t)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
+    }
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_configured_peers_may_call_the_federation_api() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let request = v1::ForwardedLookupRequest {
+        lookup: Some(lookup(&patient)),
+        access_token: String::new(),
+        query_id: String::new(),
+        client_organization_number: ORG_A.into(),
+    };
+    // An organization with a valid certificate.
+    let mut as_org = v1::federation_service_client::FederationServiceClient::new(
+        world.raw_channel(ORG_A, midt.addr()).await,
+    );
+    let err = as_org.forwarded_lookup(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A node of a region that is not a peer.
+    let sor = world.region_config("helse-sor");
+    let mut as_stranger = v1::federation_service_client::FederationServiceClient::new(
+        world
+            .channel_with(midt.addr(), &sor.tls.cert, &sor.tls.key)
+            .await,
+    );
+    let err = as_stranger.forwarded_lookup(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("helse-sor"), "{err:?}");
+    // And a node certificate cannot use the client API either.
+    let mut lookup_as_node = v1::lookup_service_client::LookupServiceClient::new(
+        world
+            .channel_with(midt.addr(), &sor.tls.cert, &sor.tls.key)
+            .await,
+    );
+    let err = lookup_as_node.lookup(lookup(&patient)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_lookups_are_not_forwarded_again() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let r = world
+        .client(ORG_A, vest.addr())
+        .await
+        .lookup(lookup(&patient))
+        .await
+        .unwrap();
+    assert_eq!(r.pointers.len(), 3);
+    // Each peer was asked exactly once, by the home node, and asked nobody itself.
+    for node in [&midt, &nord] {
+        let records = audit_records(&world, node, &patient).await;
+        let lookups: Vec<_> = records
+            .iter()
+            .filter(|r| r["action"] == "federated_lookup" || r["action"] == "lookup")
+            .collect();
+        assert_eq!(lookups.len(), 1, "{records:?}");
+        assert_eq!(lookups[0]["forwarded_by"], VEST);
+        assert!(lookups[0].get("peers_asked").is_none(), "{:?}", lookups[0]);
+    }
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sheds_forwarded_lookups_beyond_its_limit() {
+    let world = World::new();
+    let vest = TestNode::start(world.region_config(VEST)).await;
+    let mut midt_config = world.region_config(MIDT);
+    midt_config.federation.max_concurrent_forwarded = 1;
+    let midt = TestNode::start(midt_config).await;
+    federate(&[(VEST, &vest), (MIDT, &midt)]);
+    let patient = patient_id(902);
+    let regions = world.path().join("regions");
+    let channel = world
+        .channel_with(
+            midt.addr(),
+            regions.join(VEST).join("node.pem"),
+            regions.join(VEST).join("node-key.pem"),
+        )
+        .await;
+    let token = world
+        .issuer()
+        .token()
+        .audience("pil")
+        .scope("pil:lookup")
+        .org_parent(ORG_A)
+        .hpr_number(HPR)
+        .profession("LE")
+        .decision_ref("d", false)
+        .sign()
+        .unwrap();
+    let calls = (0..64).map(|_| {
+        let mut client =
+            v1::federation_service_client::FederationServiceClient::new(channel.clone());
+        let request = v1::ForwardedLookupRequest {
+            lookup: Some(lookup(&patient)),
+            access_token: token.clone(),
+            query_id: String::new(),
+            client_organization_number: ORG_A.into(),
+        };
+        async move { client.forwarded_lookup(request).await.map(|_| ()) }
+    });
+    let results = futures::future::join_all(calls).await;
+    let shed = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok + shed, results.len(), "only OK or shed: {results:?}");
+    assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}");
+    vest.stop().await;
+    midt.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_added_and_removed_by_reloading_the_configuration() {
+    let world = World::new();
+    let midt = TestNode::start(world.region_config(MIDT)).await;
+    let mut vest_config = world.region_config(VEST);
+    let dir = world.path().join("regions").join(VEST);
+    let vest = ProcessNode::start(&vest_config, &dir);
+    let patient = patient_id(903);
+    for (n, addr) in [vest.addr, midt.addr()].into_iter().enumerate() {
+        world
+            .client(ORG_A, addr)
+            .await
+            .upsert(pointer(&patient, ORG_A, n as u32 + 1, &["medications"]))
+            .await
+            .unwrap();
+    }
+    // Midt must accept vest as its peer.
+    federate_one(&midt, VEST, vest.addr);
+    let doctor = world.client(ORG_A, vest.addr).await;
+    let mut admin = world.client(OPERATOR, vest.addr).await.admin();
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(regions_of(&r), [VEST]);
+    assert_eq!(r.regions.len(), 1);
+
+    // Add midt to vest's configuration file and reload.
+    vest_config.listen = vest.addr;
+    vest_config.federation.peers = vec![peer(MIDT, midt.addr())];
+    rewrite_config(&vest_config, &dir);
+    let reloaded = admin
+        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reloaded.peers, [MIDT]);
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(regions_of(&r), [MIDT, VEST]);
+
+    // And remove it again.
+    vest_config.federation.peers.clear();
+    rewrite_config(&vest_config, &dir);
+    admin
+        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+        .await
+        .unwrap();
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(regions_of(&r), [VEST]);
+    assert_eq!(r.regions.len(), 1);
+    assert!(vest.terminate().success());
+    midt.stop().await;
+}
+
+fn federate_one(node: &TestNode, region: &str, addr: std::net::SocketAddr) {
+    let federation = node.node.federation();
+    let mut config = federation.config().as_ref().clone();
+    config.peers.push(peer(region, addr));
+    federation.set(&config).unwrap();
+}
+
+fn rewrite_config(config: &pil_node::config::NodeConfig, dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("node.toml"),
+        toml::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+}
