@@ -356,7 +356,7 @@ impl PilClient {
         &self,
         req: v1::SearchAuditRequest,
     ) -> Result<v1::SearchAuditResponse, ClientError> {
-        Ok(self.audit.clone().search(req).await?.into_inner())
+        Ok(self.audit.clone().search_audit(req).await?.into_inner())
     }
 
     /// Records matching a filter, oldest first, one line (JSON document) per item.
@@ -364,7 +364,7 @@ impl PilClient {
         &self,
         req: v1::ExportAuditRequest,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
-        let stream = self.audit.clone().export(req).await?.into_inner();
+        let stream = self.audit.clone().export_audit(req).await?.into_inner();
         Ok(flatten_pages(stream, |page: v1::ExportAuditResponse| {
             page.lines
         }))

@@ -53,7 +53,7 @@ async fn audit_records(
     let channel = world.raw_channel(HOST, node.addr()).await;
     let mut audit = v1::audit_service_client::AuditServiceClient::new(channel);
     let r = audit
-        .search(v1::SearchAuditRequest {
+        .search_audit(v1::SearchAuditRequest {
             filter: Some(v1::AuditFilter {
                 patient: Some(patient.clone()),
                 ..Default::default()

@@ -610,16 +610,16 @@ macro_rules! audited_call {
 
 #[tonic::async_trait]
 impl v1::audit_service_server::AuditService for NodeService {
-    async fn search(
+    async fn search_audit(
         &self,
         req: Request<v1::SearchAuditRequest>,
     ) -> Result<Response<v1::SearchAuditResponse>, Status> {
         audited_call!(self, req, search_inner)
     }
 
-    type ExportStream = ExportStream;
+    type ExportAuditStream = ExportStream;
 
-    async fn export(
+    async fn export_audit(
         &self,
         req: Request<v1::ExportAuditRequest>,
     ) -> Result<Response<ExportStream>, Status> {
