@@ -62,6 +62,99 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The client side of node-to-node calls: TLS 1.3, this node's certificate as client
+/// certificate, and the peer's certificate verified against `client_ca` *and* required
+/// to be the node certificate of `region` (URI SAN `urn:pil:node:<region>`), so a
+/// certificate for the right DNS name but another identity is refused.
+pub fn peer_client_config(
+    tls: &TlsConfig,
+    region: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pki::load_certs(&tls.client_ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Rustls(format!("CA {}: {e}", tls.client_ca.display())))?;
+    }
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerVerifier {
+            inner,
+            region: region.to_string(),
+        }))
+        .with_client_auth_cert(pki::load_certs(&tls.cert)?, pki::load_key(&tls.key)?)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Web PKI verification plus the peer's node identity.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    region: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match caller_from_cert(end_entity.as_ref()) {
+            Ok(Caller::Node { region }) if region == self.region => Ok(verified),
+            Ok(other) => Err(rustls::Error::General(format!(
+                "peer presented {other:?}, not the node certificate of region {}",
+                self.region
+            ))),
+            Err(e) => Err(rustls::Error::General(format!(
+                "peer certificate has no node identity: {e}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A TLS connection carrying its peer's identity.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,

@@ -532,3 +532,25 @@ fn rewrite_config(config: &pil_node::config::NodeConfig, dir: &std::path::Path) 
     )
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_presenting_another_regions_certificate_is_not_trusted() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    // Vest is told that helse-midt lives at nord's address.
+    let federation = vest.node.federation();
+    let mut config = federation.config().as_ref().clone();
+    config.peers = vec![peer(MIDT, nord.addr())];
+    federation.set(&config).unwrap();
+    let r = world
+        .client(ORG_A, vest.addr())
+        .await
+        .lookup(lookup(&patient))
+        .await
+        .unwrap();
+    assert_eq!(state(&r, MIDT), v1::RegionState::Unavailable);
+    assert_eq!(regions_of(&r), [VEST]);
+    for n in [vest, midt, nord] {
+        n.stop().await;
+    }
+}

@@ -14,7 +14,7 @@ use std::{
 
 use pil_proto::v1::{self, federation_service_client::FederationServiceClient};
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 pub use breaker::{Breaker, BreakerState};
 
@@ -68,6 +68,40 @@ pub struct PeerConfig {
 
 fn default_server_name() -> String {
     "localhost".into()
+}
+
+/// Opens TCP and TLS to one peer, checking its node certificate.
+#[derive(Clone)]
+struct PeerConnector {
+    address: String,
+    server_name: rustls::pki_types::ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+type PeerIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower::Service<http::Uri> for PeerConnector {
+    type Response = PeerIo;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<PeerIo, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(&this.address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(this.server_name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
 }
 
 /// How one peer fared in answering a lookup.
@@ -189,24 +223,24 @@ impl Federation {
         &self,
         p: &PeerConfig,
     ) -> Result<FederationServiceClient<Channel>, FederationError> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path)
-                .map_err(|e| FederationError::Config(format!("{}: {e}", path.display())))
+        let config = crate::tls::peer_client_config(&self.tls, &p.region)
+            .map_err(|e| FederationError::Config(format!("peer {}: {e}", p.region)))?;
+        let server_name = rustls::pki_types::ServerName::try_from(p.server_name.clone())
+            .map_err(|e| FederationError::Config(format!("peer {}: server_name: {e}", p.region)))?;
+        let connector = PeerConnector {
+            address: p.address.clone(),
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(config),
         };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.tls.client_ca)?))
-            .identity(Identity::from_pem(
-                read(&self.tls.cert)?,
-                read(&self.tls.key)?,
-            ))
-            .domain_name(p.server_name.clone());
-        let endpoint = Endpoint::from_shared(format!("https://{}", p.address))
+        // TLS is done by the connector (to check the peer's node identity); the URI
+        // only names the peer.
+        let endpoint = Endpoint::from_shared(format!("http://{}", p.address))
             .map_err(|e| FederationError::Config(format!("peer {}: address: {e}", p.region)))?
-            .tls_config(tls)
-            .map_err(|e| FederationError::Config(format!("peer {}: TLS: {e}", p.region)))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
-        Ok(FederationServiceClient::new(endpoint.connect_lazy()))
+        Ok(FederationServiceClient::new(
+            endpoint.connect_with_connector_lazy(connector),
+        ))
     }
 
     fn peers(&self) -> Arc<Vec<Arc<Peer>>> {
