@@ -110,7 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             telemetry::init(cfg.log.format, &cfg.log.filter);
             let node = server::start(cfg).await?;
-            reload_on_sighup(node.reloader());
+            reload_on_sighup(node.signal_reload());
             node.run_until(shutdown_signal()).await?;
         }
         Command::DevPki { out, region, orgs } => {
@@ -234,7 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Reloads the legal configuration on SIGHUP; an invalid one leaves the old in force.
-fn reload_on_sighup(reloader: crate::reload::Reloader) {
+fn reload_on_sighup(reload: crate::reload::SignalReload) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -242,7 +242,7 @@ fn reload_on_sighup(reloader: crate::reload::Reloader) {
             return;
         };
         while hup.recv().await.is_some() {
-            match reloader.reload() {
+            match reload.run().await {
                 Ok(r) => tracing::info!(
                     policies = r.policies, peers = ?r.peers,
                     "legal configuration reloaded"

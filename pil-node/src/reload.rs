@@ -93,3 +93,55 @@ impl Reloader {
             .set_days(legal.settings().retention.pointer_lifetime_days);
     }
 }
+
+/// A reload on SIGHUP, recorded in the audit log like an operator's reload call.
+#[derive(Clone)]
+pub struct SignalReload {
+    pub reloader: Reloader,
+    pub audit: crate::audit::WeakAuditLog,
+    pub region: String,
+}
+
+impl SignalReload {
+    /// Reloads and records the outcome.
+    pub async fn run(&self) -> Result<Reloaded, ReloadError> {
+        use crate::audit::record::{Action, AuditRecord, CallerInfo, DecisionInfo, OutcomeInfo};
+        let result = self.reloader.reload();
+        let (status, detail) = match &result {
+            Ok(r) => (
+                "OK".to_string(),
+                format!(
+                    "SIGHUP: {} policies in force, peers {:?}",
+                    r.policies, r.peers
+                ),
+            ),
+            Err(e) => ("FAILED_PRECONDITION".to_string(), format!("SIGHUP: {e}")),
+        };
+        let record = AuditRecord {
+            index: 0,
+            time: crate::service::now_rfc3339(),
+            region: self.region.clone(),
+            action: Action::PolicyReload,
+            query_id: crate::service::new_query_id(),
+            caller: CallerInfo::default(),
+            requester: None,
+            patient: None,
+            decision: DecisionInfo {
+                outcome: "not_applicable".into(),
+                ..Default::default()
+            },
+            outcome: OutcomeInfo {
+                status,
+                detail: detail.clone(),
+                ..Default::default()
+            },
+            peers_asked: Vec::new(),
+            forwarded_by: None,
+            detail: Some(detail),
+        };
+        if let Err(e) = self.audit.append(record).await {
+            tracing::error!(error = %e, "the reload could not be recorded in the audit log");
+        }
+        result
+    }
+}

@@ -57,6 +57,8 @@ pub struct RunningNode {
     access: Arc<Access>,
     reloader: Reloader,
     federation: Arc<Federation>,
+    audit: crate::audit::WeakAuditLog,
+    region: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
 }
@@ -80,6 +82,15 @@ impl RunningNode {
     /// The federation peers, e.g. to set them once every node's address is known.
     pub fn federation(&self) -> Arc<Federation> {
         self.federation.clone()
+    }
+
+    /// What SIGHUP does: reload, and record the reload in the audit log.
+    pub fn signal_reload(&self) -> crate::reload::SignalReload {
+        crate::reload::SignalReload {
+            reloader: self.reloader.clone(),
+            audit: self.audit.clone(),
+            region: self.region.clone(),
+        }
     }
 
     /// Reloads the node's configuration (SIGHUP does the same).
@@ -198,6 +209,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.clone(),
     ));
     let final_head = audit.clone();
+    let weak_audit = audit.downgrade();
 
     let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -262,6 +274,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access,
         reloader,
         federation,
+        audit: weak_audit,
+        region: config.region.clone(),
         stop: Some(stop_tx),
         task,
     })

@@ -704,5 +704,30 @@ async fn sighup_reloads_the_legal_configuration_or_keeps_the_old_one() {
     let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
     assert_eq!(code(&err), Code::PermissionDenied);
     assert!(err.to_string().contains("closed"), "{err}");
+
+    // Both reloads, the refused and the accepted, are in the audit log.
+    let mut audit =
+        v1::audit_service_client::AuditServiceClient::new(world.raw_channel(HOST, node.addr).await);
+    let found = audit
+        .search_audit(v1::SearchAuditRequest {
+            filter: Some(v1::AuditFilter {
+                actions: vec!["policy_reload".into()],
+                ..Default::default()
+            }),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let statuses: Vec<String> = found
+        .iter()
+        .map(|r| {
+            let r: serde_json::Value = serde_json::from_slice(r).unwrap();
+            r["outcome"]["status"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(statuses, ["OK", "FAILED_PRECONDITION"], "newest first");
     assert!(node.terminate().success());
 }

@@ -119,6 +119,14 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// A handle that does not keep the log open: for the parts of the node that live
+    /// as long as the process (e.g. the SIGHUP handler).
+    pub fn downgrade(&self) -> WeakAuditLog {
+        WeakAuditLog {
+            tx: self.tx.downgrade(),
+        }
+    }
+
     /// Number of records in the log.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -137,6 +145,25 @@ impl AuditLog {
     /// The stored database, for readers (search, proofs).
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+}
+
+/// An [`AuditLog`] handle that lets the log close when the node stops.
+#[derive(Clone)]
+pub struct WeakAuditLog {
+    tx: mpsc::WeakSender<Job>,
+}
+
+impl WeakAuditLog {
+    /// Appends like [`AuditLog::append`]; fails with `Closed` once the node stopped.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let tx = self.tx.upgrade().ok_or(AuditError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Job::Append(Box::new(record), reply))
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        drop(tx);
+        rx.await.map_err(|_| AuditError::Closed)?
     }
 }
 

@@ -11,7 +11,7 @@ pub mod retention;
 
 use std::path::{Path, PathBuf};
 
-pub use log::{AuditError, AuditLog};
+pub use log::{AuditError, AuditLog, WeakAuditLog};
 pub use record::AuditRecord;
 
 use crate::access::Requester;

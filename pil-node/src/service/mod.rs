@@ -553,7 +553,7 @@ pub fn status_name(code: tonic::Code) -> &'static str {
 }
 
 /// Now as RFC 3339, UTC, milliseconds.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
@@ -562,7 +562,7 @@ fn now_rfc3339() -> String {
 }
 
 /// A random id for one lookup, carried into logs (and, across regions, the audit log).
-fn new_query_id() -> String {
+pub(crate) fn new_query_id() -> String {
     let mut b = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
     hex::encode(b)
