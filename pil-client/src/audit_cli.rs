@@ -55,6 +55,10 @@ pub enum AuditCommand {
         /// Have the node sign its current tree first, so every record is covered.
         #[arg(long)]
         sign_now: bool,
+        /// The retention period of the node's legal configuration (`audit_log_days`):
+        /// contents removed from records younger than this are reported as deleted.
+        #[arg(long)]
+        retention_days: Option<u32>,
     },
     /// Print or save the node's newest signed tree head (a signed note).
     Head {
@@ -202,7 +206,8 @@ pub async fn run(
         AuditCommand::Verify {
             public_key,
             sign_now,
-        } => verify(client, &public_key, sign_now, json).await?,
+            retention_days,
+        } => verify(client, &public_key, sign_now, retention_days, json).await?,
         AuditCommand::Head {
             sign_now,
             out,
@@ -317,6 +322,7 @@ async fn verify(
     client: &PilClient,
     public_key: &Path,
     sign_now: bool,
+    retention_days: Option<u32>,
     json: bool,
 ) -> anyhow::Result<()> {
     let key = load_key(public_key)?;
@@ -327,6 +333,10 @@ async fn verify(
     // the log read afterwards.
     let heads = client.audit_tree_heads().await?;
     let mut check = LogVerifier::new(&heads, &key);
+    if let Some(days) = retention_days {
+        let keep = std::time::Duration::from_secs(u64::from(days) * 86_400);
+        check = check.with_retention(keep, std::time::SystemTime::now());
+    }
     let mut entries = client.audit_read_log(0).await?;
     while let Some(entry) = entries.next().await {
         check.push(&entry.context("reading the log")?);

@@ -47,6 +47,12 @@ pub enum LogProblem {
         "record {index} is missing: its contents were removed while older records are kept (retention removes only the oldest)"
     )]
     Removed { index: u64 },
+    /// Contents gone although a signed head shows the record was written after the
+    /// retention cutoff: removed too early to be retention.
+    #[error(
+        "record {index} is missing: its contents were removed, but it was written after {written_after} (a signed head), within the retention period"
+    )]
+    RemovedEarly { index: u64, written_after: String },
     /// Neither contents nor a usable leaf hash.
     #[error("record {index} is missing: neither its contents nor a valid leaf hash are stored")]
     NoLeaf { index: u64 },
@@ -76,6 +82,7 @@ impl LogProblem {
             | LogProblem::WrongIndex { index, .. }
             | LogProblem::Changed { index }
             | LogProblem::Removed { index }
+            | LogProblem::RemovedEarly { index, .. }
             | LogProblem::NoLeaf { index } => Some(index),
             LogProblem::RootMismatch { from, .. } => Some(from),
             LogProblem::Truncated { size, .. } => Some(size),
@@ -125,6 +132,11 @@ pub struct LogVerifier {
     matched: u64,
     /// Whether a record with contents was seen (retention removes only a prefix).
     seen_contents: bool,
+    /// Newest timestamp (Unix ms) of the heads passed so far: every later record was
+    /// written after it.
+    passed_ms: Option<u64>,
+    /// Records written after this (Unix ms) are within retention.
+    retention_cutoff_ms: Option<u64>,
     report: VerifyReport,
 }
 
@@ -139,6 +151,8 @@ impl LogVerifier {
             frontier: Frontier::new(),
             matched: 0,
             seen_contents: false,
+            passed_ms: None,
+            retention_cutoff_ms: None,
             report: VerifyReport::default(),
         };
         for (position, head) in heads.iter().enumerate() {
@@ -154,6 +168,20 @@ impl LogVerifier {
         this.heads.sort_by_key(|h| h.head.size);
         this.check_heads();
         this
+    }
+
+    /// Also checks that removed contents are old enough to have fallen to retention:
+    /// a record is younger than the signed heads before it, so a removed record after
+    /// a head signed less than `keep` before `now` was deleted, not retired. Set this
+    /// before the first entry.
+    pub fn with_retention(mut self, keep: std::time::Duration, now: std::time::SystemTime) -> Self {
+        let now_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let cutoff = now_ms.saturating_sub(keep.as_millis());
+        self.retention_cutoff_ms = Some(u64::try_from(cutoff).unwrap_or(u64::MAX));
+        self
     }
 
     /// Checks the next entry of the log.
@@ -190,6 +218,13 @@ impl LogVerifier {
                 Some(LogProblem::NoLeaf { index: position })
             } else if self.seen_contents {
                 Some(LogProblem::Removed { index: position })
+            } else if let (Some(cutoff), Some(passed)) = (self.retention_cutoff_ms, self.passed_ms)
+                && passed >= cutoff
+            {
+                Some(LogProblem::RemovedEarly {
+                    index: position,
+                    written_after: format_ms(passed),
+                })
             } else {
                 self.report.removed += 1;
                 None
@@ -231,6 +266,7 @@ impl LogVerifier {
             } else {
                 self.frontier.root()
             };
+            self.passed_ms = self.passed_ms.max(Some(head.head.timestamp_ms));
             if root == head.head.root {
                 self.matched = size;
                 self.report.signed_size = size;
@@ -249,6 +285,13 @@ impl LogVerifier {
         self.report.problems += 1;
         self.report.first_problem.get_or_insert(problem);
     }
+}
+
+/// Unix milliseconds as RFC 3339 UTC, for messages.
+fn format_ms(ms: u64) -> String {
+    let at = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{ms} ms after the epoch"))
 }
 
 fn misplaced(position: u64, got: u64) -> LogProblem {
@@ -668,6 +711,39 @@ mod tests {
         assert!(report.is_ok(), "{report:?}");
         assert_eq!(report.removed, 5);
         assert_eq!(report.signed_size, 10);
+    }
+
+    #[test]
+    fn contents_removed_within_the_retention_period_are_found() {
+        // Heads at 3, 7, 10 are signed at 1_700_000_000_000 + size ms.
+        let mut log = Log::new(12, &[3, 7, 10]);
+        for e in &mut log.entries[..5] {
+            e.record.clear();
+        }
+        let at = |ms: u64| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let keep = std::time::Duration::from_millis(1000);
+        let check = |now| {
+            let mut v =
+                LogVerifier::new(&log.heads, &log.signer.verifier()).with_retention(keep, now);
+            for e in &log.entries {
+                v.push(e);
+            }
+            v.finish()
+        };
+        // Record 3 was written after the head of size 3 (…003 ms): still within 1 s at
+        // …1002 ms, so its removal cannot be retention.
+        let report = check(at(1_700_000_001_002));
+        assert_eq!(
+            report.first_problem,
+            Some(LogProblem::RemovedEarly {
+                index: 3,
+                written_after: "2023-11-14T22:13:20.003Z".into()
+            })
+        );
+        // A little later every removed record may have fallen to retention.
+        let report = check(at(1_700_000_001_004));
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!(report.removed, 5);
     }
 
     #[test]

@@ -382,16 +382,20 @@ impl PilClient {
         }))
     }
 
-    /// Every signed tree head the node has made, oldest first.
+    /// Every signed tree head the node has made, oldest first (fetched page by page).
     pub async fn audit_tree_heads(&self) -> Result<Vec<v1::SignedTreeHead>, ClientError> {
-        let req = v1::ListTreeHeadsRequest {};
-        Ok(self
-            .audit
-            .clone()
-            .list_tree_heads(req)
-            .await?
-            .into_inner()
-            .heads)
+        let mut heads: Vec<v1::SignedTreeHead> = Vec::new();
+        loop {
+            let req = v1::ListTreeHeadsRequest {
+                after_size: heads.last().map(|h| h.size).unwrap_or(0),
+                page_size: 0,
+            };
+            let page = self.audit.clone().list_tree_heads(req).await?.into_inner();
+            heads.extend(page.heads);
+            if !page.more {
+                return Ok(heads);
+            }
+        }
     }
 
     /// The newest signed tree head; with `sign_now`, the node signs its current tree

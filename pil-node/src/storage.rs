@@ -712,8 +712,39 @@ impl Store {
 
     /// Every signed tree head, oldest first, as `(size, note)`.
     pub fn audit_heads(&self) -> Result<Vec<(u64, String)>, StorageError> {
+        self.audit_heads_after(0, usize::MAX)
+    }
+
+    /// The newest signed tree head.
+    pub fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+        let mut it = self
+            .db
+            .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::End);
+        it.next()
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((
+                    be_u64(&k, CF_AUDIT_HEADS)?,
+                    String::from_utf8(v.into_vec())
+                        .map_err(|_| corrupt(CF_AUDIT_HEADS, "utf-8"))?,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Up to `limit` signed heads of trees larger than `after`, oldest first.
+    pub fn audit_heads_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StorageError> {
+        let start = after.saturating_add(1).to_be_bytes();
         self.db
-            .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::Start)
+            .iterator_cf(
+                self.cf(CF_AUDIT_HEADS),
+                IteratorMode::From(&start, rocksdb::Direction::Forward),
+            )
+            .take(limit)
             .map(|item| {
                 let (k, v) = item?;
                 Ok((

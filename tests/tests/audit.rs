@@ -666,6 +666,18 @@ async fn an_untampered_log_verifies_after_a_restart() {
         "signed now: {report}"
     );
 
+    ok(pil(
+        &profile,
+        &[
+            "audit",
+            "verify",
+            "--public-key",
+            key.to_str().unwrap(),
+            "--retention-days",
+            "1",
+        ],
+    ));
+
     let report = library_verify(&world, &node).await;
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.removed, 0);
@@ -753,6 +765,65 @@ async fn swapped_records_are_named() {
             claimed: j
         })
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_oldest_records_is_found_with_the_retention_period() {
+    let world = World::new();
+    let lookups = stopped_node_with_history(&world).await;
+    let last = lookups[3];
+    {
+        // What retention does, years early: drop the oldest contents, keep the hashes.
+        let db = open_db(&world.config(true).data_dir);
+        let cf = db.cf_handle("audit_records").unwrap();
+        for index in 0..=last {
+            db.delete_cf(cf, record_key(index)).unwrap();
+        }
+        db.flush_cf(cf).unwrap();
+    }
+    let node = TestNode::start(world.config(true)).await;
+    let profile = world.profile(HOST, node.addr());
+    let key = public_key(&world);
+    let key = key.to_str().unwrap();
+    // Without the retention period it looks like retention.
+    let out = ok(pil(&profile, &["audit", "verify", "--public-key", key]));
+    assert!(
+        out.contains(&format!(
+            "{} oldest records' contents were removed after the retention period",
+            last + 1
+        )),
+        "{out}"
+    );
+    // With it, the first record younger than a signed head is named.
+    let first_head = world
+        .client(HOST, node.addr())
+        .await
+        .audit_tree_heads()
+        .await
+        .unwrap()[0]
+        .size;
+    assert!(
+        first_head <= last,
+        "a head is signed within the deleted range"
+    );
+    let err = fails(pil(
+        &profile,
+        &[
+            "audit",
+            "verify",
+            "--public-key",
+            key,
+            "--retention-days",
+            "3653",
+        ],
+    ));
+    assert!(
+        err.contains(&format!(
+            "record {first_head} is missing: its contents were removed, but it was written after"
+        )),
+        "{err}"
+    );
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1368,22 +1439,42 @@ async fn export_equals_search_and_fhir_export_validates() {
     let node = TestNode::start(world.config(true)).await;
     let addr = node.addr();
     varied_lookups(&world, &node).await;
-    // More kinds of records to export.
-    let operator = world.client(OPERATOR, addr).await;
-    operator
-        .create_block(
-            patient_id(1),
-            v1::Block {
-                target: Some(v1::BlockTarget {
-                    target: Some(v1::block_target::Target::Profession("SP".into())),
-                }),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    operator.set_opt_out(patient_id(2), "").await.unwrap();
-    operator.reload_legal_config().await.unwrap();
+    // More kinds of records to export, made through the CLI's admin commands.
+    let operator = world.profile(OPERATOR, addr);
+    let p1 = patient_id(1).value;
+    let p2 = patient_id(2).value;
+    let out = ok(pil(
+        &operator,
+        &[
+            "--json",
+            "block",
+            "add",
+            "--patient",
+            &p1,
+            "--block-profession",
+            "SP",
+        ],
+    ));
+    let block_id = json(out.trim().as_bytes())["block_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = ok(pil(
+        &operator,
+        &["--json", "block", "list", "--patient", &p1],
+    ));
+    assert_eq!(
+        json(out.trim().as_bytes())["block_ids"],
+        serde_json::json!([block_id])
+    );
+    ok(pil(&operator, &["opt-out", "set", "--patient", &p2]));
+    let out = ok(pil(
+        &operator,
+        &["--json", "opt-out", "show", "--patient", &p2],
+    ));
+    assert_eq!(json(out.trim().as_bytes())["opted_out"], true);
+    let out = ok(pil(&operator, &["policy", "reload"]));
+    assert!(out.starts_with("legal configuration reloaded: "), "{out}");
     world
         .client(ORG_A, addr)
         .await
@@ -1506,7 +1597,9 @@ async fn export_equals_search_and_fhir_export_validates() {
         "lookup",
         "pointer_upsert",
         "block_create",
+        "block_list",
         "opt_out_set",
+        "opt_out_get",
         "policy_reload",
         "explain",
         "audit_access",
@@ -1642,13 +1735,7 @@ async fn only_auditors_may_read_the_log_and_refusals_are_recorded() {
             "search",
         );
         let r = tail.one().await;
-        assert_record(
-            &r,
-            "audit_access",
-            org,
-            "PERMISSION_DENIED",
-            "not_applicable",
-        );
+        assert_record(&r, "audit_access", org, "PERMISSION_DENIED", "denied");
         assert!(
             r["outcome"]["detail"]
                 .as_str()
@@ -1675,13 +1762,7 @@ async fn only_auditors_may_read_the_log_and_refusals_are_recorded() {
         let refused = tail.records().await;
         assert_eq!(refused.len(), 7, "each refusal recorded once: {refused:#?}");
         for r in &refused {
-            assert_record(
-                r,
-                "audit_access",
-                org,
-                "PERMISSION_DENIED",
-                "not_applicable",
-            );
+            assert_record(r, "audit_access", org, "PERMISSION_DENIED", "denied");
         }
     }
     // Through the CLI: one line, non-zero exit.

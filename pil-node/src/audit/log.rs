@@ -72,7 +72,7 @@ impl AuditLog {
     ) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
         let size = store.audit_size()?;
         let frontier = restore_frontier(&store, size)?;
-        let signed = store.audit_heads()?.last().map(|(s, _)| *s).unwrap_or(0);
+        let signed = store.audit_latest_head()?.map(|(s, _)| s).unwrap_or(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let origin = format!("pil-audit/{region}");
         let log = Self {
@@ -322,7 +322,7 @@ impl Writer {
     }
 
     fn latest_head(&self) -> Result<Option<(u64, String)>, AuditError> {
-        Ok(self.store.audit_heads()?.pop())
+        Ok(self.store.audit_latest_head()?)
     }
 }
 

@@ -91,8 +91,9 @@ pub struct RuleInfo {
 /// What was decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionInfo {
-    /// `allowed`, `denied` or `unauthenticated`; `not_applicable` for calls without a
-    /// policy decision (registry writes and admin actions authorized by certificate).
+    /// `allowed`, `denied` (by the legal configuration, or a missing role) or
+    /// `unauthenticated`; `not_applicable` for calls without a policy decision that
+    /// were let through (registry writes and admin actions authorized by certificate).
     pub outcome: String,
     /// Allowed under emergency access (ETREAT).
     pub emergency: bool,

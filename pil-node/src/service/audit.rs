@@ -28,6 +28,8 @@ const MAX_PAGE: usize = 1000;
 const SCAN_CHUNK: usize = 1000;
 /// Records one search call scans at most before returning a page token.
 const MAX_SCAN: usize = 200_000;
+/// Signed heads per ListTreeHeads page.
+const MAX_HEADS_PAGE: usize = 10_000;
 /// Lines per message of an export or log stream.
 const STREAM_PAGE: usize = 500;
 
@@ -421,16 +423,28 @@ impl NodeService {
     ) -> Result<Response<v1::ListTreeHeadsResponse>, Status> {
         self.require_role(&req, Role::Auditor)?;
         entry.detail = Some("list tree heads".into());
+        let v1::ListTreeHeadsRequest {
+            after_size,
+            page_size,
+        } = req.into_inner();
+        let limit = match page_size as usize {
+            0 => MAX_HEADS_PAGE,
+            n => n.min(MAX_HEADS_PAGE),
+        };
         let store = self.audit.store().clone();
-        let heads = tokio::task::spawn_blocking(move || store.audit_heads())
-            .await
-            .map_err(audit_internal)?
-            .map_err(audit_internal)?;
+        let mut heads =
+            tokio::task::spawn_blocking(move || store.audit_heads_after(after_size, limit + 1))
+                .await
+                .map_err(audit_internal)?
+                .map_err(audit_internal)?;
+        let more = heads.len() > limit;
+        heads.truncate(limit);
         Ok(Response::new(v1::ListTreeHeadsResponse {
             heads: heads
                 .into_iter()
                 .map(|(size, note)| v1::SignedTreeHead { note, size })
                 .collect(),
+            more,
         }))
     }
 
@@ -445,11 +459,10 @@ impl NodeService {
             self.audit.sign_head().await.map_err(audit_internal)?
         } else {
             let store = self.audit.store().clone();
-            tokio::task::spawn_blocking(move || store.audit_heads())
+            tokio::task::spawn_blocking(move || store.audit_latest_head())
                 .await
                 .map_err(audit_internal)?
                 .map_err(audit_internal)?
-                .pop()
         };
         let head = head.ok_or_else(|| {
             Status::failed_precondition("the audit log has no signed tree head yet")

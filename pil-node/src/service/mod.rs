@@ -160,8 +160,15 @@ impl NodeService {
                 entry.outcome.detail = status.message().to_string();
                 entry.outcome.pointers = 0;
                 entry.outcome.organizations.clear();
-                if status.code() == tonic::Code::Unauthenticated {
-                    entry.decision.outcome = "unauthenticated".into();
+                match status.code() {
+                    tonic::Code::Unauthenticated => {
+                        entry.decision.outcome = "unauthenticated".into();
+                    }
+                    // A refused role or peer is a denial, whoever decided it.
+                    tonic::Code::PermissionDenied if entry.decision.outcome.is_empty() => {
+                        entry.decision.outcome = "denied".into();
+                    }
+                    _ => {}
                 }
             }
         }
