@@ -58,6 +58,7 @@ pub struct RunningNode {
     reloader: Reloader,
     federation: Arc<Federation>,
     audit: crate::audit::WeakAuditLog,
+    audit_store: Arc<Store>,
     region: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
@@ -82,6 +83,17 @@ impl RunningNode {
     /// The federation peers, e.g. to set them once every node's address is known.
     pub fn federation(&self) -> Arc<Federation> {
         self.federation.clone()
+    }
+
+    /// Runs the audit retention task once as if it were `now` (the node runs it
+    /// periodically); returns how many records' contents were removed.
+    pub async fn apply_audit_retention(
+        &self,
+        now: std::time::SystemTime,
+    ) -> Result<u64, crate::audit::AuditError> {
+        let days = self.access.legal().settings().retention.audit_log_days;
+        let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
+        crate::audit::retention::apply(&self.audit_store, keep, now).await
     }
 
     /// What SIGHUP does: reload, and record the reload in the audit log.
@@ -210,6 +222,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     ));
     let final_head = audit.clone();
     let weak_audit = audit.downgrade();
+    let audit_store = audit.store().clone();
 
     let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -275,6 +288,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         reloader,
         federation,
         audit: weak_audit,
+        audit_store,
         region: config.region.clone(),
         stop: Some(stop_tx),
         task,
@@ -305,7 +319,9 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
         tick.tick().await;
         let days = access.legal().settings().retention.audit_log_days;
         let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
-        match crate::audit::retention::apply(&audit, keep, std::time::SystemTime::now()).await {
+        match crate::audit::retention::apply(audit.store(), keep, std::time::SystemTime::now())
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "audit record contents past retention removed"),
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
@@ -315,6 +331,8 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
 
 async fn purge_loop(registry: Registry, config: Arc<NodeConfig>) {
     let mut tick = tokio::time::interval(config.limits.purge_interval());
+    // The first purge comes one interval after start, not during it.
+    tick.tick().await;
     loop {
         tick.tick().await;
         match registry.purge_expired().await {

@@ -1777,3 +1777,53 @@ async fn only_auditors_may_read_the_log_and_refusals_are_recorded() {
     assert!(err.contains("permission denied"), "{err}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_old_contents_and_the_log_still_verifies() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let host = world.client(HOST, node.addr()).await;
+    let doctor = world.client(ORG_A, node.addr()).await;
+    let patient = patient_id(950);
+    host.upsert(pointer(&patient, ORG_C, 1, &["medications"]))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        doctor.lookup(lookup(&patient)).await.unwrap();
+    }
+    host.audit_tree_head(true).await.unwrap();
+    let before = read_log(&host, 0).await;
+    assert!(before.iter().all(|e| !e.record.is_empty()));
+
+    // Eleven years on, everything so far is past the ten-year retention.
+    let later = std::time::SystemTime::now() + Duration::from_secs(11 * 366 * 24 * 3600);
+    let dropped = node.node.apply_audit_retention(later).await.unwrap();
+    // (One more than read: the read itself was recorded.)
+    assert_eq!(dropped, before.len() as u64 + 1);
+    let after = read_log(&host, 0).await;
+    assert!(after.len() > before.len(), "the new reads are logged");
+    for (old, new) in before.iter().zip(&after) {
+        assert!(new.record.is_empty(), "contents of {} removed", new.index);
+        assert_eq!(
+            old.leaf_hash, new.leaf_hash,
+            "leaf hash of {} kept",
+            new.index
+        );
+    }
+    // Search no longer finds them; the tree still verifies against every head.
+    let found = search_all(
+        &host,
+        v1::AuditFilter {
+            patient: Some(patient.clone()),
+            ..Default::default()
+        },
+        100,
+    )
+    .await;
+    assert!(found.iter().all(|r| r["action"] != "lookup"), "{found:?}");
+    let report = library_verify(&world, &node).await;
+    assert!(report.is_ok(), "{:?}", report.first_problem);
+    assert_eq!(report.removed, dropped);
+    drop((host, doctor));
+    node.stop().await;
+}

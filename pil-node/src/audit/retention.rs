@@ -4,15 +4,18 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{AuditError, AuditLog};
+use std::sync::Arc;
+
+use super::AuditError;
 use crate::patient_keys::PSEUDONYM_LEN;
+use crate::storage::Store;
 
 const PAGE: usize = 1000;
 
 /// Drops the contents of records older than `keep` at `now`; returns how many.
-pub async fn apply(log: &AuditLog, keep: Duration, now: SystemTime) -> Result<u64, AuditError> {
+pub async fn apply(store: &Arc<Store>, keep: Duration, now: SystemTime) -> Result<u64, AuditError> {
     let cutoff = time::OffsetDateTime::from(now - keep);
-    let store = log.store().clone();
+    let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let from = store.audit_retained_from()?;
         let mut upto = from;
