@@ -238,6 +238,7 @@ impl DevIssuer {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = Some(typ.to_owned());
         header.kid = Some(self.kid.clone());
+        crate::es256::install();
         Ok(jsonwebtoken::encode(
             &header,
             claims,
@@ -674,6 +675,7 @@ impl DpopKey {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = Some("dpop+jwt".to_owned());
         header.jwk = Some(self.jwk.clone());
+        crate::es256::install();
         Ok(jsonwebtoken::encode(
             &header,
             claims,

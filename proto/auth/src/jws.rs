@@ -114,6 +114,7 @@ pub(crate) fn verify_and_decode<T: DeserializeOwned>(
     key: &DecodingKey,
     alg: Algorithm,
 ) -> Result<T, DecodeFailure> {
+    crate::es256::install();
     let mut validation = Validation::new(alg);
     validation.required_spec_claims.clear();
     validation.validate_exp = false;

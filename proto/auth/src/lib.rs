@@ -18,6 +18,7 @@
 )]
 
 pub mod claims;
+mod es256;
 pub mod jwk;
 
 #[cfg(feature = "verifier")]

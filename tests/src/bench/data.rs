@@ -51,7 +51,10 @@ pub fn org_numbers(n: usize) -> Vec<String> {
     let mut base: u32 = 91_000_000;
     while out.len() < n {
         base += 7_919;
-        let digits: Vec<u32> = format!("{base:08}").bytes().map(|b| (b - b'0') as u32).collect();
+        let digits: Vec<u32> = format!("{base:08}")
+            .bytes()
+            .map(|b| (b - b'0') as u32)
+            .collect();
         let sum: u32 = digits.iter().zip(WEIGHTS).map(|(d, w)| d * w).sum();
         let check = (11 - sum % 11) % 11;
         if check == 10 {
@@ -70,7 +73,10 @@ pub type Generation = u32;
 impl DataSet {
     pub fn new(seed: u64, patients: u64, per_patient: u32, orgs: usize) -> Self {
         assert!(per_patient as usize * 2 <= orgs, "too few organizations");
-        assert!(orgs.is_power_of_two(), "organization count must be a power of two");
+        assert!(
+            orgs.is_power_of_two(),
+            "organization count must be a power of two"
+        );
         Self {
             seed,
             patients,
@@ -129,7 +135,10 @@ impl DataSet {
 
     /// Whether the pointer of patient `i` at organization `org` is in `generation`.
     fn kept(&self, i: u64, org: usize, generation: Generation) -> bool {
-        generation < 2 || self.h(i, 1000 + org as u64 * 64 + u64::from(generation)) % 100 != 0
+        generation < 2
+            || !self
+                .h(i, 1000 + org as u64 * 64 + u64::from(generation))
+                .is_multiple_of(100)
     }
 
     /// Patient `i`'s pointer at organization index `org`, if it has one.
@@ -227,7 +236,7 @@ impl DataSet {
             let updated = p.last_updated.as_ref().map(|t| t.seconds).unwrap_or(EPOCH);
             let _ = writeln!(
                 out,
-                "{},{},{},{},,{},{},\"{{{}}}\",{},{}",
+                "{},{},{},{},\"\",{},{},\"{{{}}}\",{},{}",
                 patient.system,
                 patient.value,
                 holder.organization_number,
@@ -235,11 +244,21 @@ impl DataSet {
                 endpoint.base_url,
                 endpoint.api_kind,
                 p.categories.join(","),
-                start,
-                updated
+                rfc3339(start),
+                rfc3339(updated)
             );
         }
     }
+}
+
+fn rfc3339(seconds: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(seconds)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

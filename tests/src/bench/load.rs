@@ -111,8 +111,7 @@ where
                 let result = call(client.clone(), rng).await;
                 let took = started.elapsed();
                 // Counted only when sent and answered within the measured phase.
-                let counted =
-                    phase == MEASURE && state.phase.load(Ordering::SeqCst) == MEASURE;
+                let counted = phase == MEASURE && state.phase.load(Ordering::SeqCst) == MEASURE;
                 match result {
                     Ok(()) if counted => {
                         latencies.push(took.as_micros().min(u32::MAX as u128) as u32);
@@ -146,7 +145,11 @@ where
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let stopped = state.stopped_at.lock().unwrap().unwrap_or_else(Instant::now);
+    let stopped = state
+        .stopped_at
+        .lock()
+        .unwrap()
+        .unwrap_or_else(Instant::now);
     let (server_after, client_after) = (server.cpu_seconds(), client.cpu_seconds());
     let mut all = Vec::new();
     for w in workers {

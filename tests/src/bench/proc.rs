@@ -33,35 +33,77 @@ impl Cpu for This {
     }
 }
 
-/// Every process whose command name is `name` (PostgreSQL's backends come and go).
+/// Every process whose command name is `name`, with the children they have reaped:
+/// PostgreSQL's backends come and go, and the CPU of those that ended is in the
+/// postmaster's account.
 pub struct ByName(pub &'static str);
 
 impl Cpu for ByName {
     fn cpu_seconds(&self) -> Option<f64> {
         let mut total = 0.0;
         for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == self.0 {
-                total += process_cpu(pid).unwrap_or(0.0);
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                total += stat_cpu(&stat, true).unwrap_or(0.0);
             }
         }
         Some(total)
     }
 }
 
-/// CPU seconds of one process and its finished, waited-for children.
-pub fn process_cpu(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// CPU seconds from a /proc/<pid>/stat line; with `children`, including reaped children.
+fn stat_cpu(stat: &str, children: bool) -> Option<f64> {
     // The command name may contain spaces; fields are counted after its ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
+    // utime, stime, cutime, cstime are fields 14 to 17 of the whole line.
+    let n = if children { 4 } else { 2 };
+    let mut ticks = 0.0;
+    for i in 11..11 + n {
+        ticks += fields.get(i)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / TICKS_PER_SECOND)
+}
+
+/// CPU seconds of one process.
+pub fn process_cpu(pid: u32) -> Option<f64> {
+    stat_cpu(
+        &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+        false,
+    )
+}
+
+/// CPU seconds of this process's finished, waited-for children (e.g. pgbench).
+pub fn children_cpu() -> Option<f64> {
+    let all = stat_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?, true)?;
+    Some(all - process_cpu(std::process::id())?)
+}
+
+/// How long appending 4 KiB and `fdatasync` takes on the file system of `dir`, `n`
+/// times: the floor under any durable commit there. Returns latencies in microseconds.
+pub fn sync_latencies(dir: &Path, n: usize) -> std::io::Result<Vec<u64>> {
+    use std::io::Write;
+    let path = dir.join("sync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0x5au8; 4096];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        out.push(started.elapsed().as_micros() as u64);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(out)
 }
 
 /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.

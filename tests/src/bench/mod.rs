@@ -1,0 +1,12 @@
+//! The benchmark harness behind `pil-bench`: real nodes as child processes, real
+//! mutual TLS and requester tokens, a deterministic data set, and the two baselines
+//! (a trivial gRPC service and PostgreSQL) measured in the same run.
+
+pub mod data;
+pub mod floor;
+pub mod load;
+pub mod node;
+pub mod pg;
+pub mod proc;
+pub mod report;
+pub mod suite;

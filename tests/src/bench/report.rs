@@ -1,0 +1,531 @@
+//! The suite's results: kept as JSON, rendered as the Markdown tables of
+//! docs/benchmarks.md (between its results markers), with each target checked.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::{load::LoadResult, node::SyncResult, pg::PgLoad, proc::DiskUse};
+
+pub const BEGIN: &str = "<!-- results:begin (written by pil-bench; edit outside) -->";
+pub const END: &str = "<!-- results:end -->";
+
+/// Where and how the suite ran.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub date: String,
+    pub build: String,
+    pub command: String,
+}
+
+/// Bytes and keys of one column family.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Family {
+    pub name: String,
+    pub sst_bytes: u64,
+    pub keys: u64,
+}
+
+/// A node's size at one data-set size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Footprint {
+    pub pointers: u64,
+    pub disk: DiskUse,
+    pub families: Vec<Family>,
+    /// Resident memory after the load and a restart, before lookups (bytes).
+    pub rss_idle: u64,
+    /// Resident memory after the lookups, and the peak (bytes).
+    pub rss_loaded: u64,
+    pub rss_peak: u64,
+    /// Spawn to serving, on the loaded data directory.
+    pub startup_ms: f64,
+    pub compaction_wait_s: f64,
+}
+
+/// Lookup latency at one data-set size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GrowthPoint {
+    pub pointers: u64,
+    pub load: SyncResult,
+    pub lookups: LoadResult,
+    pub footprint: Footprint,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DataInfo {
+    pub seed: u64,
+    pub patients: u64,
+    pub pointers: u64,
+    pub organizations: usize,
+}
+
+/// Everything one run of the suite measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub quick: bool,
+    pub data: DataInfo,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub max_requests: u64,
+    pub node_log_filter: String,
+    pub floor: Vec<LoadResult>,
+    pub local: Vec<LoadResult>,
+    pub federated: Vec<LoadResult>,
+    pub federated_pointers: u64,
+    pub postgres: Vec<LoadResult>,
+    pub postgres_load: Option<PgLoad>,
+    pub sync: Vec<SyncResult>,
+    pub footprint: Option<Footprint>,
+    pub growth: Vec<GrowthPoint>,
+    /// Appending 4 KiB and syncing it, in the work directory's file system.
+    pub disk_sync: Option<SyncProbe>,
+}
+
+/// Latency of a durable 4 KiB append on the machine's disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncProbe {
+    pub samples: usize,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+fn at(rs: &[LoadResult], c: usize) -> Option<&LoadResult> {
+    rs.iter().find(|r| r.concurrency == c)
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn count(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push('\u{202f}');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn opt_us(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+impl Results {
+    /// Disk bytes per pointer of the main data set (table files after a flush).
+    pub fn bytes_per_pointer(&self) -> Option<f64> {
+        self.footprint
+            .as_ref()
+            .filter(|f| f.pointers > 0)
+            .map(|f| f.disk.sst as f64 / f.pointers as f64)
+    }
+
+    /// The targets, each as (target, measured, verdict).
+    pub fn targets(&self) -> Vec<(String, String, Option<bool>)> {
+        let mut t = Vec::new();
+        let top = self.local.iter().map(|r| r.concurrency).max().unwrap_or(0);
+        let mid = if at(&self.local, 16).is_some() {
+            16
+        } else {
+            self.local
+                .iter()
+                .map(|r| r.concurrency)
+                .filter(|&c| c < top)
+                .max()
+                .unwrap_or(top)
+        };
+        let ratio = |a: Option<&LoadResult>, b: Option<&LoadResult>| match (a, b) {
+            (Some(a), Some(b)) if b.throughput > 0.0 => Some(a.throughput / b.throughput),
+            _ => None,
+        };
+        let floor = ratio(at(&self.local, top), at(&self.floor, top));
+        t.push((
+            format!("local lookups at concurrency {top} ≥ 60 % of the trivial-service floor"),
+            floor
+                .map(|r| format!("{:.0} %", r * 100.0))
+                .unwrap_or_default(),
+            floor.map(|r| r >= 0.6),
+        ));
+        let pg = ratio(at(&self.local, top), at(&self.postgres, top));
+        t.push((
+            format!("local lookups at concurrency {top} ≥ 2 × PostgreSQL's TPS"),
+            pg.map(|r| format!("{r:.2} ×")).unwrap_or_default(),
+            pg.map(|r| r >= 2.0),
+        ));
+        let p99 = at(&self.local, mid).map(|r| r.p99_ms);
+        t.push((
+            format!("local lookup p99 at concurrency {mid} ≤ 5 ms"),
+            p99.map(|v| format!("{} ms", ms(v))).unwrap_or_default(),
+            p99.map(|v| v <= 5.0),
+        ));
+        let fed = match (at(&self.federated, mid), at(&self.local, mid)) {
+            (Some(f), Some(l)) if l.p99_ms > 0.0 => Some(f.p99_ms / l.p99_ms),
+            _ => None,
+        };
+        t.push((
+            format!("federated (3 regions) p99 ≤ 3 × local p99, concurrency {mid}"),
+            fed.map(|r| format!("{r:.2} ×")).unwrap_or_default(),
+            fed.map(|r| r <= 3.0),
+        ));
+        let sync = self
+            .sync
+            .iter()
+            .map(|s| s.per_second)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+        t.push((
+            "bulk sync ≥ 200 000 pointers/s (slowest mode)".into(),
+            sync.map(|v| format!("{} /s", count(v))).unwrap_or_default(),
+            sync.map(|v| v >= 200_000.0),
+        ));
+        let growth = match (self.growth.first(), self.growth.last()) {
+            (Some(a), Some(b)) if self.growth.len() > 1 && a.lookups.p99_ms > 0.0 => {
+                Some((b.lookups.p99_ms / a.lookups.p99_ms, a.pointers, b.pointers))
+            }
+            _ => None,
+        };
+        t.push((
+            match growth {
+                Some((_, a, b)) => format!(
+                    "p99 at {} pointers ≤ 1.5 × p99 at {}",
+                    count(b as f64),
+                    count(a as f64)
+                ),
+                None => "p99 at 20 M pointers ≤ 1.5 × p99 at 1 M".into(),
+            },
+            growth
+                .map(|(r, ..)| format!("{r:.2} ×"))
+                .unwrap_or_default(),
+            growth.map(|(r, ..)| r <= 1.5),
+        ));
+        let bpp = self.bytes_per_pointer();
+        t.push((
+            "under 200 bytes of disk per pointer".into(),
+            bpp.map(|v| format!("{v:.0} B")).unwrap_or_default(),
+            bpp.map(|v| v < 200.0),
+        ));
+        t
+    }
+
+    /// The results section of docs/benchmarks.md.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "{BEGIN}\n");
+        let _ = writeln!(
+            s,
+            "Measured {} on {} ({} cores, {:.0} GiB, Linux {}), `{}` build{}.\n",
+            m.date,
+            m.cpu,
+            m.cores,
+            m.memory_gib,
+            m.kernel,
+            m.build,
+            if self.quick {
+                " — **quick mode: a smoke test, not a measurement**"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(s, "```sh\n{}\n```\n", m.command);
+        let _ = writeln!(
+            s,
+            "Data set: {} pointers for {} patients at {} organizations (seed {}). Each \
+             lookup run: {} s warm-up, then {} s or {} requests, whichever ends \
+             first. Node log level `{}`.\n",
+            count(self.data.pointers as f64),
+            count(self.data.patients as f64),
+            self.data.organizations,
+            self.data.seed,
+            self.warmup_s,
+            self.duration_s,
+            count(self.max_requests as f64),
+            self.node_log_filter
+        );
+        if let Some(d) = &self.disk_sync {
+            let _ = writeln!(
+                s,
+                "Disk: appending 4 KiB and `fdatasync` takes {} ms at the median, {} ms at \
+                 p99, {} ms at most ({} samples) — the least any durable commit waits.\n",
+                ms(d.p50_ms),
+                ms(d.p99_ms),
+                ms(d.max_ms),
+                d.samples
+            );
+        }
+        let _ = writeln!(s, "### Targets\n");
+        let _ = writeln!(s, "| target | measured | |\n|---|---:|---|");
+        for (target, measured, ok) in self.targets() {
+            let _ = writeln!(s, "| {target} | {measured} | {} |", verdict(ok));
+        }
+        let _ = writeln!(s, "\n### Lookups\n");
+        let _ = writeln!(
+            s,
+            "Closed loop: each of *c* clients (own connection, own DPoP key and token, a \
+             fresh proof per call) sends its next request when the last is answered. \
+             CPU columns: CPU time per request of the server process(es) and of the load \
+             generator (for PostgreSQL: all `postgres` processes, and pgbench).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| what | c | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | server CPU µs | client CPU µs | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let rows: [(&str, &[LoadResult]); 4] = [
+            ("trivial gRPC service (floor)", &self.floor),
+            ("PIL local lookup", &self.local),
+            ("PostgreSQL + pgbench", &self.postgres),
+            ("PIL federated, 3 regions", &self.federated),
+        ];
+        for (name, rs) in rows {
+            for r in rs {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.concurrency,
+                    count(r.throughput),
+                    ms(r.p50_ms),
+                    ms(r.p99_ms),
+                    ms(r.p999_ms),
+                    ms(r.max_ms),
+                    opt_us(r.server_cpu_us),
+                    opt_us(r.client_cpu_us),
+                    r.errors
+                );
+            }
+        }
+        if !self.local.is_empty() && (!self.floor.is_empty() || !self.postgres.is_empty()) {
+            let _ = writeln!(
+                s,
+                "\n| c | PIL / floor | PIL / PostgreSQL | federated p99 / local p99 |\n|---:|---:|---:|---:|"
+            );
+            for l in &self.local {
+                let f = at(&self.floor, l.concurrency)
+                    .map(|f| format!("{:.0} %", 100.0 * l.throughput / f.throughput))
+                    .unwrap_or_else(|| "–".into());
+                let p = at(&self.postgres, l.concurrency)
+                    .map(|p| format!("{:.2} ×", l.throughput / p.throughput))
+                    .unwrap_or_else(|| "–".into());
+                let fd = at(&self.federated, l.concurrency)
+                    .map(|f| format!("{:.2} ×", f.p99_ms / l.p99_ms))
+                    .unwrap_or_else(|| "–".into());
+                let _ = writeln!(s, "| {} | {f} | {p} | {fd} |", l.concurrency);
+            }
+        }
+        let errors: Vec<String> = [&self.floor, &self.local, &self.federated]
+            .iter()
+            .flat_map(|rs| rs.iter())
+            .filter_map(|r| r.first_error.clone())
+            .collect();
+        if let Some(e) = errors.first() {
+            let _ = writeln!(s, "\nFirst error seen: `{}`", e.replace('`', "'"));
+        }
+        if self.federated_pointers > 0 {
+            let _ = writeln!(
+                s,
+                "\nFederated: the same data set split by holder organization over three \
+                 nodes ({} pointers in all); the client asks one of them, which asks the \
+                 other two.",
+                count(self.federated_pointers as f64)
+            );
+        }
+        if !self.sync.is_empty() {
+            let _ = writeln!(s, "\n### Bulk sync\n");
+            let _ = writeln!(
+                s,
+                "| sync | streams | pointers | seconds | pointers/s | server CPU µs/pointer | inserted | updated | unchanged | removed |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in &self.sync {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
+                    r.name,
+                    r.streams,
+                    count(r.sent as f64),
+                    r.seconds,
+                    count(r.per_second),
+                    r.server_cpu_us
+                        .map(|v| format!("{v:.1}"))
+                        .unwrap_or_else(|| "–".into()),
+                    count(r.inserted as f64),
+                    count(r.updated as f64),
+                    count(r.unchanged as f64),
+                    count(r.removed as f64)
+                );
+            }
+        }
+        let mut prints: Vec<&Footprint> = self.footprint.iter().collect();
+        prints.extend(self.growth.iter().skip(1).map(|g| &g.footprint));
+        if !prints.is_empty() {
+            let _ = writeln!(s, "\n### Footprint\n");
+            let _ = writeln!(
+                s,
+                "Disk after the load and a clean stop (memtables flushed) and compactions \
+                 have settled; resident memory of the node process.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| pointers | disk (all) | table files | bytes/pointer (tables) | RSS idle | RSS after lookups | RSS peak | RSS/M pointers | start-up |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for f in &prints {
+                let millions = f.pointers as f64 / 1e6;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} ms |",
+                    count(f.pointers as f64),
+                    mib(f.disk.total),
+                    mib(f.disk.sst),
+                    f.disk.sst as f64 / f.pointers.max(1) as f64,
+                    mib(f.rss_idle),
+                    mib(f.rss_loaded),
+                    mib(f.rss_peak),
+                    if millions > 0.0 {
+                        mib((f.rss_loaded as f64 / millions) as u64)
+                    } else {
+                        "–".into()
+                    },
+                    f.startup_ms
+                );
+            }
+            for f in &prints {
+                if f.families.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(
+                    s,
+                    "\nTable files by column family at {} pointers:\n\n| family | keys | bytes | bytes/pointer |\n|---|---:|---:|---:|",
+                    count(f.pointers as f64)
+                );
+                for fam in &f.families {
+                    if fam.sst_bytes == 0 && fam.keys == 0 {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        s,
+                        "| `{}` | {} | {} | {:.1} |",
+                        fam.name,
+                        count(fam.keys as f64),
+                        mib(fam.sst_bytes),
+                        fam.sst_bytes as f64 / f.pointers.max(1) as f64
+                    );
+                }
+            }
+            if let Some(pg) = &self.postgres_load {
+                let _ = writeln!(
+                    s,
+                    "\nPostgreSQL, same pointers: table {} + indexes {} = {:.0} bytes/pointer \
+                     (loaded with COPY in {:.1} s).",
+                    mib(pg.table_bytes),
+                    mib(pg.index_bytes),
+                    (pg.table_bytes + pg.index_bytes) as f64 / pg.rows.max(1) as f64,
+                    pg.seconds
+                );
+            }
+        }
+        if !self.growth.is_empty() {
+            let _ = writeln!(s, "\n### Growth\n");
+            let _ = writeln!(
+                s,
+                "| pointers | c | requests/s | p50 ms | p99 ms | p99.9 ms | load pointers/s |\n|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for g in &self.growth {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    count(g.pointers as f64),
+                    g.lookups.concurrency,
+                    count(g.lookups.throughput),
+                    ms(g.lookups.p50_ms),
+                    ms(g.lookups.p99_ms),
+                    ms(g.lookups.p999_ms),
+                    if g.load.sent > 0 {
+                        count(g.load.per_second)
+                    } else {
+                        "–".into()
+                    }
+                );
+            }
+        }
+        let _ = writeln!(s, "\n{END}");
+        s
+    }
+}
+
+/// Replaces the results section of `doc` (or appends one).
+pub fn splice(doc: &str, section: &str) -> String {
+    match (doc.find(BEGIN), doc.find(END)) {
+        (Some(b), Some(e)) if e > b => {
+            let mut out = String::with_capacity(doc.len() + section.len());
+            out.push_str(&doc[..b]);
+            out.push_str(section.trim_end());
+            out.push_str(&doc[e + END.len()..]);
+            out
+        }
+        _ => format!("{}\n\n{}", doc.trim_end(), section),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splices_between_markers() {
+        let doc = format!("# T\n\nintro\n\n{BEGIN}\nold\n{END}\n\n## After\n");
+        let out = splice(&doc, &format!("{BEGIN}\nnew\n{END}\n"));
+        assert!(out.contains("new") && !out.contains("old"));
+        assert!(out.starts_with("# T") && out.ends_with("## After\n"));
+    }
+
+    #[test]
+    fn renders_empty_and_partial_results() {
+        let mut r = Results::default();
+        assert!(r.markdown().contains("not measured"));
+        r.local.push(LoadResult {
+            concurrency: 16,
+            throughput: 1000.0,
+            p99_ms: 4.0,
+            ..Default::default()
+        });
+        r.floor.push(LoadResult {
+            concurrency: 16,
+            throughput: 2000.0,
+            ..Default::default()
+        });
+        let md = r.markdown();
+        assert!(md.contains("| 16 | 50 % |"), "{md}");
+        assert!(
+            md.contains("p99 at concurrency 16 ≤ 5 ms | 4.00 ms | met"),
+            "{md}"
+        );
+    }
+}
