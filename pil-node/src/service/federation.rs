@@ -10,7 +10,6 @@ use crate::{
     audit::{AuditRecord, record::Action},
     identity::Caller,
     pointer,
-    registry::LookupFilter,
     tls::PeerInfo,
 };
 
@@ -79,24 +78,9 @@ impl NodeService {
                 }
                 other => super::internal_access(other),
             })?;
-        let categories =
-            pointer::category_list("categories", &lookup.categories, false).map_err(invalid)?;
-        let organizations = lookup
-            .organization_numbers
-            .iter()
-            .map(|o| pointer::org_number("organization_numbers", o).map(|o| o.to_string()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
+        let filter = super::lookup::lookup_filter(&lookup)?;
         let local = self
-            .answer_locally(
-                &requester,
-                &patient,
-                LookupFilter {
-                    categories,
-                    organizations,
-                },
-                entry,
-            )
+            .answer_locally(&requester, &patient, filter, entry)
             .await?;
         tracing::info!(
             peer = %region, query_id = %entry.query_id, found = local.pointers.len(),

@@ -135,18 +135,7 @@ impl NodeService {
             .unwrap_or_default();
         let cert_org = self.organization(&req)?.to_string();
         let req = req.into_inner();
-        let categories =
-            pointer::category_list("categories", &req.categories, false).map_err(invalid)?;
-        let organizations = req
-            .organization_numbers
-            .iter()
-            .map(|o| pointer::org_number("organization_numbers", o).map(|o| o.to_string()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
-        let filter = LookupFilter {
-            categories,
-            organizations,
-        };
+        let filter = lookup_filter(&req)?;
         let local = match self
             .answer_locally(&requester, &patient, filter, entry)
             .await
@@ -271,6 +260,23 @@ impl NodeService {
             None => cap,
         }
     }
+}
+
+/// The lookup's category and organization filters, validated. Client lookups and
+/// forwarded ones take the same request, so they share this.
+pub(super) fn lookup_filter(req: &v1::LookupRequest) -> Result<LookupFilter, Status> {
+    let categories =
+        pointer::category_list("categories", &req.categories, false).map_err(invalid)?;
+    let organizations = req
+        .organization_numbers
+        .iter()
+        .map(|o| pointer::org_number("organization_numbers", o).map(|o| o.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    Ok(LookupFilter {
+        categories,
+        organizations,
+    })
 }
 
 /// A `grpc-timeout` header value: up to 8 digits and a unit.
