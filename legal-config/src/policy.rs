@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
@@ -69,7 +70,7 @@ const POINTER_ID: &str = "pointer";
 
 /// Who asks, and why: the facts from the requester's certificate and signed
 /// token (HelseID / tillitsrammeverk).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Requester {
     /// Organization number of the requesting organization (`orgnr_parent`).
     pub organization: String,
@@ -92,7 +93,7 @@ pub struct Requester {
 }
 
 /// The facts about one pointer that the rules may use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PointerFacts {
     /// Organization number of the organization holding the data.
     pub holder: String,
@@ -593,10 +594,41 @@ impl Names {
     }
 }
 
+/// Decisions this configuration has made, reused for the same facts.
+///
+/// A decision is a pure function of the configuration, the requester's facts and
+/// the pointer's facts (no clock, no other state), and a record system asks the
+/// same questions over and over: the same clinician, the same few holders and
+/// category sets. Evaluating Cedar builds entities and a request each time, so
+/// the answers are kept. The cache belongs to one loaded configuration; a reload
+/// builds a new configuration and so starts empty.
+#[derive(Clone)]
+struct DecisionCache(Arc<quick_cache::sync::Cache<(Requester, Option<PointerFacts>), Decision>>);
+
+/// Decisions kept per configuration; a few MB at most.
+const DECISION_CACHE_CAPACITY: usize = 20_000;
+
+impl DecisionCache {
+    fn new() -> Self {
+        DecisionCache(Arc::new(quick_cache::sync::Cache::new(
+            DECISION_CACHE_CAPACITY,
+        )))
+    }
+}
+
+impl fmt::Debug for DecisionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecisionCache")
+            .field("len", &self.0.len())
+            .finish()
+    }
+}
+
 /// A loaded, validated legal configuration, ready to decide requests.
 ///
 /// Build it once (at start-up or when a new configuration is rolled out) and
-/// share it; [`LegalConfig::decide`] takes `&self` and is cheap.
+/// share it; [`LegalConfig::decide`] takes `&self` and is cheap: repeated
+/// questions are answered from a cache of earlier decisions.
 #[derive(Debug, Clone)]
 pub struct LegalConfig {
     dir: PathBuf,
@@ -614,6 +646,7 @@ pub struct LegalConfig {
     action_entities: Vec<Entity>,
     registry_entity: Entity,
     default_deny: RuleRef,
+    decided: DecisionCache,
 }
 
 impl LegalConfig {
@@ -650,14 +683,14 @@ impl LegalConfig {
 
     /// Decide whether `requester` may see `pointer` (Cedar action `lookup`).
     pub fn decide(&self, requester: &Requester, pointer: &PointerFacts) -> Decision {
-        self.evaluate(requester, Target::Pointer(pointer))
+        self.cached(requester, Target::Pointer(pointer))
     }
 
     /// Decide whether `requester` may search this node's register at all
     /// (Cedar action `search` on `Registry::"<region>"`), before any pointer
     /// is read. A refusal here means the register is not touched.
     pub fn decide_lookup(&self, requester: &Requester) -> Decision {
-        self.evaluate(requester, Target::Registry)
+        self.cached(requester, Target::Registry)
     }
 
     /// The node settings from `node.toml`.
@@ -716,6 +749,23 @@ impl LegalConfig {
                 })
                 .collect(),
         }
+    }
+
+    /// The decision for these facts: from the cache, or evaluated and kept. An
+    /// evaluation error is not kept, so a transient one cannot stick.
+    fn cached(&self, requester: &Requester, target: Target<'_>) -> Decision {
+        let key = match target {
+            Target::Registry => (requester.clone(), None),
+            Target::Pointer(p) => (requester.clone(), Some(p.clone())),
+        };
+        if let Some(decision) = self.decided.0.get(&key) {
+            return decision;
+        }
+        let decision = self.evaluate(requester, target);
+        if decision.errors.is_empty() {
+            self.decided.0.insert(key, decision.clone());
+        }
+        decision
     }
 
     fn evaluate(&self, requester: &Requester, target: Target<'_>) -> Decision {
@@ -1301,6 +1351,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<LegalConfig> {
         action_entities,
         registry_entity,
         default_deny,
+        decided: DecisionCache::new(),
     };
     for error in config.self_test() {
         problems.push(Problem::in_file(
@@ -1413,6 +1464,69 @@ mod tests {
         assert_send_sync::<LegalConfig>();
         assert_send_sync::<Decision>();
         assert_send_sync::<PolicyError>();
+    }
+
+    /// Kept decisions are the decisions: for every mix of requester and pointer
+    /// facts, asking again (answered from the cache) gives what Cedar gives.
+    #[test]
+    fn kept_decisions_match_fresh_evaluation() {
+        let config = LegalConfig::load(env!("CARGO_MANIFEST_DIR"))
+            .unwrap_or_else(|e| panic!("default legal configuration must load: {e}"));
+        let region = config.settings().node.region.clone();
+        let mut requesters = Vec::new();
+        for profession in [None, Some("LE"), Some("SP"), Some("PS")] {
+            for purpose in ["TREAT", "ETREAT", "COC", "PATRQT", "HMARKT"] {
+                for care_relationship in [false, true] {
+                    requesters.push(Requester {
+                        organization: "910000004".into(),
+                        point_of_care: Some("910000012".into()),
+                        hpr_number: Some("9144889".into()),
+                        profession: profession.map(Into::into),
+                        purpose: purpose.into(),
+                        purpose_details: None,
+                        care_relationship,
+                    });
+                }
+            }
+        }
+        let mut pointers = Vec::new();
+        for holder in ["910000004", "920000002"] {
+            for categories in [
+                vec!["medications"],
+                vec!["mental-health"],
+                vec!["medications", "no-such-category"],
+            ] {
+                pointers.push(PointerFacts {
+                    holder: holder.into(),
+                    categories: categories.into_iter().map(Into::into).collect(),
+                    region: region.clone(),
+                });
+            }
+        }
+        for round in 0..2 {
+            for r in &requesters {
+                assert_eq!(
+                    config.decide_lookup(r),
+                    config.evaluate(r, Target::Registry),
+                    "search, round {round}, {r:?}"
+                );
+                for p in &pointers {
+                    assert_eq!(
+                        config.decide(r, p),
+                        config.evaluate(r, Target::Pointer(p)),
+                        "lookup, round {round}, {r:?}, {p:?}"
+                    );
+                }
+            }
+        }
+        let kept = requesters.len() * (pointers.len() + 1);
+        assert_eq!(config.decided.0.len(), kept);
+        let reloaded = LegalConfig::load(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert_eq!(
+            reloaded.decided.0.len(),
+            0,
+            "a reload starts with no kept decisions"
+        );
     }
 
     #[test]
