@@ -60,6 +60,8 @@ impl Access {
         let mut vc = VerifierConfig::new(&auth.issuer, &auth.audience, &auth.required_scope);
         vc.leeway = Duration::from_secs(auth.leeway_secs);
         vc.require_dpop = auth.require_dpop;
+        vc.replay_capacity = auth.dpop_replay_capacity;
+        vc.token_cache_capacity = auth.token_cache;
         let verifier = TokenVerifier::from_jwks_file(vc, &auth.jwks_file)
             .map_err(|e| AccessError::Jwks(format!("{}: {e}", auth.jwks_file.display())))?;
         let legal = load_legal(&config.legal_config, &config.region)?;

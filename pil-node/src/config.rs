@@ -95,6 +95,28 @@ pub struct AuthConfig {
     /// DPoP proofs' `htu`. Default: the URL the request arrived on.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Most DPoP proofs remembered against replay. A proof is remembered for about
+    /// 65 s and a full cache refuses proofs, so this caps DPoP-bound requests at
+    /// about capacity / 65 per second (default 500 000: ~7 700/s, ~70 MB when full).
+    #[serde(default = "default_replay_capacity")]
+    pub dpop_replay_capacity: usize,
+    /// Most access tokens whose signature check is reused while they are valid
+    /// (default 10 000). Claims and DPoP proofs are still checked on every call.
+    #[serde(default = "default_token_cache")]
+    pub token_cache: usize,
+}
+
+/// Default of `[auth] dpop_replay_capacity`.
+pub const DEFAULT_DPOP_REPLAY_CAPACITY: usize = 500_000;
+/// Default of `[auth] token_cache`.
+pub const DEFAULT_TOKEN_CACHE: usize = 10_000;
+
+fn default_replay_capacity() -> usize {
+    DEFAULT_DPOP_REPLAY_CAPACITY
+}
+
+fn default_token_cache() -> usize {
+    DEFAULT_TOKEN_CACHE
 }
 
 /// The audit log's tree-head signing.
@@ -269,6 +291,13 @@ impl NodeConfig {
                 OrgNumber::parse(org)
                     .map_err(|e| ConfigError::Invalid(format!("writes_for: {org:?}: {e}")))?;
             }
+        }
+        if self.auth.dpop_replay_capacity < 1_000 {
+            return Err(ConfigError::Invalid(
+                "auth.dpop_replay_capacity must be at least 1000 (proofs remembered against \
+                 replay; a full cache refuses every DPoP-bound call)"
+                    .into(),
+            ));
         }
         if self.limits.max_message_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(

@@ -169,6 +169,8 @@ pub fn prepare(
             leeway_secs: 5,
             require_dpop: false,
             public_url: None,
+            dpop_replay_capacity: crate::config::DEFAULT_DPOP_REPLAY_CAPACITY,
+            token_cache: crate::config::DEFAULT_TOKEN_CACHE,
         },
         tls: TlsConfig {
             client_ca: files.ca_cert.clone(),

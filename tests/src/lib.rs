@@ -88,6 +88,8 @@ impl World {
                 leeway_secs: 5,
                 require_dpop: false,
                 public_url: None,
+                dpop_replay_capacity: pil_node::config::DEFAULT_DPOP_REPLAY_CAPACITY,
+                token_cache: pil_node::config::DEFAULT_TOKEN_CACHE,
             },
             tls: TlsConfig {
                 client_ca: self.ca.clone(),

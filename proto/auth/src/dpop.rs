@@ -169,7 +169,7 @@ impl Default for DpopConfig {
         DpopConfig {
             window: Duration::from_secs(60),
             leeway: Duration::from_secs(5),
-            replay_capacity: 100_000,
+            replay_capacity: 500_000,
         }
     }
 }

@@ -1216,3 +1216,65 @@ fn demo_flow_through_files() {
     assert_eq!(who.hpr_number.as_deref(), Some(HPR));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ------------------------------------------------------- reused signature checks
+
+/// A token seen before skips only its signature check: every claim and the DPoP proof
+/// are checked again on each call.
+#[test]
+fn a_reused_token_is_checked_again_on_every_call() {
+    let f = fixture();
+    let token = f.token().bound_to(&f.dpop).sign().unwrap(); // exp = now + 300
+    assert!(f.verify(&token, Some(&f.proof(&token))).is_ok());
+    assert!(f.verify(&token, Some(&f.proof(&token))).is_ok());
+
+    // The same proof again is a replay, and no proof at all is refused.
+    let proof = f.proof(&token);
+    assert!(f.verify(&token, Some(&proof)).is_ok());
+    assert!(matches!(
+        dpop_err(f.verify(&token, Some(&proof))),
+        DpopError::Replayed(_)
+    ));
+    assert_eq!(f.verify(&token, None), Err(TokenError::DpopProofMissing));
+
+    // From another organization's certificate.
+    let ctx = RequestContext::grpc("987654321", URI, None).at(f.now);
+    assert!(matches!(
+        f.verifier.verify(&token, &ctx),
+        Err(TokenError::OrganizationMismatch { .. })
+    ));
+
+    // Later, the same token has expired.
+    let later = f.secs(400);
+    let proof = f.dpop.proof_at("POST", URI, &token, later).unwrap();
+    let ctx = RequestContext::grpc(ORG, URI, Some(&proof)).at(later);
+    assert!(matches!(
+        f.verifier.verify(&token, &ctx),
+        Err(TokenError::Expired { .. })
+    ));
+}
+
+/// A refused signature is not remembered as good, and a verifier with other keys does
+/// not trust what another verifier checked.
+#[test]
+fn only_good_signatures_under_the_same_keys_are_reused() {
+    let f = fixture();
+    let token = f.token().sign().unwrap();
+    let (rest, signature) = token.rsplit_once('.').unwrap();
+    let mut forged = signature.as_bytes().to_vec();
+    forged[5] = if forged[5] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{rest}.{}", String::from_utf8(forged).unwrap());
+    for _ in 0..2 {
+        assert_eq!(f.verify(&forged, None), Err(TokenError::BadSignature));
+    }
+    assert!(f.verify(&token, None).is_ok());
+
+    // Keys rotated: a verifier with only the new issuer's keys refuses the old token.
+    let other = DevIssuer::generate(ISS, "key-2025").unwrap();
+    let jwks = Jwks::from_json(&other.jwks().to_string()).unwrap();
+    let rotated = TokenVerifier::new(config(), jwks);
+    assert_eq!(
+        rotated.verify(&token, &f.ctx(None)),
+        Err(TokenError::BadSignature)
+    );
+}

@@ -332,8 +332,12 @@ pub struct VerifierConfig {
     pub require_dpop: bool,
     /// How old a DPoP proof may be (default 60 s).
     pub dpop_window: Duration,
-    /// Most DPoP `jti`s remembered at once (default 100 000).
+    /// Most DPoP `jti`s remembered at once (default 500 000). Each is kept for the
+    /// proof window plus leeway, so this caps the DPoP-bound requests a node accepts
+    /// per second at about capacity / 65 s.
     pub replay_capacity: usize,
+    /// Most verified access tokens whose signature check is reused (default 10 000).
+    pub token_cache_capacity: usize,
 }
 
 impl VerifierConfig {
@@ -350,7 +354,8 @@ impl VerifierConfig {
             leeway: Duration::from_secs(5),
             require_dpop: false,
             dpop_window: Duration::from_secs(60),
-            replay_capacity: 100_000,
+            replay_capacity: 500_000,
+            token_cache_capacity: 10_000,
         }
     }
 
@@ -453,26 +458,64 @@ pub struct VerifiedRequester {
     pub scopes: Vec<String>,
 }
 
+/// Access tokens whose signature this verifier has checked, with their claims.
+///
+/// A record system sends the same token with many calls until it expires, and the
+/// ES256 check is most of what verifying costs. The signature over exactly these
+/// bytes was good under these keys, so it stays good: only the signature check and
+/// the JSON parse are reused; every claim (time, audience, organization, attest) and
+/// the DPoP proof are still checked on each call. The cache belongs to one verifier,
+/// so a verifier built with new keys starts empty.
+#[derive(Clone)]
+struct SignatureCache(Arc<quick_cache::sync::Cache<String, Arc<AccessTokenClaims>>>);
+
+impl SignatureCache {
+    fn new(capacity: usize) -> Self {
+        SignatureCache(Arc::new(quick_cache::sync::Cache::new(capacity.max(1))))
+    }
+}
+
+impl std::fmt::Debug for SignatureCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignatureCache")
+            .field("len", &self.0.len())
+            .finish()
+    }
+}
+
 /// Verifies access tokens (and DPoP proofs) for one node. Cheap to share: wrap in an `Arc`.
 #[derive(Debug, Clone)]
 pub struct TokenVerifier {
     config: VerifierConfig,
     jwks: Jwks,
     dpop: DpopVerifier,
+    verified: SignatureCache,
 }
 
 impl TokenVerifier {
     /// A verifier with its own replay cache.
     pub fn new(config: VerifierConfig, jwks: Jwks) -> Self {
         let dpop = DpopVerifier::new(config.dpop_config());
-        TokenVerifier { config, jwks, dpop }
+        let verified = SignatureCache::new(config.token_cache_capacity);
+        TokenVerifier {
+            config,
+            jwks,
+            dpop,
+            verified,
+        }
     }
 
     /// A verifier sharing a replay cache, e.g. the previous verifier's after a JWKS reload, so
     /// that reloading keys does not reopen a replay window.
     pub fn with_replay_cache(config: VerifierConfig, jwks: Jwks, cache: Arc<ReplayCache>) -> Self {
         let dpop = DpopVerifier::with_cache(config.dpop_config(), cache);
-        TokenVerifier { config, jwks, dpop }
+        let verified = SignatureCache::new(config.token_cache_capacity);
+        TokenVerifier {
+            config,
+            jwks,
+            dpop,
+            verified,
+        }
     }
 
     /// A verifier whose JWKS is read from a file.
@@ -504,7 +547,7 @@ impl TokenVerifier {
         token: &str,
         ctx: &RequestContext<'_>,
     ) -> Result<VerifiedRequester, TokenError> {
-        let claims = self.verify_signature(token)?;
+        let claims = self.signed_claims(token)?;
         let now = unix_seconds(ctx.now);
         let expires_at = u64::try_from(claims.exp)
             .ok()
@@ -696,6 +739,19 @@ impl TokenVerifier {
             dpop_jkt,
             scopes,
         })
+    }
+
+    /// The token's claims once its signature is good: checked now, or reused from an
+    /// earlier check of the same token.
+    fn signed_claims(&self, token: &str) -> Result<AccessTokenClaims, TokenError> {
+        if let Some(claims) = self.verified.0.get(token) {
+            return Ok((*claims).clone());
+        }
+        let claims = self.verify_signature(token)?;
+        self.verified
+            .0
+            .insert(token.to_owned(), Arc::new(claims.clone()));
+        Ok(claims)
     }
 
     /// Header checks, key selection and signature; returns the parsed claims.
