@@ -75,6 +75,17 @@ pub struct LookupFilter {
     pub organizations: Vec<String>,
 }
 
+/// A patient as a lookup sees them.
+pub enum PatientView {
+    /// The patient has opted out of PIL: nothing is shown.
+    OptedOut,
+    /// The patient's blocks, and the live pointers matching the filter.
+    Visible {
+        blocks: Vec<StoredBlock>,
+        pointers: Vec<v1::Pointer>,
+    },
+}
+
 /// A node's registry. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
@@ -224,38 +235,73 @@ impl Registry {
         filter: &LookupFilter,
     ) -> Result<Vec<v1::Pointer>, RegistryError> {
         let pseudonym = self.pseudonym(patient);
+        let patient = patient.clone();
+        let this = self.clone();
+        let filter = filter.clone();
+        self.blocking(move || this.live_pointers(&pseudonym, &patient, &filter))
+            .await
+    }
+
+    /// What a lookup reads about one patient, in one trip to the blocking pool: the
+    /// opt-out, and unless there is one, the blocks and the live pointers.
+    pub async fn patient_view(
+        &self,
+        patient: &PatientId,
+        filter: &LookupFilter,
+    ) -> Result<PatientView, RegistryError> {
+        let pseudonym = self.pseudonym(patient);
+        let patient = patient.clone();
+        let this = self.clone();
+        let filter = filter.clone();
+        self.blocking(move || {
+            let store = &this.inner.store;
+            if store.opt_out(&pseudonym)?.is_some() {
+                return Ok(PatientView::OptedOut);
+            }
+            let blocks = store
+                .blocks(&pseudonym)?
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect();
+            let pointers = this.live_pointers(&pseudonym, &patient, &filter)?;
+            Ok(PatientView::Visible { blocks, pointers })
+        })
+        .await
+    }
+
+    fn live_pointers(
+        &self,
+        pseudonym: &Pseudonym,
+        patient: &PatientId,
+        filter: &LookupFilter,
+    ) -> Result<Vec<v1::Pointer>, RegistryError> {
         let wire_patient = v1::PatientIdentifier {
             system: patient.system().to_string(),
             value: patient.value().to_string(),
         };
-        let this = self.clone();
-        let filter = filter.clone();
-        self.blocking(move || {
-            let now = now_nanos();
-            let mut found: Vec<(PointerKey, StoredPointer)> = this
-                .inner
-                .store
-                .patient_pointers(&pseudonym)?
-                .into_iter()
-                .filter(|(key, p)| {
-                    p.effective_expiry().is_none_or(|at| at > now)
-                        && (filter.organizations.is_empty()
-                            || filter.organizations.iter().any(|o| o.as_bytes() == key.org))
-                        && (filter.categories.is_empty()
-                            || p.categories.iter().any(|c| filter.categories.contains(c)))
-                })
-                .collect();
-            found.sort_by(|a, b| {
-                b.1.last_updated
-                    .cmp(&a.1.last_updated)
-                    .then_with(|| a.0.cmp(&b.0))
-            });
-            Ok(found
-                .iter()
-                .map(|(k, p)| this.to_wire(k, p, wire_patient.clone()))
-                .collect())
-        })
-        .await
+        let now = now_nanos();
+        let mut found: Vec<(PointerKey, StoredPointer)> = self
+            .inner
+            .store
+            .patient_pointers(pseudonym)?
+            .into_iter()
+            .filter(|(key, p)| {
+                p.effective_expiry().is_none_or(|at| at > now)
+                    && (filter.organizations.is_empty()
+                        || filter.organizations.iter().any(|o| o.as_bytes() == key.org))
+                    && (filter.categories.is_empty()
+                        || p.categories.iter().any(|c| filter.categories.contains(c)))
+            })
+            .collect();
+        found.sort_by(|a, b| {
+            b.1.last_updated
+                .cmp(&a.1.last_updated)
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        Ok(found
+            .iter()
+            .map(|(k, p)| self.to_wire(k, p, wire_patient.clone()))
+            .collect())
     }
 
     /// Keys of an organization's pointers for one patient (replace-mode sync).

@@ -15,7 +15,7 @@ use crate::{
     },
     federation::PeerOutcome,
     pointer,
-    registry::LookupFilter,
+    registry::{LookupFilter, PatientView},
 };
 
 /// What this node's own pointers give a requester.
@@ -52,21 +52,23 @@ impl NodeService {
             return Err(denied(&search));
         }
         entry.decision.outcome = "allowed".into();
-        let (opt_out, blocks) = self.registry.protections(patient).await.map_err(internal)?;
-        if opt_out.is_some() {
-            entry.outcome.detail = "the patient has opted out of PIL".into();
-            return Ok(LocalAnswer {
-                pointers: Vec::new(),
-                rules: search.rules,
-                emergency: false,
-                opted_out: true,
-            });
-        }
-        let found = self
+        let (blocks, found) = match self
             .registry
-            .lookup(patient, &filter)
+            .patient_view(patient, &filter)
             .await
-            .map_err(internal)?;
+            .map_err(internal)?
+        {
+            PatientView::OptedOut => {
+                entry.outcome.detail = "the patient has opted out of PIL".into();
+                return Ok(LocalAnswer {
+                    pointers: Vec::new(),
+                    rules: search.rules,
+                    emergency: false,
+                    opted_out: true,
+                });
+            }
+            PatientView::Visible { blocks, pointers } => (blocks, pointers),
+        };
         let region = self.registry.region().to_string();
         let mut rules = search.rules.clone();
         let mut emergency = search.emergency;
