@@ -1,3 +1,8 @@
+// glibc's allocator spent about a fifth of a loaded node's CPU (malloc_consolidate
+// and friends, across the tokio and RocksDB threads); mimalloc spends a fraction.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     pil_node::cli::main()
 }
