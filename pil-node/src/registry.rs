@@ -162,6 +162,7 @@ impl Registry {
         let key = self.key_for(&pseudonym, &p.endpoint);
         let value = StoredPointer {
             sealed_patient: self.inner.keys.seal(&p.patient, &pseudonym),
+            sealed_patient_format1: Vec::new(),
             sub_unit: p
                 .endpoint
                 .sub_unit
@@ -354,8 +355,13 @@ impl Registry {
             for (key, value) in keys.iter().zip(values) {
                 // A pointer removed between the two reads is simply not exported.
                 let Some(value) = value else { continue };
-                let (system, value_id) =
-                    this.inner.keys.open(&value.sealed_patient, &key.patient)?;
+                let (system, value_id) = if value.sealed_patient.is_empty() {
+                    this.inner
+                        .keys
+                        .open_format1(&value.sealed_patient_format1, &key.patient)?
+                } else {
+                    this.inner.keys.open(&value.sealed_patient, &key.patient)?
+                };
                 let patient = v1::PatientIdentifier {
                     system,
                     value: value_id,

@@ -53,7 +53,11 @@ const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
 
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT_VERSION: &[u8] = b"1";
+/// Format 2 seals patient identifiers compactly (`StoredPointer::sealed_patient`).
+/// A format 1 directory is upgraded on open: its pointers are read as they are and
+/// rewritten in format 2 when their holder next changes them.
+const FORMAT_VERSION: &[u8] = b"2";
+const FORMAT_1: &[u8] = b"1";
 
 /// Bytes of an organization number in keys.
 pub const ORG_LEN: usize = 9;
@@ -137,9 +141,10 @@ fn sortable(v: i64) -> [u8; 8] {
 /// number is in the key.
 #[derive(Clone, PartialEq, Message)]
 pub struct StoredPointer {
-    /// `PatientKeys::seal` of the identifier, for export.
+    /// The identifier as storage format 1 sealed it (`PatientKeys::open_format1`);
+    /// empty in pointers written since.
     #[prost(bytes = "vec", tag = "1")]
-    pub sealed_patient: Vec<u8>,
+    pub sealed_patient_format1: Vec<u8>,
     #[prost(string, tag = "2")]
     pub sub_unit: String,
     #[prost(string, tag = "3")]
@@ -162,11 +167,14 @@ pub struct StoredPointer {
     /// node's pointer lifetime. Moved forward by refreshes, not part of the content.
     #[prost(int64, optional, tag = "11")]
     pub lapses_at: Option<i64>,
+    /// `PatientKeys::seal` of the identifier, for export.
+    #[prost(bytes = "vec", tag = "12")]
+    pub sealed_patient: Vec<u8>,
 }
 
 impl StoredPointer {
-    /// Equal in everything a holder can change (the sealed identifier's random nonce is
-    /// not content).
+    /// Equal in everything a holder can change (how the identifier is sealed is not
+    /// content: format 1 seals carry a random nonce).
     pub fn same_content(&self, other: &Self) -> bool {
         self.sub_unit == other.sub_unit
             && self.base_url == other.base_url
@@ -191,6 +199,10 @@ impl StoredPointer {
 
 /// One change in an atomic write.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "batches are almost all of the large variant; boxing it would add an allocation per pointer"
+)]
 pub enum Change {
     /// Store `value` at `key`; `previous` is what was there (to keep indexes exact).
     Put {
@@ -265,6 +277,12 @@ impl Store {
                 Ok(())
             }
             Some(v) if v == FORMAT_VERSION => Ok(()),
+            Some(v) if v == FORMAT_1 => {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                self.db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VERSION, &w)?;
+                Ok(())
+            }
             Some(v) => Err(StorageError::Format {
                 found: String::from_utf8_lossy(&v).into_owned(),
             }),
@@ -849,6 +867,45 @@ mod tests {
         assert!(sortable(-5) < sortable(3));
         assert!(sortable(i64::MIN) < sortable(-1));
         assert!(sortable(0) < sortable(i64::MAX));
+    }
+
+    /// A format 1 directory opens, keeps its pointers as they were and is marked
+    /// format 2; a format this node does not know is refused.
+    #[test]
+    fn format1_directories_are_upgraded_and_unknown_formats_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = key(1, b"974760673", 1);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let meta = store.cf(CF_META);
+            store.db.put_cf(meta, FORMAT_KEY, FORMAT_1).unwrap();
+            let mut v = value(None);
+            v.sealed_patient_format1 = vec![7; 81];
+            store
+                .write(&[Change::Put {
+                    key: old,
+                    value: v,
+                    previous: None,
+                }])
+                .unwrap();
+        }
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let meta = store.cf(CF_META);
+            assert_eq!(
+                store.db.get_cf(meta, FORMAT_KEY).unwrap().as_deref(),
+                Some(FORMAT_VERSION)
+            );
+            let found = store.patient_pointers(&[1; 16]).unwrap();
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].1.sealed_patient_format1, vec![7; 81]);
+            assert!(found[0].1.sealed_patient.is_empty());
+            store.db.put_cf(meta, FORMAT_KEY, b"3").unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StorageError::Format { found }) if found == "3"
+        ));
     }
 
     #[test]

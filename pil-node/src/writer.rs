@@ -23,6 +23,10 @@ const REFRESH_STEP_NANOS: i64 = 24 * 3600 * 1_000_000_000;
 
 /// One change a caller asks for.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "batches are almost all of the large variant; boxing it would add an allocation per pointer"
+)]
 pub enum Op {
     /// Insert or replace. When `keep_last_updated` is set the caller did not send a
     /// `last_updated`: an existing pointer keeps its own, a new one gets `value`'s.
@@ -195,8 +199,6 @@ fn apply_op(
                     if *keep_last_updated {
                         value.last_updated = prev.last_updated;
                     }
-                    // Keep the sealed identifier: same patient, no needless rewrite.
-                    value.sealed_patient.clone_from(&prev.sealed_patient);
                     if prev.same_content(&value) {
                         // Unchanged content still counts as a refresh. The lapse moves
                         // in coarse steps, so repeating a sync costs no writes.
