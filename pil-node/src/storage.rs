@@ -398,9 +398,16 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        let (pointers, by_org, expiry) =
-            (self.cf(CF_POINTERS), self.cf(CF_BY_ORG), self.cf(CF_EXPIRY));
-        let mut batch = WriteBatch::default();
+        // Each column family's entries go into the batch in key order: the memtable
+        // skip list then continues its search from the previous insert instead of
+        // starting from the top for every random pseudonym (that search was a third of
+        // a bulk sync's CPU). The sort is stable, so two entries for one key keep
+        // their order.
+        const POINTERS: u8 = 0;
+        const BY_ORG: u8 = 1;
+        const EXPIRY: u8 = 2;
+        let mut entries: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> =
+            Vec::with_capacity(changes.len() * 3);
         for change in changes {
             match change {
                 Change::Put {
@@ -408,28 +415,38 @@ impl Store {
                     value,
                     previous,
                 } => {
-                    batch.put_cf(pointers, key.encode(), value.encode_to_vec());
+                    entries.push((POINTERS, key.encode().to_vec(), Some(value.encode_to_vec())));
                     if previous.is_none() {
-                        batch.put_cf(by_org, key.by_org(), []);
+                        entries.push((BY_ORG, key.by_org().to_vec(), Some(Vec::new())));
                     }
                     let before = previous.as_ref().and_then(|p| p.effective_expiry());
                     let after = value.effective_expiry();
                     if before != after {
                         if let Some(at) = before {
-                            batch.delete_cf(expiry, key.expiry(at));
+                            entries.push((EXPIRY, key.expiry(at).to_vec(), None));
                         }
                         if let Some(at) = after {
-                            batch.put_cf(expiry, key.expiry(at), []);
+                            entries.push((EXPIRY, key.expiry(at).to_vec(), Some(Vec::new())));
                         }
                     }
                 }
                 Change::Delete { key, previous } => {
-                    batch.delete_cf(pointers, key.encode());
-                    batch.delete_cf(by_org, key.by_org());
+                    entries.push((POINTERS, key.encode().to_vec(), None));
+                    entries.push((BY_ORG, key.by_org().to_vec(), None));
                     if let Some(at) = previous.effective_expiry() {
-                        batch.delete_cf(expiry, key.expiry(at));
+                        entries.push((EXPIRY, key.expiry(at).to_vec(), None));
                     }
                 }
+            }
+        }
+        entries.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let families = [self.cf(CF_POINTERS), self.cf(CF_BY_ORG), self.cf(CF_EXPIRY)];
+        let mut batch = WriteBatch::default();
+        for (family, key, value) in entries {
+            let cf = families[usize::from(family)];
+            match value {
+                Some(value) => batch.put_cf(cf, key, value),
+                None => batch.delete_cf(cf, key),
             }
         }
         let mut opts = WriteOptions::default();
