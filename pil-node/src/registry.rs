@@ -23,7 +23,7 @@ use crate::{
     pointer::{EndpointRef, NewPointer, to_timestamp},
     storage::{
         IDENT_LEN, ORG_LEN, PointerKey, StorageError, Store, StoredBlock, StoredOptOut,
-        StoredPointer,
+        StoredPointer, Tier,
     },
     writer::{Op, OpResult, WriteError, Writer},
 };
@@ -239,35 +239,49 @@ impl Registry {
         let patient = patient.clone();
         let this = self.clone();
         let filter = filter.clone();
-        self.blocking(move || this.live_pointers(&pseudonym, &patient, &filter))
+        self.blocking(move || this.live_pointers(&pseudonym, &patient, &filter, Tier::Any))
             .await
     }
 
-    /// What a lookup reads about one patient, in one trip to the blocking pool: the
-    /// opt-out, and unless there is one, the blocks and the live pointers.
+    /// What a lookup reads about one patient: the opt-out, and unless there is one,
+    /// the blocks and the live pointers. Read in place when everything is in memory
+    /// (the common case: a hop to the blocking pool cost more than the read);
+    /// otherwise read again on the blocking pool, where waiting for the disk is fine.
     pub async fn patient_view(
         &self,
         patient: &PatientId,
         filter: &LookupFilter,
     ) -> Result<PatientView, RegistryError> {
         let pseudonym = self.pseudonym(patient);
+        match self.read_view(&pseudonym, patient, filter, Tier::Cached) {
+            Err(RegistryError::Storage(StorageError::NotCached)) => {}
+            done => return done,
+        }
         let patient = patient.clone();
         let this = self.clone();
         let filter = filter.clone();
-        self.blocking(move || {
-            let store = &this.inner.store;
-            if store.opt_out(&pseudonym)?.is_some() {
-                return Ok(PatientView::OptedOut);
-            }
-            let blocks = store
-                .blocks(&pseudonym)?
-                .into_iter()
-                .map(|(_, b)| b)
-                .collect();
-            let pointers = this.live_pointers(&pseudonym, &patient, &filter)?;
-            Ok(PatientView::Visible { blocks, pointers })
-        })
-        .await
+        self.blocking(move || this.read_view(&pseudonym, &patient, &filter, Tier::Any))
+            .await
+    }
+
+    fn read_view(
+        &self,
+        pseudonym: &Pseudonym,
+        patient: &PatientId,
+        filter: &LookupFilter,
+        tier: Tier,
+    ) -> Result<PatientView, RegistryError> {
+        let store = &self.inner.store;
+        if store.opt_out(pseudonym, tier)?.is_some() {
+            return Ok(PatientView::OptedOut);
+        }
+        let blocks = store
+            .blocks(pseudonym, tier)?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        let pointers = self.live_pointers(pseudonym, patient, filter, tier)?;
+        Ok(PatientView::Visible { blocks, pointers })
     }
 
     fn live_pointers(
@@ -275,6 +289,7 @@ impl Registry {
         pseudonym: &Pseudonym,
         patient: &PatientId,
         filter: &LookupFilter,
+        tier: Tier,
     ) -> Result<Vec<v1::Pointer>, RegistryError> {
         let wire_patient = v1::PatientIdentifier {
             system: patient.system().to_string(),
@@ -284,7 +299,7 @@ impl Registry {
         let mut found: Vec<(PointerKey, StoredPointer)> = self
             .inner
             .store
-            .patient_pointers(pseudonym)?
+            .patient_pointers(pseudonym, tier)?
             .into_iter()
             .filter(|(key, p)| {
                 p.effective_expiry().is_none_or(|at| at > now)
@@ -433,7 +448,7 @@ impl Registry {
     ) -> Result<Vec<([u8; 16], StoredBlock)>, RegistryError> {
         let pseudonym = self.pseudonym(patient);
         let this = self.clone();
-        self.blocking(move || Ok(this.inner.store.blocks(&pseudonym)?))
+        self.blocking(move || Ok(this.inner.store.blocks(&pseudonym, Tier::Any)?))
             .await
     }
 
@@ -447,7 +462,7 @@ impl Registry {
         let this = self.clone();
         self.blocking(move || {
             let store = &this.inner.store;
-            let existed = store.opt_out(&pseudonym)?.is_some();
+            let existed = store.opt_out(&pseudonym, Tier::Any)?.is_some();
             store.set_opt_out(&pseudonym, opt_out.as_ref())?;
             Ok(existed)
         })
@@ -463,9 +478,9 @@ impl Registry {
         let this = self.clone();
         self.blocking(move || {
             let store = &this.inner.store;
-            let opt_out = store.opt_out(&pseudonym)?;
+            let opt_out = store.opt_out(&pseudonym, Tier::Any)?;
             let blocks = store
-                .blocks(&pseudonym)?
+                .blocks(&pseudonym, Tier::Any)?
                 .into_iter()
                 .map(|(_, b)| b)
                 .collect();

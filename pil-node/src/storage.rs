@@ -75,6 +75,38 @@ pub enum StorageError {
     Corrupt { cf: &'static str, detail: String },
     #[error("data directory has format {found:?}, this node understands {FORMAT_VERSION:?}")]
     Format { found: String },
+    /// A [`Tier::Cached`] read would have had to wait for the disk.
+    #[error("not in memory; read again allowing disk reads")]
+    NotCached,
+}
+
+/// How far a read may go for its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Anywhere, disk included: may block, so call it from a blocking context.
+    Any,
+    /// Memtables and the block cache only: never waits for the disk, so it can run on
+    /// the async executor; fails with [`StorageError::NotCached`] instead.
+    Cached,
+}
+
+impl Tier {
+    fn options(self) -> ReadOptions {
+        let mut opts = ReadOptions::default();
+        if self == Tier::Cached {
+            opts.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        opts
+    }
+}
+
+/// RocksDB's error, or [`StorageError::NotCached`] for a cache-only read that missed.
+fn read_error(e: rocksdb::Error) -> StorageError {
+    if e.kind() == rocksdb::ErrorKind::Incomplete {
+        StorageError::NotCached
+    } else {
+        StorageError::Db(e)
+    }
 }
 
 /// Where one pointer lives.
@@ -316,9 +348,10 @@ impl Store {
     pub fn patient_pointers(
         &self,
         patient: &Pseudonym,
+        tier: Tier,
     ) -> Result<Vec<(PointerKey, StoredPointer)>, StorageError> {
         let mut out = Vec::new();
-        for item in self.prefix_scan(CF_POINTERS, patient) {
+        for item in self.prefix_scan_in(CF_POINTERS, patient, tier) {
             let (k, v) = item?;
             let key = PointerKey::decode(&k).ok_or_else(|| corrupt(CF_POINTERS, "bad key"))?;
             out.push((key, decode(&v)?));
@@ -480,7 +513,16 @@ impl Store {
         cf: &'static str,
         prefix: &'a [u8],
     ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + 'a {
-        let mut opts = ReadOptions::default();
+        self.prefix_scan_in(cf, prefix, Tier::Any)
+    }
+
+    fn prefix_scan_in<'a>(
+        &'a self,
+        cf: &'static str,
+        prefix: &'a [u8],
+        tier: Tier,
+    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + 'a {
+        let mut opts = tier.options();
         opts.set_iterate_upper_bound(upper_bound(prefix));
         opts.set_prefix_same_as_start(true);
         self.db
@@ -489,7 +531,7 @@ impl Store {
                 opts,
                 IteratorMode::From(prefix, rocksdb::Direction::Forward),
             )
-            .map(|r| r.map_err(StorageError::from))
+            .map(|r| r.map_err(read_error))
     }
 }
 
@@ -557,8 +599,9 @@ impl Store {
     pub fn blocks(
         &self,
         patient: &Pseudonym,
+        tier: Tier,
     ) -> Result<Vec<([u8; 16], StoredBlock)>, StorageError> {
-        self.prefix_scan(CF_BLOCKS, patient)
+        self.prefix_scan_in(CF_BLOCKS, patient, tier)
             .map(|item| {
                 let (k, v) = item?;
                 let id: [u8; 16] = k
@@ -582,9 +625,14 @@ impl Store {
     }
 
     /// The patient's opt-out, if any.
-    pub fn opt_out(&self, patient: &Pseudonym) -> Result<Option<StoredOptOut>, StorageError> {
+    pub fn opt_out(
+        &self,
+        patient: &Pseudonym,
+        tier: Tier,
+    ) -> Result<Option<StoredOptOut>, StorageError> {
         self.db
-            .get_cf(self.cf(CF_OPT_OUTS), patient)?
+            .get_cf_opt(self.cf(CF_OPT_OUTS), patient, &tier.options())
+            .map_err(read_error)?
             .map(|v| StoredOptOut::decode(&*v).map_err(|e| corrupt(CF_OPT_OUTS, &e.to_string())))
             .transpose()
     }
@@ -913,7 +961,7 @@ mod tests {
                 store.db.get_cf(meta, FORMAT_KEY).unwrap().as_deref(),
                 Some(FORMAT_VERSION)
             );
-            let found = store.patient_pointers(&[1; 16]).unwrap();
+            let found = store.patient_pointers(&[1; 16], Tier::Any).unwrap();
             assert_eq!(found.len(), 1);
             assert_eq!(found[0].1.sealed_patient_format1, vec![7; 81]);
             assert!(found[0].1.sealed_patient.is_empty());
@@ -923,6 +971,57 @@ mod tests {
             Store::open(dir.path()),
             Err(StorageError::Format { found }) if found == "3"
         ));
+    }
+
+    /// A cache-only read never waits for the disk: it reports `NotCached` for data only
+    /// on disk, and finds it once a full read has brought it into the block cache.
+    #[test]
+    fn cached_reads_report_misses_instead_of_reading_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = key(1, b"974760673", 1);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .write(&[Change::Put {
+                    key: a,
+                    value: value(None),
+                    previous: None,
+                }])
+                .unwrap();
+            // In the memtable: found without the disk.
+            assert_eq!(
+                store
+                    .patient_pointers(&[1; 16], Tier::Cached)
+                    .unwrap()
+                    .len(),
+                1
+            );
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            store.patient_pointers(&[1; 16], Tier::Cached),
+            Err(StorageError::NotCached)
+        ));
+        assert_eq!(
+            store.patient_pointers(&[1; 16], Tier::Any).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            store
+                .patient_pointers(&[1; 16], Tier::Cached)
+                .unwrap()
+                .len(),
+            1
+        );
+        // A patient with nothing stored is answered from the filters alone.
+        assert!(
+            store
+                .patient_pointers(&[9; 16], Tier::Cached)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.opt_out(&[1; 16], Tier::Any).unwrap().is_none());
     }
 
     #[test]
@@ -950,7 +1049,10 @@ mod tests {
                 },
             ])
             .unwrap();
-        assert_eq!(store.patient_pointers(&[1; 16]).unwrap().len(), 2);
+        assert_eq!(
+            store.patient_pointers(&[1; 16], Tier::Any).unwrap().len(),
+            2
+        );
         assert_eq!(store.patient_org_keys(&[1; 16], b"974760673").unwrap(), [a]);
         assert_eq!(store.org_keys(b"974760673", None, 10).unwrap(), [a, c]);
         assert_eq!(store.org_keys(b"974760673", Some(&a), 10).unwrap(), [c]);
