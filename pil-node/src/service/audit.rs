@@ -126,6 +126,21 @@ fn audit_internal(e: impl std::fmt::Display) -> Status {
     Status::internal("the node could not read its audit log; see its log")
 }
 
+/// Runs an audit log read on the blocking pool (it reads RocksDB and can be long);
+/// a failure of either the read or the task becomes INTERNAL, logged.
+async fn read_blocking<T, E>(
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(audit_internal)?
+        .map_err(audit_internal)
+}
+
 fn parse_record(bytes: &[u8]) -> Option<AuditRecord> {
     serde_json::from_slice(bytes).ok()
 }
@@ -198,7 +213,7 @@ impl NodeService {
             .as_ref()
             .and_then(|p| hex::decode(p).ok())
             .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
-        tokio::task::spawn_blocking(move || {
+        read_blocking(move || {
             let mut out = Vec::new();
             let mut cursor = before;
             let mut scanned = 0usize;
@@ -232,13 +247,11 @@ impl NodeService {
                     return Ok((out, None));
                 }
                 if scanned >= MAX_SCAN {
-                    return Ok((out, Some(cursor)));
+                    return Ok::<_, crate::storage::StorageError>((out, Some(cursor)));
                 }
             }
         })
         .await
-        .map_err(audit_internal)?
-        .map_err(|e: crate::storage::StorageError| audit_internal(e))
     }
 
     fn node_info(&self) -> NodeInfo {
@@ -305,19 +318,13 @@ impl NodeService {
             loop {
                 let s = store.clone();
                 let page =
-                    tokio::task::spawn_blocking(move || s.audit_records(from, true, SCAN_CHUNK))
-                        .await;
-                let page = match page {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(audit_internal(e))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(audit_internal(e))).await;
-                        return;
-                    }
-                };
+                    match read_blocking(move || s.audit_records(from, true, SCAN_CHUNK)).await {
+                        Ok(p) => p,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    };
                 let Some(last) = page.last().map(|(i, _)| *i) else {
                     return;
                 };
@@ -373,7 +380,7 @@ impl NodeService {
             while next < size {
                 let s = store.clone();
                 let start = next;
-                let page = tokio::task::spawn_blocking(move || {
+                let page = read_blocking(move || {
                     let end = (start + STREAM_PAGE as u64).min(size);
                     let present: std::collections::HashMap<u64, Vec<u8>> = s
                         .audit_records(start, true, (end - start) as usize)?
@@ -396,18 +403,14 @@ impl NodeService {
                 })
                 .await;
                 match page {
-                    Ok(Ok((entries, end))) => {
+                    Ok((entries, end)) => {
                         next = end;
                         if tx.send(Ok(v1::ReadLogResponse { entries })).await.is_err() {
                             return;
                         }
                     }
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(audit_internal(e))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(audit_internal(e))).await;
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 }
@@ -433,10 +436,7 @@ impl NodeService {
         };
         let store = self.audit.store().clone();
         let mut heads =
-            tokio::task::spawn_blocking(move || store.audit_heads_after(after_size, limit + 1))
-                .await
-                .map_err(audit_internal)?
-                .map_err(audit_internal)?;
+            read_blocking(move || store.audit_heads_after(after_size, limit + 1)).await?;
         let more = heads.len() > limit;
         heads.truncate(limit);
         Ok(Response::new(v1::ListTreeHeadsResponse {
@@ -459,10 +459,7 @@ impl NodeService {
             self.audit.sign_head().await.map_err(audit_internal)?
         } else {
             let store = self.audit.store().clone();
-            tokio::task::spawn_blocking(move || store.audit_latest_head())
-                .await
-                .map_err(audit_internal)?
-                .map_err(audit_internal)?
+            read_blocking(move || store.audit_latest_head()).await?
         };
         let head = head.ok_or_else(|| {
             Status::failed_precondition("the audit log has no signed tree head yet")
@@ -490,7 +487,7 @@ impl NodeService {
             )));
         }
         let store = self.audit.store().clone();
-        let (record, leaf, proof) = tokio::task::spawn_blocking(move || {
+        let (record, leaf, proof) = read_blocking(move || {
             let tree = StoredTree(&store);
             let proof = pil_transparency::inclusion_proof(&tree, index, tree_size)
                 .map_err(|e| e.to_string())?;
@@ -498,9 +495,7 @@ impl NodeService {
             let record = store.audit_record(index).map_err(|e| e.to_string())?;
             Ok::<_, String>((record.unwrap_or_default(), leaf, proof))
         })
-        .await
-        .map_err(audit_internal)?
-        .map_err(audit_internal)?;
+        .await?;
         Ok(Response::new(v1::GetInclusionProofResponse {
             record,
             leaf_hash: leaf.to_vec(),
@@ -523,13 +518,10 @@ impl NodeService {
             )));
         }
         let store = self.audit.store().clone();
-        let proof = tokio::task::spawn_blocking(move || {
+        let proof = read_blocking(move || {
             pil_transparency::consistency_proof(&StoredTree(&store), old_size, new_size)
-                .map_err(|e| e.to_string())
         })
-        .await
-        .map_err(audit_internal)?
-        .map_err(audit_internal)?;
+        .await?;
         Ok(Response::new(v1::GetConsistencyProofResponse {
             proof: proof.into_iter().map(|h| h.to_vec()).collect(),
         }))
