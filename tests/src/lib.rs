@@ -488,3 +488,19 @@ pub fn code(e: &pil_client::ClientError) -> tonic::Code {
         other => panic!("expected a status, got {other}"),
     }
 }
+
+/// The token most tests' requesters carry: [`ORG_A`]'s doctor ([`HPR`], profession `LE`)
+/// with a documented care relationship, for this node's audience and scope. Tests
+/// change one claim from here.
+pub fn doctor_token(
+    issuer: &pil_auth::dev_issuer::DevIssuer,
+) -> pil_auth::dev_issuer::TokenBuilder<'_> {
+    issuer
+        .token()
+        .audience(pil_node::demo::DEV_AUDIENCE)
+        .scope("pil:lookup")
+        .org_parent(ORG_A)
+        .hpr_number(HPR)
+        .profession("LE")
+        .decision_ref("d", false)
+}

@@ -254,16 +254,7 @@ async fn bad_tokens_are_unauthenticated() {
     let (node, patient) = setup(&world).await;
     let addr = node.addr();
     let issuer = world.issuer();
-    let base = || {
-        issuer
-            .token()
-            .audience("pil")
-            .scope("pil:lookup")
-            .org_parent(ORG_A)
-            .hpr_number(HPR)
-            .profession("LE")
-            .decision_ref("d", false)
-    };
+    let base = || doctor_token(&issuer);
     let now = SystemTime::now();
     let other =
         pil_auth::dev_issuer::DevIssuer::generate(pil_node::demo::DEV_ISSUER, "other-kid").unwrap();
@@ -387,17 +378,7 @@ async fn dpop_bound_tokens_need_a_fresh_proof_from_their_key() {
     let addr = node.addr();
     let issuer = world.issuer();
     let key = DpopKey::generate().unwrap();
-    let bound = issuer
-        .token()
-        .audience("pil")
-        .scope("pil:lookup")
-        .org_parent(ORG_A)
-        .hpr_number(HPR)
-        .profession("LE")
-        .decision_ref("d", false)
-        .bound_to(&key)
-        .sign()
-        .unwrap();
+    let bound = doctor_token(&issuer).bound_to(&key).sign().unwrap();
 
     // With its key: fine (the client makes a fresh proof per call).
     let ok = world
@@ -641,16 +622,7 @@ async fn a_node_can_require_dpop_bound_tokens() {
     let node = TestNode::start(config).await;
     let patient = patient_id(503);
     let issuer = world.issuer();
-    let token = || {
-        issuer
-            .token()
-            .audience("pil")
-            .scope("pil:lookup")
-            .org_parent(ORG_A)
-            .hpr_number(HPR)
-            .profession("LE")
-            .decision_ref("d", false)
-    };
+    let token = || doctor_token(&issuer);
     let bearer = world
         .client_with_token(ORG_A, node.addr(), token().sign().unwrap(), None)
         .await;

@@ -302,16 +302,7 @@ async fn the_answering_node_checks_forwarded_tokens_itself() {
         .await;
     let mut federation = v1::federation_service_client::FederationServiceClient::new(channel);
     let issuer = world.issuer();
-    let token = || {
-        issuer
-            .token()
-            .audience("pil")
-            .scope("pil:lookup")
-            .org_parent(ORG_A)
-            .hpr_number(HPR)
-            .profession("LE")
-            .decision_ref("d", false)
-    };
+    let token = || doctor_token(&issuer);
     let forward = |access_token: String| v1::ForwardedLookupRequest {
         lookup: Some(lookup(&patient)),
         access_token,
@@ -433,17 +424,7 @@ async fn a_node_sheds_forwarded_lookups_beyond_its_limit() {
             regions.join(VEST).join("node-key.pem"),
         )
         .await;
-    let token = world
-        .issuer()
-        .token()
-        .audience("pil")
-        .scope("pil:lookup")
-        .org_parent(ORG_A)
-        .hpr_number(HPR)
-        .profession("LE")
-        .decision_ref("d", false)
-        .sign()
-        .unwrap();
+    let token = doctor_token(&world.issuer()).sign().unwrap();
     let calls = (0..64).map(|_| {
         let mut client =
             v1::federation_service_client::FederationServiceClient::new(channel.clone());
