@@ -495,14 +495,8 @@ pub struct TokenVerifier {
 impl TokenVerifier {
     /// A verifier with its own replay cache.
     pub fn new(config: VerifierConfig, jwks: Jwks) -> Self {
-        let dpop = DpopVerifier::new(config.dpop_config());
-        let verified = SignatureCache::new(config.token_cache_capacity);
-        TokenVerifier {
-            config,
-            jwks,
-            dpop,
-            verified,
-        }
+        let cache = Arc::new(ReplayCache::new(config.replay_capacity));
+        Self::with_replay_cache(config, jwks, cache)
     }
 
     /// A verifier sharing a replay cache, e.g. the previous verifier's after a JWKS reload, so
