@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use pil_auth::dev_issuer::DpopKey;
 use pil_client::{Credentials, PilClient, Profile, SyncOptions, v1};
 use pil_node::config::{LogFormat, NodeConfig};
-use pil_tests::{HOST, HPR, ORG_A, ORG_C, World};
+use pil_tests::{HOST, ORG_A, ORG_C, World, doctor_token};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -181,14 +181,7 @@ fn tail(path: &Path, offset: u64) -> String {
 /// A development access token for [`ORG_A`]'s doctor, bound to `key`, valid for a day:
 /// what a record system holds and reuses for many calls.
 pub fn requester_token(world: &World, key: &DpopKey) -> anyhow::Result<String> {
-    Ok(world
-        .issuer()
-        .token()
-        .audience(pil_node::demo::DEV_AUDIENCE)
-        .scope("pil:lookup")
-        .org_parent(ORG_A)
-        .hpr_number(HPR)
-        .profession("LE")
+    Ok(doctor_token(&world.issuer())
         .purpose("TREAT")
         .decision_ref("care-relationship-recorded-in-ehr", false)
         .expires_in(Duration::from_secs(24 * 3600))
