@@ -87,13 +87,23 @@ impl Access {
 
     /// Re-reads the legal configuration. On any error the old one stays in force.
     pub fn reload(&self) -> Result<usize, AccessError> {
-        let fresh = load_legal(&self.legal_dir, &self.region)?;
+        let fresh = self.read_legal()?;
         let policies = fresh.summary().policies;
+        self.install_legal(fresh);
+        Ok(policies)
+    }
+
+    /// Reads and checks the legal configuration on disk without putting it in force.
+    pub fn read_legal(&self) -> Result<LegalConfig, AccessError> {
+        load_legal(&self.legal_dir, &self.region)
+    }
+
+    /// Puts a checked legal configuration in force.
+    pub fn install_legal(&self, fresh: LegalConfig) {
         match self.legal.write() {
             Ok(mut l) => *l = Arc::new(fresh),
             Err(e) => *e.into_inner() = Arc::new(fresh),
         }
-        Ok(policies)
     }
 
     /// Verifies the token (and DPoP proof) of a call to `path` that arrived on

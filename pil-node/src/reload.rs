@@ -58,22 +58,27 @@ impl Reloader {
         this
     }
 
-    /// Re-reads the node configuration's peers and the legal configuration. On error
-    /// nothing changes.
+    /// Re-reads the node configuration's peers and the legal configuration. Both are
+    /// checked before either is put in force, so on any error nothing changes.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let federation = match &self.source {
-            Some(path) => Some(
-                NodeConfig::load(path)
+        let peers = match &self.source {
+            Some(path) => {
+                let federation = NodeConfig::load(path)
                     .map_err(|e| ReloadError::Config(e.to_string()))?
-                    .federation,
-            ),
+                    .federation;
+                Some(
+                    self.federation
+                        .prepare(&federation)
+                        .map_err(|e| ReloadError::Config(e.to_string()))?,
+                )
+            }
             None => None,
         };
-        let policies = self.access.reload()?;
-        if let Some(f) = federation {
-            self.federation
-                .set(&f)
-                .map_err(|e| ReloadError::Config(e.to_string()))?;
+        let legal = self.access.read_legal()?;
+        let policies = legal.summary().policies;
+        self.access.install_legal(legal);
+        if let Some(peers) = peers {
+            self.federation.install(peers);
         }
         self.apply_settings();
         Ok(Reloaded {

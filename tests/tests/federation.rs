@@ -499,6 +499,53 @@ async fn peers_are_added_and_removed_by_reloading_the_configuration() {
     midt.stop().await;
 }
 
+/// A reload checks the peer list and the legal configuration before it applies
+/// either: an invalid peer list keeps a valid legal change out of force too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_all_of_its_changes_or_none() {
+    let world = World::new();
+    let mut vest_config = world.region_config(VEST);
+    let dir = world.path().join("regions").join(VEST);
+    let vest = ProcessNode::start(&vest_config, &dir);
+    vest_config.listen = vest.addr;
+    let patient = patient_id(904);
+    let doctor = world.client(ORG_A, vest.addr).await;
+    doctor
+        .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    let mut admin = world.client(OPERATOR, vest.addr).await.admin();
+
+    // A valid legal change, and a peer list naming this node's own region.
+    std::fs::write(
+        vest_config.legal_config.join("policies").join("99-closed.cedar"),
+        "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
+    )
+    .unwrap();
+    vest_config.federation.peers = vec![peer(VEST, vest.addr)];
+    rewrite_config(&vest_config, &dir);
+    let err = admin
+        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("own region"), "{err}");
+    let r = doctor.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(r.pointers.len(), 1, "the legal change must not be in force");
+
+    // With the peer list fixed, the same reload goes through as a whole.
+    vest_config.federation.peers.clear();
+    rewrite_config(&vest_config, &dir);
+    admin
+        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+        .await
+        .unwrap();
+    let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
+    assert_eq!(code(&err), Code::PermissionDenied);
+    assert!(err.to_string().contains("closed"), "{err}");
+    assert!(vest.terminate().success());
+}
+
 fn federate_one(node: &TestNode, region: &str, addr: std::net::SocketAddr) {
     let federation = node.node.federation();
     let mut config = federation.config().as_ref().clone();

@@ -137,6 +137,12 @@ struct Health {
     last_success: Option<Instant>,
 }
 
+/// A checked peer list with its clients, ready for [`Federation::install`].
+pub struct PreparedPeers {
+    peers: Vec<Arc<Peer>>,
+    config: FederationConfig,
+}
+
 /// The node's peers and how to reach them. Reloadable.
 pub struct Federation {
     config: RwLock<Arc<FederationConfig>>,
@@ -171,6 +177,14 @@ impl Federation {
     /// Replaces the peer list. Peers whose settings did not change keep their
     /// connection and circuit state.
     pub fn set(&self, config: &FederationConfig) -> Result<(), FederationError> {
+        let prepared = self.prepare(config)?;
+        self.install(prepared);
+        Ok(())
+    }
+
+    /// Checks a peer list and builds its clients without putting it in force, so a
+    /// reload can check everything before it changes anything.
+    pub fn prepare(&self, config: &FederationConfig) -> Result<PreparedPeers, FederationError> {
         let mut seen = std::collections::BTreeSet::new();
         for p in &config.peers {
             if !crate::identity::is_valid_region_id(&p.region) {
@@ -214,9 +228,16 @@ impl Federation {
                 }),
             }));
         }
-        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clone());
-        Ok(())
+        Ok(PreparedPeers {
+            peers,
+            config: config.clone(),
+        })
+    }
+
+    /// Puts a prepared peer list in force.
+    pub fn install(&self, prepared: PreparedPeers) {
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prepared.peers);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prepared.config);
     }
 
     fn client_for(

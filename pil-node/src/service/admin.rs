@@ -252,9 +252,12 @@ impl NodeService {
                     "the new legal configuration is invalid; the previous one stays in force: {e}"
                 )))
             }
-            Err(e) => Err(Status::failed_precondition(format!(
-                "the previous legal configuration stays in force: {e}"
-            ))),
+            Err(e) => {
+                tracing::warn!(caller = %caller, error = %e, "configuration reload refused");
+                Err(Status::failed_precondition(format!(
+                    "the reload was refused and nothing changed: {e}"
+                )))
+            }
         }
     }
 }
