@@ -474,22 +474,20 @@ async fn peers_are_added_and_removed_by_reloading_the_configuration() {
 
     // Add midt to vest's configuration file and reload.
     vest_config.listen = vest.addr;
-    vest_config.federation.peers = vec![peer(MIDT, midt.addr())];
-    rewrite_config(&vest_config, &dir);
-    let reloaded = admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let reloaded = reload_with_peers(
+        &mut admin,
+        &mut vest_config,
+        &dir,
+        vec![peer(MIDT, midt.addr())],
+    )
+    .await
+    .unwrap();
     assert_eq!(reloaded.peers, [MIDT]);
     let r = doctor.lookup(lookup(&patient)).await.unwrap();
     assert_eq!(regions_of(&r), [MIDT, VEST]);
 
     // And remove it again.
-    vest_config.federation.peers.clear();
-    rewrite_config(&vest_config, &dir);
-    admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+    reload_with_peers(&mut admin, &mut vest_config, &dir, Vec::new())
         .await
         .unwrap();
     let r = doctor.lookup(lookup(&patient)).await.unwrap();
@@ -522,22 +520,21 @@ async fn a_reload_applies_all_of_its_changes_or_none() {
         "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
     )
     .unwrap();
-    vest_config.federation.peers = vec![peer(VEST, vest.addr)];
-    rewrite_config(&vest_config, &dir);
-    let err = admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
-        .await
-        .unwrap_err();
+    let err = reload_with_peers(
+        &mut admin,
+        &mut vest_config,
+        &dir,
+        vec![peer(VEST, vest.addr)],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("own region"), "{err}");
     let r = doctor.lookup(lookup(&patient)).await.unwrap();
     assert_eq!(r.pointers.len(), 1, "the legal change must not be in force");
 
     // With the peer list fixed, the same reload goes through as a whole.
-    vest_config.federation.peers.clear();
-    rewrite_config(&vest_config, &dir);
-    admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+    reload_with_peers(&mut admin, &mut vest_config, &dir, Vec::new())
         .await
         .unwrap();
     let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
@@ -553,12 +550,24 @@ fn federate_one(node: &TestNode, region: &str, addr: std::net::SocketAddr) {
     federation.set(&config).unwrap();
 }
 
-fn rewrite_config(config: &pil_node::config::NodeConfig, dir: &std::path::Path) {
+/// Writes `peers` into the configuration file of the node running from `dir` and asks
+/// it to reload.
+async fn reload_with_peers(
+    admin: &mut v1::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    config: &mut pil_node::config::NodeConfig,
+    dir: &std::path::Path,
+    peers: Vec<pil_node::federation::PeerConfig>,
+) -> Result<v1::ReloadLegalConfigResponse, tonic::Status> {
+    config.federation.peers = peers;
     std::fs::write(
         dir.join("node.toml"),
         toml::to_string_pretty(config).unwrap(),
     )
     .unwrap();
+    admin
+        .reload_legal_config(v1::ReloadLegalConfigRequest {})
+        .await
+        .map(|r| r.into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
