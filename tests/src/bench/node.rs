@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     data::{DataSet, Generation},
     proc::Cpu,
+    report::TokenCheckProbe,
 };
 
 /// A node configuration for the benchmark: the world's, with the data directory and
@@ -187,6 +188,53 @@ pub fn requester_token(world: &World, key: &DpopKey) -> anyhow::Result<String> {
         .expires_in(Duration::from_secs(24 * 3600))
         .bound_to(key)
         .sign()?)
+}
+
+/// What checking one DPoP-bound call's token and proof costs a node, timed on one
+/// thread with the verifier a node uses: the token is the same for every call (its
+/// signature check is reused after the first), each proof is fresh.
+pub fn token_check_cost(world: &World, n: usize) -> anyhow::Result<TokenCheckProbe> {
+    use pil_auth::verify::{RequestContext, TokenVerifier, VerifierConfig};
+    let key = DpopKey::generate()?;
+    let token = requester_token(world, &key)?;
+    let verifier = TokenVerifier::from_jwks_file(
+        VerifierConfig::new(
+            pil_node::demo::DEV_ISSUER,
+            pil_node::demo::DEV_AUDIENCE,
+            "pil:lookup",
+        ),
+        world.path().join("issuer").join("jwks.json"),
+    )?;
+    let uri = "https://127.0.0.1:7443/pil.v1.LookupService/Lookup";
+    let mut signing = Vec::with_capacity(n);
+    let mut checking = Vec::with_capacity(n);
+    // Wall time on one thread while nothing else runs: the scheduler's CPU counters
+    // are only brought up to date when a thread sleeps, too coarse for tens of µs.
+    for i in 0..=n {
+        let t0 = Instant::now();
+        let proof = key.proof("POST", uri, &token)?;
+        let t1 = Instant::now();
+        verifier
+            .verify(&token, &RequestContext::grpc(ORG_A, uri, Some(&proof)))
+            .context("the probe's own token was refused")?;
+        let t2 = Instant::now();
+        // The first call also checks the token's signature; a node pays that once.
+        if i > 0 {
+            signing.push((t1 - t0).as_secs_f64() * 1e6);
+            checking.push((t2 - t1).as_secs_f64() * 1e6);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mean = checking.iter().sum::<f64>() / checking.len().max(1) as f64;
+    Ok(TokenCheckProbe {
+        samples: n,
+        p50_us: median(&mut checking),
+        mean_us: mean,
+        proof_sign_p50_us: median(&mut signing),
+    })
 }
 
 /// `n` clients of [`ORG_A`] at `addr`, each with its own connection, DPoP key and

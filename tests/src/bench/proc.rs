@@ -88,22 +88,40 @@ pub fn children_cpu() -> Option<f64> {
 }
 
 /// How long appending 4 KiB and `fdatasync` takes on the file system of `dir`, `n`
-/// times: the floor under any durable commit there. Returns latencies in microseconds.
-pub fn sync_latencies(dir: &Path, n: usize) -> std::io::Result<Vec<u64>> {
+/// times: the floor under any durable commit there. Returns latencies in microseconds
+/// and the CPU time the calling thread spent per append (mostly in the kernel).
+pub fn sync_latencies(dir: &Path, n: usize) -> std::io::Result<(Vec<u64>, Option<f64>)> {
     use std::io::Write;
     let path = dir.join("sync-probe");
     let mut f = std::fs::File::create(&path)?;
     let block = [0x5au8; 4096];
     let mut out = Vec::with_capacity(n);
+    let cpu_before = thread_cpu_ns();
     for _ in 0..n {
         let started = Instant::now();
         f.write_all(&block)?;
         f.sync_data()?;
         out.push(started.elapsed().as_micros() as u64);
     }
+    let cpu_us = match (cpu_before, thread_cpu_ns()) {
+        (Some(a), Some(b)) if n > 0 => Some((b - a) as f64 / 1000.0 / n as f64),
+        _ => None,
+    };
     drop(f);
     std::fs::remove_file(&path)?;
-    Ok(out)
+    Ok((out, cpu_us))
+}
+
+/// Nanoseconds the calling thread has run on a CPU (scheduler accounting, unlike the
+/// tick-based counters of /proc/<pid>/stat). Brought up to date when the thread
+/// sleeps, as it does in every `fdatasync`.
+pub fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.

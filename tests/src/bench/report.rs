@@ -84,6 +84,21 @@ pub struct Results {
     pub growth: Vec<GrowthPoint>,
     /// Appending 4 KiB and syncing it, in the work directory's file system.
     pub disk_sync: Option<SyncProbe>,
+    /// What checking one DPoP-bound call's token and proof costs a node.
+    #[serde(default)]
+    pub token_check: Option<TokenCheckProbe>,
+}
+
+/// Time of the token and DPoP proof checks of one call, on one thread of an otherwise
+/// idle machine (so about its CPU time): the access token's signature check is reused
+/// (as in a node), the fresh proof's is not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TokenCheckProbe {
+    pub samples: usize,
+    pub p50_us: f64,
+    pub mean_us: f64,
+    /// Signing the proof, which the client does for every call.
+    pub proof_sign_p50_us: f64,
 }
 
 /// Latency of a durable 4 KiB append on the machine's disk.
@@ -94,6 +109,9 @@ pub struct SyncProbe {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU time of the appending thread per append, in µs.
+    #[serde(default)]
+    pub cpu_us: Option<f64>,
 }
 
 fn at(rs: &[LoadResult], c: usize) -> Option<&LoadResult> {
@@ -278,6 +296,27 @@ impl Results {
                 ms(d.p99_ms),
                 ms(d.max_ms),
                 d.samples
+            );
+        }
+        let probes = [
+            self.token_check.as_ref().map(|t| {
+                format!(
+                    "verifying a DPoP-bound call's token and fresh proof takes {:.0} µs at the \
+                     median ({} calls on one thread, the token's signature check reused; \
+                     signing the proof takes the client {:.0} µs)",
+                    t.p50_us, t.samples, t.proof_sign_p50_us
+                )
+            }),
+            self.disk_sync.as_ref().and_then(|d| d.cpu_us).map(|cpu| {
+                format!("a durable 4 KiB append costs the appending thread {cpu:.0} µs of CPU")
+            }),
+        ];
+        let probes: Vec<String> = probes.into_iter().flatten().collect();
+        if !probes.is_empty() {
+            let _ = writeln!(
+                s,
+                "Costs under every lookup, measured on their own: {}.\n",
+                probes.join("; ")
             );
         }
         let _ = writeln!(s, "### Targets\n");

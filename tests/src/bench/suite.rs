@@ -261,18 +261,26 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         world.path().display()
     ));
     let samples = if plan.quick { 20 } else { 500 };
-    let (mean_ms, p50_ms, p99_ms, _, max_ms) =
-        load::summarize(proc::sync_latencies(world.path(), samples)?);
+    let (latencies, cpu_us) = proc::sync_latencies(world.path(), samples)?;
+    let (mean_ms, p50_ms, p99_ms, _, max_ms) = load::summarize(latencies);
     results.disk_sync = Some(SyncProbe {
         samples,
         mean_ms,
         p50_ms,
         p99_ms,
         max_ms,
+        cpu_us,
     });
     say(format!(
-        "disk: durable 4 KiB append p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms"
+        "disk: durable 4 KiB append p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms, CPU {:.0} µs",
+        cpu_us.unwrap_or(f64::NAN)
     ));
+    let token_check = node::token_check_cost(&world, if plan.quick { 200 } else { 5000 })?;
+    say(format!(
+        "token and DPoP proof check: {:.0} µs at the median",
+        token_check.p50_us
+    ));
+    results.token_check = Some(token_check);
 
     // PostgreSQL first: loaded once, idle while the others run.
     let pg_work = world.path().join("pg");
