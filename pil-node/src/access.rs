@@ -85,14 +85,6 @@ impl Access {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    /// Re-reads the legal configuration. On any error the old one stays in force.
-    pub fn reload(&self) -> Result<usize, AccessError> {
-        let fresh = self.read_legal()?;
-        let policies = fresh.summary().policies;
-        self.install_legal(fresh);
-        Ok(policies)
-    }
-
     /// Reads and checks the legal configuration on disk without putting it in force.
     pub fn read_legal(&self) -> Result<LegalConfig, AccessError> {
         load_legal(&self.legal_dir, &self.region)
