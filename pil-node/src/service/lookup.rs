@@ -102,14 +102,7 @@ impl NodeService {
         }
         entry.decision.rules = rule_infos(&rules);
         entry.decision.emergency = emergency;
-        entry.outcome.pointers = pointers.len() as u32;
-        let mut orgs: Vec<String> = pointers
-            .iter()
-            .filter_map(|p| p.holder.as_ref().map(|h| h.organization_number.clone()))
-            .collect();
-        orgs.sort();
-        orgs.dedup();
-        entry.outcome.organizations = orgs;
+        record_returned(entry, &pointers);
         Ok(LocalAnswer {
             pointers,
             rules,
@@ -224,14 +217,7 @@ impl NodeService {
             pointers.clear();
         }
         let pointers = merge(pointers);
-        entry.outcome.pointers = pointers.len() as u32;
-        let mut orgs: Vec<String> = pointers
-            .iter()
-            .filter_map(|p| p.holder.as_ref().map(|h| h.organization_number.clone()))
-            .collect();
-        orgs.sort();
-        orgs.dedup();
-        entry.outcome.organizations = orgs;
+        record_returned(entry, &pointers);
         entry.decision.emergency = emergency;
         tracing::info!(
             caller = %caller, query_id = %entry.query_id, found = pointers.len(),
@@ -298,6 +284,19 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 
 /// Newest first, one pointer per endpoint: the same endpoint registered in two
 /// regions shows once, as its newest registration.
+/// Records in the audit entry what an answer returns: how many pointers, from which
+/// holder organizations.
+fn record_returned(entry: &mut AuditRecord, pointers: &[v1::Pointer]) {
+    entry.outcome.pointers = pointers.len() as u32;
+    let mut orgs: Vec<String> = pointers
+        .iter()
+        .filter_map(|p| p.holder.as_ref().map(|h| h.organization_number.clone()))
+        .collect();
+    orgs.sort();
+    orgs.dedup();
+    entry.outcome.organizations = orgs;
+}
+
 fn merge(mut pointers: Vec<v1::Pointer>) -> Vec<v1::Pointer> {
     let millis = |p: &v1::Pointer| {
         p.last_updated
