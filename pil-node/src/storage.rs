@@ -803,16 +803,7 @@ impl Store {
         let mut it = self
             .db
             .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::End);
-        it.next()
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((
-                    be_u64(&k, CF_AUDIT_HEADS)?,
-                    String::from_utf8(v.into_vec())
-                        .map_err(|_| corrupt(CF_AUDIT_HEADS, "utf-8"))?,
-                ))
-            })
-            .transpose()
+        it.next().map(decode_head).transpose()
     }
 
     /// Up to `limit` signed heads of trees larger than `after`, oldest first.
@@ -828,14 +819,7 @@ impl Store {
                 IteratorMode::From(&start, rocksdb::Direction::Forward),
             )
             .take(limit)
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((
-                    be_u64(&k, CF_AUDIT_HEADS)?,
-                    String::from_utf8(v.into_vec())
-                        .map_err(|_| corrupt(CF_AUDIT_HEADS, "utf-8"))?,
-                ))
-            })
+            .map(decode_head)
             .collect()
     }
 
@@ -888,6 +872,15 @@ fn upper_bound(prefix: &[u8]) -> Vec<u8> {
     }
     // All 0xff: no upper bound exists; a longer key than any stored one stands in.
     vec![0xff; KEY_LEN + 9]
+}
+
+/// A signed tree head as stored: tree size (big-endian key) and the signed note.
+fn decode_head(item: Result<KeyValue, rocksdb::Error>) -> Result<(u64, String), StorageError> {
+    let (k, v) = item?;
+    Ok((
+        be_u64(&k, CF_AUDIT_HEADS)?,
+        String::from_utf8(v.into_vec()).map_err(|_| corrupt(CF_AUDIT_HEADS, "utf-8"))?,
+    ))
 }
 
 fn decode(v: &[u8]) -> Result<StoredPointer, StorageError> {
