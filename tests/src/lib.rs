@@ -504,3 +504,17 @@ pub fn doctor_token(
         .profession("LE")
         .decision_ref("d", false)
 }
+
+/// Sync options for [`ORG_A`]'s own pointers.
+pub fn sync_options(
+    mode: v1::SyncMode,
+    scope: v1::ReplaceScope,
+    all_or_nothing: bool,
+) -> pil_client::SyncOptions {
+    pil_client::SyncOptions {
+        organization_number: ORG_A.into(),
+        mode,
+        scope,
+        all_or_nothing,
+    }
+}

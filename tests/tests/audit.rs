@@ -475,12 +475,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
     // Sync.
     let report = doctor
         .sync(
-            pil_client::SyncOptions {
-                organization_number: ORG_A.into(),
-                mode: v1::SyncMode::Merge,
-                scope: v1::ReplaceScope::Unspecified,
-                all_or_nothing: false,
-            },
+            sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
             futures::stream::iter(vec![
                 (100..103)
                     .map(|i| pointer(&patient_id(i), ORG_A, 1, &["lab-results"]))

@@ -55,12 +55,7 @@ async fn acknowledged_writes_survive_kill_9() {
     }
     let sync = a
         .sync(
-            pil_client::SyncOptions {
-                organization_number: ORG_A.into(),
-                mode: v1::SyncMode::Merge,
-                scope: v1::ReplaceScope::Unspecified,
-                all_or_nothing: false,
-            },
+            sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
             futures::stream::iter(vec![
                 (9000..9300)
                     .map(|i| pointer(&patient_id(i), ORG_A, 2, &["lab-results"]))

@@ -1,18 +1,9 @@
 //! Bulk sync over the client stream: both modes, counts, per-record errors,
 //! all-or-nothing, idempotence.
 
-use pil_client::{SyncOptions, v1};
+use pil_client::v1;
 use pil_tests::*;
 use tonic::Code;
-
-fn options(mode: v1::SyncMode, scope: v1::ReplaceScope, aon: bool) -> SyncOptions {
-    SyncOptions {
-        organization_number: ORG_A.into(),
-        mode,
-        scope,
-        all_or_nothing: aon,
-    }
-}
 
 fn batches(
     pointers: Vec<v1::Pointer>,
@@ -46,7 +37,7 @@ async fn merge_counts_and_idempotence() {
     let world = World::new();
     let node = TestNode::start(world.config(true)).await;
     let a = world.client(ORG_A, node.addr()).await;
-    let merge = || options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false);
+    let merge = || sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false);
 
     let r = a
         .sync(merge(), batches(set(0..500, &["medications"]), 64))
@@ -83,7 +74,7 @@ async fn replace_organization_removes_everything_not_sent() {
     let node = TestNode::start(world.config(true)).await;
     let a = world.client(ORG_A, node.addr()).await;
     let b = world.client(ORG_B, node.addr()).await;
-    let replace = || options(v1::SyncMode::Replace, v1::ReplaceScope::Organization, false);
+    let replace = || sync_options(v1::SyncMode::Replace, v1::ReplaceScope::Organization, false);
 
     a.sync(replace(), batches(set(0..300, &["medications"]), 100))
         .await
@@ -123,7 +114,7 @@ async fn replace_patients_touches_only_the_patients_sent() {
     let mut initial = set(0..10, &["medications"]);
     initial.extend((0..10).map(|i| pointer(&patient_id(i), ORG_A, 2, &["imaging"])));
     a.sync(
-        options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
+        sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
         batches(initial, 100),
     )
     .await
@@ -132,7 +123,7 @@ async fn replace_patients_touches_only_the_patients_sent() {
     // For patients 0..3 only endpoint 1 remains; other patients are untouched.
     let r = a
         .sync(
-            options(v1::SyncMode::Replace, v1::ReplaceScope::Patients, false),
+            sync_options(v1::SyncMode::Replace, v1::ReplaceScope::Patients, false),
             batches(set(0..3, &["medications"]), 100),
         )
         .await
@@ -149,7 +140,7 @@ async fn bad_records_are_reported_by_position_and_skip_the_replace_step() {
     let node = TestNode::start(world.config(true)).await;
     let a = world.client(ORG_A, node.addr()).await;
     a.sync(
-        options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
+        sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
         batches(set(0..20, &["medications"]), 100),
     )
     .await
@@ -168,7 +159,7 @@ async fn bad_records_are_reported_by_position_and_skip_the_replace_step() {
     next.push(other_org);
     let r = a
         .sync(
-            options(v1::SyncMode::Replace, v1::ReplaceScope::Organization, false),
+            sync_options(v1::SyncMode::Replace, v1::ReplaceScope::Organization, false),
             batches(next, 4),
         )
         .await
@@ -202,7 +193,7 @@ async fn all_or_nothing_stores_nothing_when_one_record_is_bad() {
     records[42].categories = vec!["astrology".into()];
     let err = a
         .sync(
-            options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, true),
+            sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, true),
             batches(records, 10),
         )
         .await
@@ -213,7 +204,7 @@ async fn all_or_nothing_stores_nothing_when_one_record_is_bad() {
 
     let r = a
         .sync(
-            options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, true),
+            sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, true),
             batches(set(0..50, &["medications"]), 10),
         )
         .await
@@ -229,14 +220,14 @@ async fn sync_header_is_checked() {
     let a = world.client(ORG_A, node.addr()).await;
     let err = a
         .sync(
-            options(v1::SyncMode::Replace, v1::ReplaceScope::Unspecified, false),
+            sync_options(v1::SyncMode::Replace, v1::ReplaceScope::Unspecified, false),
             batches(set(0..2, &["medications"]), 10),
         )
         .await
         .unwrap_err();
     assert_eq!(code(&err), Code::InvalidArgument);
 
-    let mut for_b = options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false);
+    let mut for_b = sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false);
     for_b.organization_number = ORG_B.into();
     let err = a.sync(for_b, batches(Vec::new(), 1)).await.unwrap_err();
     assert_eq!(code(&err), Code::PermissionDenied);
