@@ -229,20 +229,6 @@ impl Registry {
         Ok(self.inner.writer.apply(ops).await?)
     }
 
-    /// The patient's live pointers held here, newest first.
-    pub async fn lookup(
-        &self,
-        patient: &PatientId,
-        filter: &LookupFilter,
-    ) -> Result<Vec<v1::Pointer>, RegistryError> {
-        let pseudonym = self.pseudonym(patient);
-        let patient = patient.clone();
-        let this = self.clone();
-        let filter = filter.clone();
-        self.blocking(move || this.live_pointers(&pseudonym, &patient, &filter, Tier::Any))
-            .await
-    }
-
     /// What a lookup reads about one patient: the opt-out, and unless there is one,
     /// the blocks and the live pointers. Read in place when everything is in memory
     /// (the common case: a hop to the blocking pool cost more than the read);
@@ -284,6 +270,7 @@ impl Registry {
         Ok(PatientView::Visible { blocks, pointers })
     }
 
+    /// The patient's live pointers held here that match the filter, newest first.
     fn live_pointers(
         &self,
         pseudonym: &Pseudonym,

@@ -163,14 +163,14 @@ async fn pointers_lapse_unless_their_holder_refreshes_them() {
     let found = a.lookup(lookup(&patient)).await.unwrap();
     assert_eq!(found.pointers.len(), 1, "the lapsed pointer is not shown");
     assert_eq!(found.pointers[0].categories, ["imaging"]);
-    assert!(
-        registry
-            .lookup(&ident, &Default::default())
-            .await
-            .unwrap()
-            .len()
-            == 1
-    );
+    let pil_node::registry::PatientView::Visible { pointers, .. } = registry
+        .patient_view(&ident, &Default::default())
+        .await
+        .unwrap()
+    else {
+        panic!("the patient has not opted out");
+    };
+    assert_eq!(pointers.len(), 1);
 
     // Its holder sending it again, unchanged, refreshes it.
     let again = a.upsert(old.clone()).await.unwrap();
