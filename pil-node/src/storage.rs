@@ -264,7 +264,11 @@ impl Store {
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
 
-        let cf = |prefix_len: Option<usize>| {
+        // `point_reads`: a family with a prefix is also read by whole key (the writer
+        // reads the stored pointer of every key it writes), so its filters hold whole
+        // keys as well as prefixes. Without them a sync into a patient that another
+        // holder already has read a data block for every new pointer.
+        let cf = |prefix_len: Option<usize>, point_reads: bool| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
             table.set_bloom_filter(10.0, false);
@@ -276,22 +280,23 @@ impl Store {
             if let Some(n) = prefix_len {
                 o.set_prefix_extractor(SliceTransform::create_fixed_prefix(n));
                 o.set_memtable_prefix_bloom_ratio(0.1);
-                table.set_whole_key_filtering(false);
+                o.set_memtable_whole_key_filtering(point_reads);
+                table.set_whole_key_filtering(point_reads);
             }
             o.set_block_based_table_factory(&table);
             o
         };
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_POINTERS, cf(Some(PSEUDONYM_LEN))),
-            ColumnFamilyDescriptor::new(CF_BY_ORG, cf(Some(ORG_LEN))),
-            ColumnFamilyDescriptor::new(CF_EXPIRY, cf(None)),
+            ColumnFamilyDescriptor::new(CF_POINTERS, cf(Some(PSEUDONYM_LEN), true)),
+            ColumnFamilyDescriptor::new(CF_BY_ORG, cf(Some(ORG_LEN), false)),
+            ColumnFamilyDescriptor::new(CF_EXPIRY, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            ColumnFamilyDescriptor::new(CF_BLOCKS, cf(Some(PSEUDONYM_LEN))),
-            ColumnFamilyDescriptor::new(CF_OPT_OUTS, cf(None)),
-            ColumnFamilyDescriptor::new(CF_AUDIT_RECORDS, cf(None)),
-            ColumnFamilyDescriptor::new(CF_AUDIT_NODES, cf(None)),
-            ColumnFamilyDescriptor::new(CF_AUDIT_HEADS, cf(None)),
-            ColumnFamilyDescriptor::new(CF_AUDIT_BY_PATIENT, cf(Some(PSEUDONYM_LEN))),
+            ColumnFamilyDescriptor::new(CF_BLOCKS, cf(Some(PSEUDONYM_LEN), false)),
+            ColumnFamilyDescriptor::new(CF_OPT_OUTS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_RECORDS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_NODES, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_HEADS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_AUDIT_BY_PATIENT, cf(Some(PSEUDONYM_LEN), false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self { db };
