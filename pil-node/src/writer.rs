@@ -41,12 +41,20 @@ pub enum Op {
     Purge { key: PointerKey, now: i64 },
 }
 
-/// What an operation did.
+impl Op {
+    fn key(&self) -> PointerKey {
+        match self {
+            Op::Upsert { key, .. } | Op::Delete { key } | Op::Purge { key, .. } => *key,
+        }
+    }
+}
+
+/// What an operation did, with the pointer as it is now stored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpResult {
-    Inserted(StoredPointer),
-    Updated(StoredPointer),
-    Unchanged(StoredPointer),
+    Inserted(Arc<StoredPointer>),
+    Updated(Arc<StoredPointer>),
+    Unchanged(Arc<StoredPointer>),
     Deleted,
     Absent,
 }
@@ -120,7 +128,8 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
 }
 
 fn commit_group(store: &Store, jobs: Vec<Job>) {
-    let outcome = plan(store, &jobs).and_then(|(changes, results)| {
+    let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
+    let outcome = plan(store, ops).and_then(|(changes, results)| {
         store
             .write(&changes)
             .map_err(|e| WriteError::Storage(e.to_string()))?;
@@ -128,112 +137,105 @@ fn commit_group(store: &Store, jobs: Vec<Job>) {
     });
     match outcome {
         Ok(results) => {
-            for (job, result) in jobs.into_iter().zip(results) {
-                let _ = job.reply.send(Ok(result));
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "write group failed");
-            for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
 }
 
 type Plan = (Vec<Change>, Vec<Vec<OpResult>>);
+/// What a key holds as the group is planned: stored, or as an earlier operation left it.
+type Current = HashMap<PointerKey, Option<Arc<StoredPointer>>>;
 
 /// Decides every operation's effect, reading stored values once for the whole group.
-fn plan(store: &Store, jobs: &[Job]) -> Result<Plan, WriteError> {
-    let mut keys: Vec<PointerKey> = jobs
-        .iter()
-        .flat_map(|j| &j.ops)
-        .map(|op| match op {
-            Op::Upsert { key, .. } | Op::Delete { key } | Op::Purge { key, .. } => *key,
-        })
-        .collect();
+/// Values are shared between the change, the result and later operations on the same
+/// key rather than copied: a bulk sync's groups hold tens of thousands of them.
+fn plan(store: &Store, jobs: Vec<Vec<Op>>) -> Result<Plan, WriteError> {
+    let mut keys: Vec<PointerKey> = jobs.iter().flatten().map(Op::key).collect();
     keys.sort_unstable();
     keys.dedup();
     let stored = store
         .get_many(&keys)
         .map_err(|e| WriteError::Storage(e.to_string()))?;
-    let mut current: HashMap<PointerKey, Option<StoredPointer>> =
-        keys.into_iter().zip(stored).collect();
+    let mut current: Current = keys
+        .into_iter()
+        .zip(stored.into_iter().map(|v| v.map(Arc::new)))
+        .collect();
 
-    let mut changes = Vec::new();
+    let mut changes = Vec::with_capacity(current.len());
     let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let mut job_results = Vec::with_capacity(job.ops.len());
-        for op in &job.ops {
-            job_results.push(apply_op(op, &mut current, &mut changes));
-        }
+    for ops in jobs {
+        let job_results = ops
+            .into_iter()
+            .map(|op| apply_op(op, &mut current, &mut changes))
+            .collect();
         results.push(job_results);
     }
     Ok((changes, results))
 }
 
-fn apply_op(
-    op: &Op,
-    current: &mut HashMap<PointerKey, Option<StoredPointer>>,
-    changes: &mut Vec<Change>,
-) -> OpResult {
+fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResult {
     match op {
         Op::Upsert {
             key,
-            value,
+            mut value,
             keep_last_updated,
         } => {
-            let slot = current.entry(*key).or_default();
-            let mut value = value.clone();
-            match slot.take() {
-                None => {
-                    changes.push(Change::Put {
-                        key: *key,
-                        value: value.clone(),
-                        previous: None,
-                    });
-                    *slot = Some(value.clone());
-                    OpResult::Inserted(value)
-                }
-                Some(prev) => {
-                    if *keep_last_updated {
-                        value.last_updated = prev.last_updated;
-                    }
-                    if prev.same_content(&value) {
-                        // Unchanged content still counts as a refresh. The lapse moves
-                        // in coarse steps, so repeating a sync costs no writes.
-                        let refreshed = match (prev.lapses_at, value.lapses_at) {
-                            (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
-                            (old, new) => old != new,
-                        };
-                        if refreshed {
-                            let mut kept = prev.clone();
-                            kept.lapses_at = value.lapses_at;
-                            changes.push(Change::Put {
-                                key: *key,
-                                value: kept.clone(),
-                                previous: Some(prev),
-                            });
-                            *slot = Some(kept.clone());
-                            return OpResult::Unchanged(kept);
-                        }
-                        *slot = Some(prev.clone());
-                        OpResult::Unchanged(prev)
-                    } else {
-                        changes.push(Change::Put {
-                            key: *key,
-                            value: value.clone(),
-                            previous: Some(prev),
-                        });
-                        *slot = Some(value.clone());
-                        OpResult::Updated(value)
-                    }
-                }
+            let slot = current.entry(key).or_default();
+            let Some(prev) = slot.take() else {
+                let value = Arc::new(value);
+                changes.push(Change::Put {
+                    key,
+                    value: value.clone(),
+                    previous: None,
+                });
+                *slot = Some(value.clone());
+                return OpResult::Inserted(value);
+            };
+            if keep_last_updated {
+                value.last_updated = prev.last_updated;
             }
+            if !prev.same_content(&value) {
+                let value = Arc::new(value);
+                changes.push(Change::Put {
+                    key,
+                    value: value.clone(),
+                    previous: Some(prev),
+                });
+                *slot = Some(value.clone());
+                return OpResult::Updated(value);
+            }
+            // Unchanged content still counts as a refresh. The lapse moves in coarse
+            // steps, so repeating a sync costs no writes.
+            let refreshed = match (prev.lapses_at, value.lapses_at) {
+                (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
+                (old, new) => old != new,
+            };
+            if !refreshed {
+                *slot = Some(prev.clone());
+                return OpResult::Unchanged(prev);
+            }
+            let mut kept = StoredPointer::clone(&prev);
+            kept.lapses_at = value.lapses_at;
+            let kept = Arc::new(kept);
+            changes.push(Change::Put {
+                key,
+                value: kept.clone(),
+                previous: Some(prev),
+            });
+            *slot = Some(kept.clone());
+            OpResult::Unchanged(kept)
         }
         Op::Delete { key } | Op::Purge { key, .. } => {
-            let slot = current.entry(*key).or_default();
-            let still_due = match (op, slot.as_ref()) {
+            let slot = current.entry(key).or_default();
+            let still_due = match (&op, slot.as_ref()) {
                 (Op::Purge { now, .. }, Some(prev)) => {
                     prev.effective_expiry().is_some_and(|at| at <= *now)
                 }
@@ -244,10 +246,7 @@ fn apply_op(
                 return OpResult::Absent;
             }
             let previous = slot.take().expect("checked above");
-            changes.push(Change::Delete {
-                key: *key,
-                previous,
-            });
+            changes.push(Change::Delete { key, previous });
             OpResult::Deleted
         }
     }
