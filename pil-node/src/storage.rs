@@ -272,6 +272,14 @@ pub enum Change {
     },
 }
 
+impl Change {
+    pub fn key(&self) -> &PointerKey {
+        match self {
+            Change::Put { key, .. } | Change::Delete { key, .. } => key,
+        }
+    }
+}
+
 /// The open database.
 pub struct Store {
     db: DB,
