@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 
 use pil_proto::{ident::OrgNumber, v1};
+use tokio::task::JoinHandle;
 
 use crate::{
     patient_keys::Pseudonym,
@@ -84,6 +85,9 @@ pub struct SyncSession {
     held: Vec<Op>,
     seen_keys: HashSet<PointerKey>,
     seen_patients: HashSet<Pseudonym>,
+    /// The previous batch's write, still under way while the next batch is read and
+    /// validated. One at a time, so a stream's batches are applied in order.
+    in_flight: Option<JoinHandle<Result<Vec<OpResult>, RegistryError>>>,
 }
 
 impl SyncSession {
@@ -96,10 +100,14 @@ impl SyncSession {
             held: Vec::new(),
             seen_keys: HashSet::new(),
             seen_patients: HashSet::new(),
+            in_flight: None,
         }
     }
 
-    /// Validates and (unless all-or-nothing) stores one batch.
+    /// Validates one batch and (unless all-or-nothing) starts storing it. The write
+    /// goes on while the caller reads the next batch; [`finish`](Self::finish) waits
+    /// for it. Validating the next batch while the last is written keeps both cores
+    /// busy: on its own, a stream alternates between the two.
     pub async fn add_batch(&mut self, pointers: Vec<v1::Pointer>) -> Result<(), SyncError> {
         let start = self.position;
         self.position += pointers.len() as u64;
@@ -158,13 +166,26 @@ impl SyncSession {
             }
             return Ok(());
         }
-        let results = self.registry.apply(ops).await?;
-        self.count(&results);
+        self.settle().await?;
+        let registry = self.registry.clone();
+        self.in_flight = Some(tokio::spawn(async move { registry.apply(ops).await }));
+        Ok(())
+    }
+
+    /// Waits for the write under way, if any, and counts what it did.
+    async fn settle(&mut self) -> Result<(), SyncError> {
+        if let Some(write) = self.in_flight.take() {
+            let results = write
+                .await
+                .map_err(|e| RegistryError::Task(e.to_string()))??;
+            self.count(&results);
+        }
         Ok(())
     }
 
     /// Ends the sync: commits held records, runs the replace step, reports.
     pub async fn finish(mut self) -> Result<SyncReport, SyncError> {
+        self.settle().await?;
         if self.params.all_or_nothing {
             if self.report.rejected > 0 {
                 let first = &self.report.errors[0];
