@@ -28,7 +28,12 @@ fn copy_dir(from: &Path, to: &Path) {
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("legal-config-{name}"));
     let _ = fs::remove_dir_all(&dir);
-    copy_dir(Path::new(env!("CARGO_MANIFEST_DIR")), &dir);
+    copy_dir(
+        Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+        ),
+        &dir,
+    );
     dir
 }
 

@@ -325,7 +325,10 @@ fn fhir_python() -> PathBuf {
     let venv = PathBuf::from(home).join(".cache").join("pil-fhir-venv");
     let python = venv.join("bin").join("python");
     if !python.exists() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/setup-venv.sh");
+        let script = Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+        )
+        .join("fhir/setup-venv.sh");
         let out = Command::new("bash")
             .arg(&script)
             .arg(&venv)
@@ -1610,7 +1613,12 @@ async fn export_equals_search_and_fhir_export_validates() {
         );
     }
     let validated = Command::new(fhir_python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/validate_auditevent.py"))
+        .arg(
+            Path::new(
+                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+            )
+            .join("fhir/validate_auditevent.py"),
+        )
         .arg(&fhir)
         .output()
         .expect("run the FHIR validator");

@@ -429,7 +429,10 @@ struct ConsistencyProbe {
 }
 
 fn load<T: for<'de> Deserialize<'de>>(name: &str) -> Vec<T> {
-    let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/data/{name}",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR")
+    );
     let file: ProbeFile<T> = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(file.commit, "417fb0c314750d94e53942e9f92e79b6d35915db");
     file.probes
