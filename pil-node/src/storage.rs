@@ -32,8 +32,8 @@ use std::{path::Path, sync::Arc};
 
 use prost::Message;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
-    ReadOptions, SliceTransform, WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode,
+    MemtableFactory, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions,
 };
 
 use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
@@ -51,6 +51,9 @@ const CF_AUDIT_HEADS: &str = "audit_heads";
 const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
+
+/// Hash buckets of the `pointers` memtable (8 bytes each, per memtable).
+const MEMTABLE_BUCKETS: usize = 1 << 18;
 
 const FORMAT_KEY: &[u8] = b"format";
 /// Format 2 seals patient identifiers compactly (`StoredPointer::sealed_patient`).
@@ -317,8 +320,20 @@ impl Store {
             o.set_block_based_table_factory(&table);
             o
         };
+        // Every read of `pointers` is by patient (a lookup's prefix scan, the writer's
+        // point reads), so its memtable hashes patients to small skip lists: a bulk
+        // sync inserts random patients, and searching one skip list of every pointer
+        // for each was the largest part of its write. Hashed memtables need inserts
+        // from one thread at a time, which the writer does anyway.
+        db_opts.set_allow_concurrent_memtable_write(false);
+        let mut pointers = cf(Some(PSEUDONYM_LEN), true);
+        pointers.set_memtable_factory(MemtableFactory::HashSkipList {
+            bucket_count: MEMTABLE_BUCKETS,
+            height: 4,
+            branching_factor: 4,
+        });
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_POINTERS, cf(Some(PSEUDONYM_LEN), true)),
+            ColumnFamilyDescriptor::new(CF_POINTERS, pointers),
             ColumnFamilyDescriptor::new(CF_BY_ORG, cf(Some(ORG_LEN), false)),
             ColumnFamilyDescriptor::new(CF_EXPIRY, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
