@@ -10,3 +10,4 @@ pub mod pg;
 pub mod proc;
 pub mod report;
 pub mod suite;
+pub mod sync_cost;

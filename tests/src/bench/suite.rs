@@ -281,6 +281,17 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         token_check.p50_us
     ));
     results.token_check = Some(token_check);
+    let sync_cost = super::sync_cost::sync_cost(&data, world.path(), plan.sync_batch).await?;
+    say(format!(
+        "synced pointer, stage by stage: encode {:.1} µs, decode {:.1} µs, prepare {:.1} µs, \
+         store {:.1} µs (insert) / {:.1} µs (update)",
+        sync_cost.encode_us,
+        sync_cost.decode_us,
+        sync_cost.prepare_us,
+        sync_cost.insert_us,
+        sync_cost.update_us
+    ));
+    results.sync_cost = Some(sync_cost);
 
     // PostgreSQL first: loaded once, idle while the others run.
     let pg_work = world.path().join("pg");
