@@ -31,8 +31,8 @@ const QUEUE_DEPTH: usize = 1024;
 /// Planned groups that may wait for the committer: enough to plan one group while
 /// another is written, without planning far ahead of the disk.
 const PLANNED_DEPTH: usize = 1;
-/// How far a refresh must move a pointer's lapse before it is written: a holder
-/// syncing the same data twice in a day writes once.
+/// How far a write must move a pointer's lapse before the lapse moves
+/// ([`lapse_moves`]).
 const REFRESH_STEP_NANOS: i64 = 24 * 3600 * 1_000_000_000;
 
 /// One change a caller asks for.
@@ -335,7 +335,11 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
             if keep_last_updated {
                 value.last_updated = prev.last_updated;
             }
+            let lapse_moves = lapse_moves(prev.lapses_at, value.lapses_at);
             if !prev.same_content(&value) {
+                if !lapse_moves {
+                    value.lapses_at = prev.lapses_at;
+                }
                 let value = Arc::new(value);
                 changes.push(Change::Put {
                     key,
@@ -345,13 +349,9 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
                 *slot = Some(value.clone());
                 return OpResult::Updated(value);
             }
-            // Unchanged content still counts as a refresh. The lapse moves in coarse
-            // steps, so repeating a sync costs no writes.
-            let refreshed = match (prev.lapses_at, value.lapses_at) {
-                (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
-                (old, new) => old != new,
-            };
-            if !refreshed {
+            // Unchanged content still counts as a refresh; repeating a sync within a
+            // day costs no writes.
+            if !lapse_moves {
                 *slot = Some(prev.clone());
                 return OpResult::Unchanged(prev);
             }
@@ -385,6 +385,18 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
     }
 }
 
+/// Whether a write moves a pointer's lapse from `stored` to `offered`. Every write
+/// refreshes the pointer, but its lapse moves only in steps of at least a day: a
+/// holder syncing the same data twice in a day writes once, and an update within a day
+/// of the last write keeps its place in the expiry index (rewriting it was two of an
+/// update's three index entries).
+fn lapse_moves(stored: Option<i64>, offered: Option<i64>) -> bool {
+    match (stored, offered) {
+        (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
+        (old, new) => old != new,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +421,65 @@ mod tests {
             },
             keep_last_updated: false,
         }
+    }
+
+    fn with_lapse(op: Op, lapses_at: i64) -> Op {
+        match op {
+            Op::Upsert {
+                key,
+                mut value,
+                keep_last_updated,
+            } => {
+                value.lapses_at = Some(lapses_at);
+                Op::Upsert {
+                    key,
+                    value,
+                    keep_last_updated,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// An update refreshes the pointer, but its lapse (and so its place in the expiry
+    /// index) moves only when it would move by a day or more.
+    #[tokio::test]
+    async fn updates_move_the_lapse_in_steps_of_a_day() {
+        const HOUR: i64 = 3600 * 1_000_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (writer, thread) = Writer::start(store.clone());
+        let k = key(1);
+        let lapse = |result: &[OpResult]| match &result[0] {
+            OpResult::Inserted(v) | OpResult::Updated(v) | OpResult::Unchanged(v) => v.lapses_at,
+            other => panic!("unexpected {other:?}"),
+        };
+        let t0 = 1_000 * 24 * HOUR;
+        let r = writer
+            .apply(vec![with_lapse(upsert(k, 1), t0)])
+            .await
+            .unwrap();
+        assert_eq!(lapse(&r), Some(t0));
+        // Changed content an hour later: updated, the lapse stays.
+        let r = writer
+            .apply(vec![with_lapse(upsert(k, 2), t0 + HOUR)])
+            .await
+            .unwrap();
+        assert!(matches!(r[0], OpResult::Updated(_)));
+        assert_eq!(lapse(&r), Some(t0));
+        // Changed content two days later: the lapse moves with it.
+        let r = writer
+            .apply(vec![with_lapse(upsert(k, 3), t0 + 48 * HOUR)])
+            .await
+            .unwrap();
+        assert!(matches!(r[0], OpResult::Updated(_)));
+        assert_eq!(lapse(&r), Some(t0 + 48 * HOUR));
+        let stored = store.get_many(&[k]).unwrap().pop().unwrap().unwrap();
+        assert_eq!(stored.lapses_at, Some(t0 + 48 * HOUR));
+        assert_eq!(stored.last_updated, 3);
+
+        drop(writer);
+        thread.join().unwrap();
     }
 
     /// Groups are planned while earlier ones are still being written. Each must see
