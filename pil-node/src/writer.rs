@@ -323,14 +323,7 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
         } => {
             let slot = current.entry(key).or_default();
             let Some(prev) = slot.take() else {
-                let value = Arc::new(value);
-                changes.push(Change::Put {
-                    key,
-                    value: value.clone(),
-                    previous: None,
-                });
-                *slot = Some(value.clone());
-                return OpResult::Inserted(value);
+                return OpResult::Inserted(put(key, value, None, slot, changes));
             };
             if keep_last_updated {
                 value.last_updated = prev.last_updated;
@@ -340,14 +333,7 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
                 if !lapse_moves {
                     value.lapses_at = prev.lapses_at;
                 }
-                let value = Arc::new(value);
-                changes.push(Change::Put {
-                    key,
-                    value: value.clone(),
-                    previous: Some(prev),
-                });
-                *slot = Some(value.clone());
-                return OpResult::Updated(value);
+                return OpResult::Updated(put(key, value, Some(prev), slot, changes));
             }
             // Unchanged content still counts as a refresh; repeating a sync within a
             // day costs no writes.
@@ -357,14 +343,7 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
             }
             let mut kept = StoredPointer::clone(&prev);
             kept.lapses_at = value.lapses_at;
-            let kept = Arc::new(kept);
-            changes.push(Change::Put {
-                key,
-                value: kept.clone(),
-                previous: Some(prev),
-            });
-            *slot = Some(kept.clone());
-            OpResult::Unchanged(kept)
+            OpResult::Unchanged(put(key, kept, Some(prev), slot, changes))
         }
         Op::Delete { key } | Op::Purge { key, .. } => {
             let slot = current.entry(key).or_default();
@@ -383,6 +362,25 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
             OpResult::Deleted
         }
     }
+}
+
+/// Stores `value` at `key` in the plan: a change to write, and what later operations
+/// in the group see there. Returns the value, shared.
+fn put(
+    key: PointerKey,
+    value: StoredPointer,
+    previous: Option<Arc<StoredPointer>>,
+    slot: &mut Option<Arc<StoredPointer>>,
+    changes: &mut Vec<Change>,
+) -> Arc<StoredPointer> {
+    let value = Arc::new(value);
+    changes.push(Change::Put {
+        key,
+        value: value.clone(),
+        previous,
+    });
+    *slot = Some(value.clone());
+    value
 }
 
 /// Whether a write moves a pointer's lapse from `stored` to `offered`. Every write
