@@ -282,8 +282,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// Newest first, one pointer per endpoint: the same endpoint registered in two
-/// regions shows once, as its newest registration.
 /// Records in the audit entry what an answer returns: how many pointers, from which
 /// holder organizations.
 fn record_returned(entry: &mut AuditRecord, pointers: &[v1::Pointer]) {
@@ -297,6 +295,8 @@ fn record_returned(entry: &mut AuditRecord, pointers: &[v1::Pointer]) {
     entry.outcome.organizations = orgs;
 }
 
+/// Newest first, one pointer per endpoint: the same endpoint registered in two
+/// regions shows once, as its newest registration.
 fn merge(mut pointers: Vec<v1::Pointer>) -> Vec<v1::Pointer> {
     let millis = |p: &v1::Pointer| {
         p.last_updated
