@@ -78,14 +78,16 @@ pub async fn sync_cost(data: &DataSet, dir: &Path, batch: usize) -> anyhow::Resu
     })
 }
 
+/// The pointers a sync message carries (none in a header).
+fn pointers_in(message: &v1::SyncPointersRequest) -> &[v1::Pointer] {
+    match &message.item {
+        Some(v1::sync_pointers_request::Item::Batch(b)) => &b.pointers,
+        _ => &[],
+    }
+}
+
 fn count(messages: &[v1::SyncPointersRequest]) -> u64 {
-    messages
-        .iter()
-        .map(|m| match &m.item {
-            Some(v1::sync_pointers_request::Item::Batch(b)) => b.pointers.len() as u64,
-            _ => 0,
-        })
-        .sum()
+    messages.iter().map(|m| pointers_in(m).len() as u64).sum()
 }
 
 fn per(seconds: f64, pointers: u64) -> f64 {
@@ -101,12 +103,8 @@ fn prepare(
     let now = now_nanos();
     messages
         .iter()
-        .filter_map(|m| match &m.item {
-            Some(v1::sync_pointers_request::Item::Batch(b)) => Some(&b.pointers),
-            _ => None,
-        })
-        .map(|pointers| {
-            pointers
+        .map(|m| {
+            pointers_in(m)
                 .iter()
                 .map(|p| Ok(registry.prepare(&NewPointer::from_wire(p, true)?, now)))
                 .collect()
