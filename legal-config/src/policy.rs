@@ -1470,10 +1470,9 @@ mod tests {
     /// facts, asking again (answered from the cache) gives what Cedar gives.
     #[test]
     fn kept_decisions_match_fresh_evaluation() {
-        let config = LegalConfig::load(
-            std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-        )
-        .unwrap_or_else(|e| panic!("default legal configuration must load: {e}"));
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+        let config = LegalConfig::load(&dir)
+            .unwrap_or_else(|e| panic!("default legal configuration must load: {e}"));
         let region = config.settings().node.region.clone();
         let mut requesters = Vec::new();
         for profession in [None, Some("LE"), Some("SP"), Some("PS")] {
@@ -1523,10 +1522,7 @@ mod tests {
         }
         let kept = requesters.len() * (pointers.len() + 1);
         assert_eq!(config.decided.0.len(), kept);
-        let reloaded = LegalConfig::load(
-            std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-        )
-        .unwrap();
+        let reloaded = LegalConfig::load(&dir).unwrap();
         assert_eq!(
             reloaded.decided.0.len(),
             0,

@@ -9,13 +9,19 @@ const OWN_UNIT: &str = "910000012";
 const OTHER_ORG: &str = "920000002";
 const REGION: &str = "helse-vest";
 
+/// This package's directory, read when the test runs (a reused test binary's compiled-in
+/// path may be another checkout's).
+fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("cargo test sets CARGO_MANIFEST_DIR")
+        .into()
+}
+
 fn config() -> &'static LegalConfig {
     static CONFIG: OnceLock<LegalConfig> = OnceLock::new();
     CONFIG.get_or_init(|| {
-        LegalConfig::load(
-            std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-        )
-        .unwrap_or_else(|e| panic!("default legal configuration must load: {e}"))
+        LegalConfig::load(package_dir())
+            .unwrap_or_else(|e| panic!("default legal configuration must load: {e}"))
     })
 }
 
@@ -581,10 +587,7 @@ fn settings_and_roles() {
 
 #[test]
 fn summary_lists_every_rule_with_its_legal_basis() {
-    let summary = pil_legal::check(
-        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-    )
-    .unwrap();
+    let summary = pil_legal::check(package_dir()).unwrap();
     assert_eq!(summary.policies, 7);
     assert_eq!(summary.permits, 3);
     assert_eq!(summary.forbids, 4);
@@ -650,11 +653,8 @@ fn decisions_are_fast() {
 
 #[test]
 fn readme_documents_every_rule() {
-    let readme = std::fs::read_to_string(format!(
-        "{}/../docs/legal-configuration.md",
-        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let readme =
+        std::fs::read_to_string(package_dir().join("../docs/legal-configuration.md")).unwrap();
     for rule in config().summary().rules {
         assert!(
             readme.contains(&format!("`{}`", rule.rule.id)),

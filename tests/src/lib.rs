@@ -505,6 +505,15 @@ pub fn doctor_token(
         .decision_ref("d", false)
 }
 
+/// The directory of the package under test, read when the test runs: the path
+/// compiled into a test binary is that of the checkout that built it, and cargo reuses
+/// test binaries across checkouts that share a target directory.
+pub fn package_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+}
+
 /// Sync options for [`ORG_A`]'s own pointers.
 pub fn sync_options(
     mode: v1::SyncMode,

@@ -590,10 +590,7 @@ async fn invalid_policies_are_refused_at_start_and_at_reload() {
 
 #[test]
 fn policy_check_validates_offline() {
-    let dir = std::path::Path::new(
-        &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-    )
-    .join("../legal-config");
+    let dir = package_dir().join("../legal-config");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
         .args(["policy", "check"])
         .arg(&dir)

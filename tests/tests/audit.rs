@@ -325,10 +325,7 @@ fn fhir_python() -> PathBuf {
     let venv = PathBuf::from(home).join(".cache").join("pil-fhir-venv");
     let python = venv.join("bin").join("python");
     if !python.exists() {
-        let script = Path::new(
-            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-        )
-        .join("fhir/setup-venv.sh");
+        let script = package_dir().join("fhir/setup-venv.sh");
         let out = Command::new("bash")
             .arg(&script)
             .arg(&venv)
@@ -1613,12 +1610,7 @@ async fn export_equals_search_and_fhir_export_validates() {
         );
     }
     let validated = Command::new(fhir_python())
-        .arg(
-            Path::new(
-                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-            )
-            .join("fhir/validate_auditevent.py"),
-        )
+        .arg(package_dir().join("fhir/validate_auditevent.py"))
         .arg(&fhir)
         .output()
         .expect("run the FHIR validator");
