@@ -2,7 +2,8 @@
 //!
 //! Sits between the service layer (which authenticates and authorizes) and storage
 //! (which only knows bytes). Turns validated pointers into pseudonymized, sealed
-//! records and back; reads run on the blocking pool, writes go to the single writer.
+//! records and back. Reads run in place when what they need is in memory, otherwise
+//! on the blocking pool; writes go to the writer (`writer.rs`).
 
 use std::{
     sync::{
