@@ -188,6 +188,22 @@ pub struct NodeSettings {
     pub roles: Roles,
     #[serde(default)]
     pub default_deny: DefaultDeny,
+    #[serde(default)]
+    pub protections: Protections,
+}
+
+/// What a lookup does when a region holding the patient's protections (opt-out and
+/// blocks, which hold for every region's pointers) cannot be asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protections {
+    /// Emergency lookups (purpose ETREAT) show pointers even then. Off by default: the
+    /// answer withholds every pointer a protection could forbid.
+    #[serde(default)]
+    pub emergency_shows_unchecked: bool,
+    /// The legal basis for showing them; required when the above is on.
+    #[serde(default)]
+    pub emergency_legal_basis: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +276,15 @@ impl NodeSettings {
         }
         if self.categories.known.is_empty() {
             bad("[categories] known must list at least one category".into());
+        }
+        if self.protections.emergency_shows_unchecked
+            && self.protections.emergency_legal_basis.trim().is_empty()
+        {
+            bad(
+                "[protections] emergency_shows_unchecked needs emergency_legal_basis: name the \
+                 legal basis for showing pointers whose protections could not be checked"
+                    .into(),
+            );
         }
         let mut seen = HashSet::new();
         for c in &self.categories.known {

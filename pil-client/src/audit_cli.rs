@@ -346,7 +346,7 @@ async fn verify(
         println!(
             "{}",
             serde_json::json!({
-                "verified": report.is_ok(),
+                "verified": report.is_ok() && report.heads > 0,
                 "records": report.records,
                 "removed": report.removed,
                 "heads": report.heads,
@@ -361,6 +361,13 @@ async fn verify(
         bail!(
             "audit log verification failed: {problem} ({} problem(s) in {} records)",
             report.problems,
+            report.records
+        );
+    }
+    if report.heads == 0 {
+        bail!(
+            "nothing could be verified: the log's {} records are covered by no signed tree \
+             head yet; verify again with --sign-now to have the node sign one",
             report.records
         );
     }

@@ -295,8 +295,7 @@ pub fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            eprintln!("error: {}", pil_proto::error_line::one_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -757,13 +756,18 @@ fn print_lookup(resp: &v1::LookupResponse, json: bool) -> anyhow::Result<()> {
             serde_json::json!({
                 "query_id": resp.query_id, "pointers": pointers, "regions": regions,
                 "opted_out": resp.opted_out, "emergency": resp.emergency,
-                "rules": rules_json(&resp.rules),
+                "rules": rules_json(&resp.rules), "withheld": resp.withheld,
             })
         );
         return Ok(());
     }
     if resp.opted_out {
         println!("The patient has opted out of PIL; nothing is shown.");
+    } else if !resp.withheld.is_empty() {
+        println!(
+            "No pointers are shown: {}",
+            resp.withheld.trim_start_matches("no pointers are shown: ")
+        );
     } else if resp.pointers.is_empty() {
         println!("No pointers found.");
     } else {

@@ -35,9 +35,28 @@ pub enum ClientError {
     /// An access token or DPoP proof could not be made.
     #[error("credentials: {0}")]
     Credentials(String),
-    /// The node answered with an error status.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    /// The node answered with an error status. Not a `source`: its text is the
+    /// status's own, said once.
+    #[error("{}: {}{}", code_name(.0.code()), .0.message(), what_to_do(.0.code()))]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+/// What the user can do about a status the node's message does not already say.
+fn what_to_do(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unavailable => " (the node is unreachable or busy: retry later)",
+        tonic::Code::DeadlineExceeded => " (no answer in time: retry, or allow more time)",
+        tonic::Code::Unauthenticated => {
+            " (check the profile's certificate and the access token it sends)"
+        }
+        _ => "",
+    }
 }
 
 /// A connection to one node as one organization. Cheap to clone; calls may run

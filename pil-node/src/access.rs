@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use pil_auth::dpop::normalize_htu;
 use pil_auth::verify::{RequestContext, TokenVerifier, VerifiedRequester, VerifierConfig};
 use pil_legal::{LegalConfig, PolicyError};
 use pil_proto::ident::PatientId;
@@ -47,7 +48,9 @@ pub struct Requester {
 /// Token verification and the legal configuration in force.
 pub struct Access {
     verifier: TokenVerifier,
-    public_url: Option<String>,
+    /// The node's own base URLs (normalized `https://host:port`): a call must be
+    /// addressed to one of them, so a DPoP proof made for another node never fits.
+    names: Vec<String>,
     legal_dir: PathBuf,
     region: String,
     legal: RwLock<Arc<LegalConfig>>,
@@ -55,7 +58,8 @@ pub struct Access {
 
 impl Access {
     /// Loads the issuer keys and the legal configuration; refuses an invalid one.
-    pub fn load(config: &NodeConfig) -> Result<Self, AccessError> {
+    /// `names` are the base URLs clients may address the node by (see [`own_names`]).
+    pub fn load(config: &NodeConfig, names: Vec<String>) -> Result<Self, AccessError> {
         let auth = &config.auth;
         let mut vc = VerifierConfig::new(&auth.issuer, &auth.audience, &auth.required_scope);
         vc.leeway = Duration::from_secs(auth.leeway_secs);
@@ -67,10 +71,7 @@ impl Access {
         let legal = load_legal(&config.legal_config, &config.region)?;
         Ok(Self {
             verifier,
-            public_url: auth
-                .public_url
-                .clone()
-                .map(|u| u.trim_end_matches('/').to_string()),
+            names,
             legal_dir: config.legal_config.clone(),
             region: config.region.clone(),
             legal: RwLock::new(Arc::new(legal)),
@@ -115,11 +116,12 @@ impl Access {
                     .into(),
             )
         })?;
-        let token = match authorization.split_once(' ') {
-            Some((scheme, token))
-                if scheme.eq_ignore_ascii_case("dpop") || scheme.eq_ignore_ascii_case("bearer") =>
-            {
-                token.trim()
+        let (scheme, token) = match authorization.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("dpop") => {
+                (Scheme::Dpop, token.trim())
+            }
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                (Scheme::Bearer, token.trim())
             }
             _ => {
                 return Err(AccessError::Unauthenticated(
@@ -127,10 +129,33 @@ impl Access {
                 ));
             }
         };
-        let base = self.public_url.as_deref().unwrap_or(arrived_on);
-        let uri = format!("{base}{path}");
+        let called = base_url(arrived_on).unwrap_or_default();
+        if !self.names.contains(&called) {
+            return Err(AccessError::Unauthenticated(format!(
+                "the call was addressed to {arrived_on:?}, which is not one of this node's names \
+                 ({}); address the node by one of them",
+                self.names.join(", ")
+            )));
+        }
+        let uri = format!("{called}{path}");
         let ctx = RequestContext::grpc(cert_org, &uri, dpop);
-        self.requester(token, &ctx)
+        let requester = self.requester(token, &ctx)?;
+        if scheme == Scheme::Dpop && !requester.token.dpop_bound {
+            return Err(AccessError::Unauthenticated(
+                "the access token is not DPoP-bound (no cnf.jkt), so it must be sent as \
+                 `authorization: Bearer <token>`"
+                    .into(),
+            ));
+        }
+        if scheme == Scheme::Bearer && requester.token.dpop_bound {
+            return Err(AccessError::Unauthenticated(
+                "the access token is DPoP-bound (cnf.jkt), so it must be sent as \
+                 `authorization: DPoP <token>` with a DPoP proof, not as Bearer (RFC 9449 \
+                 section 7.1)"
+                    .into(),
+            ));
+        }
+        Ok(requester)
     }
 
     /// Verifies a token forwarded by a peer node for a client of `client_org`: all
@@ -166,6 +191,33 @@ impl Access {
     }
 }
 
+/// How a token was presented in `authorization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Dpop,
+    Bearer,
+}
+
+/// The base URLs a node may be addressed by: `public_url` (e.g. behind a load
+/// balancer), and each name in its certificate with the port it listens on.
+pub fn own_names(public_url: Option<&str>, cert_names: &[String], port: u16) -> Vec<String> {
+    let from_cert = cert_names.iter().map(|n| format!("https://{n}:{port}"));
+    let mut names: Vec<String> = public_url
+        .map(str::to_string)
+        .into_iter()
+        .chain(from_cert)
+        .filter_map(|u| base_url(&u))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// `https://host:port` normalized as DPoP compares URLs, without a trailing slash.
+fn base_url(url: &str) -> Option<String> {
+    normalize_htu(url).map(|u| u.trim_end_matches('/').to_string())
+}
+
 fn load_legal(dir: &std::path::Path, region: &str) -> Result<LegalConfig, AccessError> {
     let legal = LegalConfig::load(dir)?;
     if legal.settings().node.region != region {
@@ -190,11 +242,10 @@ impl Requester {
         named.is_empty() || named.contains(&patient.value())
     }
 
-    /// Whether one of the patient's blocks shuts this requester out of pointers held
-    /// by `holder`.
-    pub fn is_blocked(&self, blocks: &[StoredBlock], holder: &str) -> bool {
-        blocks.iter().any(|b| {
-            let applies_to_holder = b.holder.is_empty() || b.holder == holder;
+    /// Which holders' pointers the patient's `blocks` shut this requester out of.
+    pub fn shut_out(&self, blocks: &[StoredBlock]) -> ShutOut {
+        let mut shut = ShutOut::default();
+        for b in blocks {
             let hits = match b.target_kind {
                 BLOCK_HPR => self.token.hpr_number.as_deref() == Some(b.target.as_str()),
                 BLOCK_PROFESSION => self.token.profession.as_deref() == Some(b.target.as_str()),
@@ -204,7 +255,37 @@ impl Requester {
                 }
                 _ => false,
             };
-            applies_to_holder && hits
-        })
+            if !hits {
+                continue;
+            }
+            if b.holder.is_empty() {
+                shut.all_holders = true;
+            } else {
+                shut.holders.insert(b.holder.clone());
+            }
+        }
+        shut
+    }
+}
+
+/// The holders whose pointers a patient's blocks shut one requester out of. Blocks
+/// are the patient's right wherever they were registered, so these hold for every
+/// region's pointers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutOut {
+    pub all_holders: bool,
+    pub holders: std::collections::BTreeSet<String>,
+}
+
+impl ShutOut {
+    /// Adds what another region's blocks shut out.
+    pub fn merge(&mut self, all_holders: bool, holders: impl IntoIterator<Item = String>) {
+        self.all_holders |= all_holders;
+        self.holders.extend(holders);
+    }
+
+    /// Whether pointers held by `holder` are hidden.
+    pub fn hides(&self, holder: &str) -> bool {
+        self.all_holders || self.holders.contains(holder)
     }
 }

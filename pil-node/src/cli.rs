@@ -79,15 +79,23 @@ fn parse_org(s: &str) -> Result<(String, String), String> {
     Ok((n.to_string(), name.to_string()))
 }
 
-/// Runs the command line; the binary's `main`.
-pub fn main() -> anyhow::Result<()> {
+/// Runs the command line; the binary's `main`. A failure is one line on stderr (no
+/// backtrace, whatever `RUST_BACKTRACE` says) and a non-zero exit.
+pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pil-node")
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(cli))
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", pil_proto::error_line::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -168,10 +176,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for (node, pointers) in nodes.iter().zip(&per_region) {
                 loaded.push(demo::load(node.registry(), pointers).await?);
             }
-            let sample = data
-                .first()
-                .and_then(|p| p.patient.as_ref())
-                .map(|p| p.value.clone())
+            let sample = demo::showcase_patient(&data)
+                .or_else(|| {
+                    data.first()
+                        .and_then(|p| p.patient.as_ref())
+                        .map(|p| p.value.clone())
+                })
                 .unwrap_or_default();
             let pil = std::env::current_exe()
                 .ok()
@@ -197,23 +207,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     node.addr(),
                     pointers.len()
                 );
-                println!("    configuration: {}", setup.config_path.display());
+                println!("    configuration:  {}", shown(&setup.config_path));
+                println!(
+                    "    audit public key: {}",
+                    shown(&setup.dir.join("audit").join("public-key.pem"))
+                );
                 println!("    client profiles:");
                 for (org, path) in &setup.profiles {
-                    println!("      {:<24} {}", org.name, path.display());
+                    let (hpr, profession) = org.professional;
+                    println!(
+                        "      {:<24} {} ({profession}, HPR {hpr})",
+                        org.name,
+                        shown(path)
+                    );
                 }
             }
-            let profile = setups[0].profiles[0].1.display();
-            let operator = setups[0].profiles[0].1.display();
+            // Profiles of the first region: the hospital runs the node (operator role),
+            // the vendor's privacy officer audits it (auditor role), the GP is a doctor
+            // and the municipality's home nursing a nurse.
+            let first = &setups[0];
+            let profile = |i: usize| shown(&first.profiles[i].1);
+            let (operator, nurse, doctor, auditor) =
+                (profile(0), profile(1), profile(2), profile(4));
+            let public_key = shown(&first.dir.join("audit").join("public-key.pem"));
             println!();
-            println!("Try (a lookup at the home region answers for every region):");
-            println!("  {pil} --profile {profile} lookup --patient {sample}");
-            println!("  {pil} --profile {profile} lookup --patient {sample} --home-region-only");
-            println!("  {pil} --profile {profile} lookup --patient {sample} --json");
+            println!(
+                "Try (a lookup at the home region answers for every region; patient {sample} has \
+                 pointers in several regions, one of them to a sensitive category):"
+            );
+            println!("  {pil} --profile {doctor} lookup --patient {sample}");
+            println!("  {pil} --profile {nurse} lookup --patient {sample}");
+            println!("  {pil} --profile {doctor} lookup --patient {sample} --home-region-only");
+            println!("  {pil} --profile {doctor} lookup --patient {sample} --json");
+            println!("  {pil} --profile {doctor} policy explain --patient {sample}");
             println!("  {pil} --profile {operator} peers");
             println!(
-                "  {pil} --profile {profile} export --organization {} --out export.ndjson",
-                setups[0].profiles[0].0.number
+                "  {pil} --profile {doctor} export --organization {} --out export.ndjson",
+                first.profiles[2].0.number
+            );
+            println!();
+            println!(
+                "Audit (profile {auditor} holds the auditor role in every region; each \
+                 region's audit public key is listed above):"
+            );
+            println!("  {pil} --profile {auditor} audit search --patient {sample}");
+            println!("  {pil} --profile {auditor} audit patient-report --patient {sample}");
+            println!(
+                "  {pil} --profile {auditor} audit verify --public-key {public_key} --sign-now"
             );
             println!();
             if no_serve {
@@ -231,6 +271,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A path as the user would type it: relative to where they stand when it is below
+/// it, else absolute.
+fn shown(path: &std::path::Path) -> String {
+    let cwd = std::env::current_dir().ok();
+    cwd.as_deref()
+        .and_then(|cwd| path.strip_prefix(cwd).ok())
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 /// Reloads the legal configuration on SIGHUP; an invalid one leaves the old in force.

@@ -220,18 +220,30 @@ pub enum LogFormat {
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read the configuration {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid configuration {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// A TOML error as one line with its position: the parser's own text spans several
+/// lines with a drawing of the spot.
+pub fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end_matches('.').replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 impl NodeConfig {
@@ -241,11 +253,10 @@ impl NodeConfig {
             path: path.into(),
             source,
         })?;
-        let mut config: NodeConfig =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.into(),
-                source: Box::new(source),
-            })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: toml_message(&text, &e),
+        })?;
         if let Some(base) = path.parent() {
             config.resolve_relative_to(base);
         }

@@ -22,6 +22,9 @@ pub struct DemoOrg {
     pub slug: &'static str,
     pub base_url: &'static str,
     pub categories: &'static [&'static str],
+    /// The health professional its profile's tokens name: HPR number and
+    /// authorization (profession) code.
+    pub professional: (&'static str, &'static str),
 }
 
 /// The demo's organizations. The last one is a record-system vendor that writes for
@@ -39,6 +42,7 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
             "medications",
             "mental-health",
         ],
+        professional: ("565501872", "LE"),
     },
     DemoOrg {
         number: "964338531",
@@ -46,6 +50,7 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
         slug: "bergen-kommune",
         base_url: "https://fhir.bergen-kommune.example/r4",
         categories: &["nursing", "care-plans", "medications", "vital-signs"],
+        professional: ("9144900", "SP"),
     },
     DemoOrg {
         number: "923609016",
@@ -53,6 +58,7 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
         slug: "fjordsiden-legesenter",
         base_url: "https://ehr-vendor.example/fjordsiden/fhir",
         categories: &["clinical-notes", "medications", "lab-results", "allergies"],
+        professional: ("565501872", "LE"),
     },
     DemoOrg {
         number: "914637651",
@@ -60,6 +66,7 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
         slug: "vest-dho",
         base_url: "https://dho.vest.example/fhir/r4",
         categories: &["home-monitoring", "vital-signs", "care-plans"],
+        professional: ("9144900", "SP"),
     },
     DemoOrg {
         number: "985399077",
@@ -67,6 +74,7 @@ pub const DEMO_ORGS: &[DemoOrg] = &[
         slug: "journalleverandoren",
         base_url: "https://ehr-vendor.example/fhir",
         categories: &[],
+        professional: ("565501872", "LE"),
     },
 ];
 
@@ -131,6 +139,9 @@ pub fn prepare(
     listen: std::net::SocketAddr,
 ) -> Result<DemoSetup, DemoError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Profiles and node.toml name absolute paths, so they work from wherever the user
+    // stands.
+    let dir = &std::path::absolute(dir).map_err(io(dir))?;
     let orgs: Vec<(&str, &str)> = DEMO_ORGS.iter().map(|o| (o.number, o.name)).collect();
     let files = pki::write_dev_pki(&dir.join("pki"), region, &orgs)?;
     let keys_dir = dir.join("keys");
@@ -168,7 +179,7 @@ pub fn prepare(
             jwks_file,
             leeway_secs: 5,
             require_dpop: false,
-            public_url: None,
+            public_url: Some(format!("https://localhost:{}", listen.port())),
             dpop_replay_capacity: crate::config::DEFAULT_DPOP_REPLAY_CAPACITY,
             token_cache: crate::config::DEFAULT_TOKEN_CACHE,
         },
@@ -201,11 +212,12 @@ pub fn prepare(
     let mut profiles = Vec::new();
     for (org, files) in DEMO_ORGS.iter().zip(&files.orgs) {
         let path = profiles_dir.join(format!("{}.toml", org.slug));
+        let (hpr, profession) = org.professional;
         let token = DevToken {
             issuer_key: issuer_key.clone(),
             organization: org.number.to_string(),
-            hpr: "565501872".into(),
-            profession: "LE".into(),
+            hpr: hpr.into(),
+            profession: profession.into(),
         };
         let text = profile_toml(listen, &files.cert, &files.key, &files_ca(dir)) + &token.toml();
         std::fs::write(&path, text).map_err(io(&path))?;
@@ -380,6 +392,33 @@ pub fn data_set(patients: u64, seed: u64) -> Vec<v1::Pointer> {
         }
     }
     out
+}
+
+/// A patient whose answer shows what PIL is for: pointers in more than one region, one
+/// of them to a sensitive category held by the hospital, which the legal configuration
+/// shows to a doctor and hides from a nurse.
+pub fn showcase_patient(data: &[v1::Pointer]) -> Option<String> {
+    let mut seen: std::collections::BTreeMap<&str, (std::collections::BTreeSet<usize>, bool)> =
+        Default::default();
+    let mut order = Vec::new();
+    for (i, p) in data.iter().enumerate() {
+        let value = p.patient.as_ref().map(|p| p.value.as_str()).unwrap_or("");
+        let sensitive = p
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.organization_number == DEMO_ORGS[0].number)
+            && p.categories.iter().any(|c| c == "mental-health");
+        let entry = seen.entry(value).or_insert_with(|| {
+            order.push(value);
+            Default::default()
+        });
+        entry.0.insert(region_of(i, value));
+        entry.1 |= sensitive;
+    }
+    order
+        .into_iter()
+        .find(|v| seen[v].0.len() > 1 && seen[v].1)
+        .map(str::to_string)
 }
 
 /// Loads pointers straight into a registry (merge). Returns (inserted, unchanged).

@@ -116,6 +116,35 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, IdentityError> {
     }
 }
 
+/// The DNS names and IP addresses a (node's own) certificate is valid for, as they
+/// appear in a URL's host: the names clients may address the node by.
+pub fn host_names(der: &[u8]) -> Result<Vec<String>, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|err| IdentityError::Malformed(err.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|err| IdentityError::Malformed(format!("subjectAltName: {err}")))?;
+    let mut names = Vec::new();
+    for name in san.iter().flat_map(|s| &s.value.general_names) {
+        match name {
+            GeneralName::DNSName(dns) => names.push(dns.to_ascii_lowercase()),
+            GeneralName::IPAddress(ip) => match ip.len() {
+                4 => names.push(
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                        .to_string(),
+                ),
+                16 => names.push(format!(
+                    "[{}]",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                )),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
 /// Whether `region` is a valid region id: 1 to 63 characters of lowercase ASCII letters,
 /// digits and `-`, starting and ending with a letter or digit (e.g. `helse-vest`). This
 /// keeps it usable unescaped in a URN, a DNS label, a file name and a metric label.

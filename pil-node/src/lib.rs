@@ -14,6 +14,7 @@ pub mod pki;
 pub mod pointer;
 pub mod registry;
 pub mod reload;
+pub mod secret_file;
 pub mod server;
 pub mod service;
 pub mod storage;

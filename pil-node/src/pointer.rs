@@ -67,13 +67,29 @@ pub fn patient(
     allow_synthetic: bool,
 ) -> Result<PatientId, FieldError> {
     let p = p.ok_or_else(|| FieldError::new("patient", "is required"))?;
-    PatientId::parse(p.system.trim(), p.value.trim(), allow_synthetic)
+    untrimmed("patient.system", &p.system)?;
+    untrimmed("patient.value", &p.value)?;
+    PatientId::parse(&p.system, &p.value, allow_synthetic)
         .map_err(|e| FieldError::new("patient", e.to_string()))
 }
 
 /// Validates an organization number field.
 pub fn org_number(field: &'static str, value: &str) -> Result<OrgNumber, FieldError> {
-    OrgNumber::parse(value.trim()).map_err(|e| FieldError::new(field, e.to_string()))
+    untrimmed(field, value)?;
+    OrgNumber::parse(value).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+/// Refuses an identifier with whitespace around it: the contract says "exactly", and a
+/// node that trimmed would accept what another implementation refuses.
+pub fn untrimmed(field: &'static str, value: &str) -> Result<(), FieldError> {
+    if value.trim() != value {
+        return Err(FieldError::new(
+            field,
+            "has whitespace around it; send the identifier alone, with no spaces, tabs or \
+             line breaks",
+        ));
+    }
+    Ok(())
 }
 
 /// Validates the identity fields shared by writes and deletes.
@@ -83,7 +99,7 @@ pub fn endpoint_ref(
 ) -> Result<EndpointRef, FieldError> {
     let holder = holder.ok_or_else(|| FieldError::new("holder", "is required"))?;
     let org = org_number("holder.organization_number", &holder.organization_number)?;
-    let sub_unit = match holder.sub_unit_organization_number.trim() {
+    let sub_unit = match holder.sub_unit_organization_number.as_str() {
         "" => None,
         s => Some(org_number("holder.sub_unit_organization_number", s)?),
     };

@@ -12,13 +12,14 @@ use pil_proto::v1::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
-    access::{Access, AccessError},
+    access::{Access, AccessError, own_names},
     audit::{AuditError, AuditLog},
     config::NodeConfig,
     federation::Federation,
     patient_keys::{KeyError, PatientKeys},
     registry::Registry,
     reload::Reloader,
+    secret_file::{SecretFileError, check_private},
     service::NodeService,
     storage::{StorageError, Store},
     tls::{self, TlsError},
@@ -31,6 +32,8 @@ pub enum NodeError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error(transparent)]
+    Secret(#[from] SecretFileError),
     #[error("cannot open the data directory: {0}")]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -131,36 +134,29 @@ impl RunningNode {
 /// Opens storage and starts serving according to `config`.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let config = Arc::new(config);
+    // Everything that can fail is checked before anything on disk changes: a node that
+    // cannot serve leaves its data directory as it found it.
+    for (what, path) in [
+        ("the pseudonym key", &config.keys.pseudonym_key_file),
+        ("the storage key", &config.keys.storage_key_file),
+        ("the TLS private key", &config.tls.key),
+        ("the audit signing key", &config.audit.signing_key_file),
+    ] {
+        check_private(what, path)?;
+    }
     let keys = PatientKeys::load(
         &config.keys.pseudonym_key_file,
         &config.keys.storage_key_file,
     )?;
     let tls_config = tls::server_config(&config.tls)?;
-    let access = Arc::new(Access::load(&config)?);
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
-    let store = Arc::new(store);
     let signer =
         pil_transparency::HeadSigner::load(&config.audit.signing_key_file).map_err(|e| {
             AuditError::Key(format!("{}: {e}", config.audit.signing_key_file.display()))
         })?;
-    let (audit, audit_thread) = AuditLog::open(store.clone(), &config.region, signer)?;
-    // Records written before an unclean stop get a signed head now.
-    audit.sign_head().await?;
-    let (registry, closer) = Registry::open(store, keys, config.region.clone());
     let federation = Arc::new(
         Federation::new(&config.federation, &config.tls, &config.region)
             .map_err(|e| NodeError::Task(e.to_string()))?,
     );
-    let reloader = Reloader::new(
-        access.clone(),
-        registry.pointer_lifetime(),
-        federation.clone(),
-        config.source.clone(),
-    );
-
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -171,6 +167,28 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         addr: config.listen,
         source,
     })?;
+    let names = own_names(
+        config.auth.public_url.as_deref(),
+        &tls::own_host_names(&config.tls)?,
+        addr.port(),
+    );
+    let access = Arc::new(Access::load(&config, names)?);
+
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+    let store = Arc::new(store);
+    let (audit, audit_thread) = AuditLog::open(store.clone(), &config.region, signer)?;
+    // Records written before an unclean stop get a signed head now.
+    audit.sign_head().await?;
+    let (registry, closer) = Registry::open(store, keys, config.region.clone());
+    let reloader = Reloader::new(
+        access.clone(),
+        registry.pointer_lifetime(),
+        federation.clone(),
+        config.source.clone(),
+    );
 
     let service = NodeService::new(
         registry.clone(),
@@ -228,6 +246,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .layer(tower::util::MapRequestLayer::new(
             crate::service::remember_origin,
+        ))
+        .layer(crate::service::RefusalLayer::new(
+            audit.clone(),
+            config.region.clone(),
         ))
         .add_service(health_svc)
         .add_service(reflection)

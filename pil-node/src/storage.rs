@@ -51,6 +51,9 @@ const CF_AUDIT_HEADS: &str = "audit_heads";
 const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
+/// The newest signed head again, apart from the heads' family: cutting the log's end
+/// together with the heads over it still leaves the node knowing what it signed.
+const AUDIT_NEWEST_HEAD: &[u8] = b"audit_newest_head";
 
 /// Hash buckets of the `pointers` memtable (8 bytes each, per memtable).
 const MEMTABLE_BUCKETS: usize = 1 << 18;
@@ -741,6 +744,10 @@ impl Store {
         for (size, note) in heads {
             batch.put_cf(self.cf(CF_AUDIT_HEADS), size.to_be_bytes(), note.as_bytes());
         }
+        if let Some((size, note)) = heads.last() {
+            let value = [size.to_be_bytes().as_slice(), note.as_bytes()].concat();
+            batch.put_cf(self.cf(CF_META), AUDIT_NEWEST_HEAD, value);
+        }
         if records.is_empty() && nodes.is_empty() && heads.is_empty() {
             return Ok(());
         }
@@ -858,6 +865,17 @@ impl Store {
             .db
             .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::End);
         it.next().map(decode_head).transpose()
+    }
+
+    /// The newest signed head as remembered apart from the heads' family.
+    pub fn audit_remembered_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+        let Some(v) = self.db.get_cf(self.cf(CF_META), AUDIT_NEWEST_HEAD)? else {
+            return Ok(None);
+        };
+        let size = be_u64(v.get(..8).unwrap_or_default(), CF_META)?;
+        let note = String::from_utf8(v[8..].to_vec())
+            .map_err(|_| corrupt(CF_META, "newest head is not UTF-8"))?;
+        Ok(Some((size, note)))
     }
 
     /// Up to `limit` signed heads of trees larger than `after`, oldest first.

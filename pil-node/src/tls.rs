@@ -62,6 +62,15 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The DNS names and IP addresses in the node's own certificate: the names clients
+/// may address it by.
+pub fn own_host_names(tls: &TlsConfig) -> Result<Vec<String>, TlsError> {
+    let certs = pki::load_certs(&tls.cert)?;
+    let first = certs.first().map(|c| c.as_ref()).unwrap_or_default();
+    crate::identity::host_names(first)
+        .map_err(|e| TlsError::Rustls(format!("node certificate {}: {e}", tls.cert.display())))
+}
+
 /// The client side of node-to-node calls: TLS 1.3, this node's certificate as client
 /// certificate, and the peer's certificate verified against `client_ca` *and* required
 /// to be the node certificate of `region` (URI SAN `urn:pil:node:<region>`), so a

@@ -2,6 +2,7 @@
 //! enforce. Shared by the node and the client so they can never disagree.
 
 pub mod categories;
+pub mod error_line;
 pub mod ident;
 
 /// Generated messages and service stubs of package `pil.v1`.

@@ -129,7 +129,7 @@ impl World {
             .issue_node(region, &["localhost", "127.0.0.1"])
             .expect("node certificate");
         std::fs::write(dir.join("node.pem"), &node.cert_pem).unwrap();
-        std::fs::write(dir.join("node-key.pem"), &node.key_pem).unwrap();
+        write_private(&dir.join("node-key.pem"), &node.key_pem);
         for k in ["pseudonym.key", "storage.key"] {
             if !dir.join(k).exists() {
                 write_new_key_file(&dir.join(k)).expect("key file");
@@ -232,10 +232,38 @@ impl World {
         .await
     }
 
+    /// A bare mTLS channel as organization `org` to `addr` whose requests name
+    /// `authority` (host:port) as the node called, as a hand-made HTTP/2 client can.
+    pub async fn raw_channel_addressed(
+        &self,
+        org: &str,
+        addr: SocketAddr,
+        authority: &str,
+    ) -> tonic::transport::Channel {
+        let pki = self.path().join("pki");
+        self.channel_to(
+            addr,
+            Some(authority),
+            pki.join(format!("org-{org}.pem")),
+            pki.join(format!("org-{org}-key.pem")),
+        )
+        .await
+    }
+
     /// A bare mTLS channel presenting the given certificate and key.
     pub async fn channel_with(
         &self,
         addr: SocketAddr,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> tonic::transport::Channel {
+        self.channel_to(addr, None, cert, key).await
+    }
+
+    async fn channel_to(
+        &self,
+        addr: SocketAddr,
+        authority: Option<&str>,
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
     ) -> tonic::transport::Channel {
@@ -247,13 +275,14 @@ impl World {
                 std::fs::read(key).unwrap(),
             ))
             .domain_name("localhost");
-        Channel::from_shared(format!("https://{addr}"))
+        let mut endpoint = Channel::from_shared(format!("https://{addr}"))
             .unwrap()
             .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+            .unwrap();
+        if let Some(authority) = authority {
+            endpoint = endpoint.origin(format!("https://{authority}").parse().unwrap());
+        }
+        endpoint.connect().await.expect("connect")
     }
 
     pub fn foreign_org_profile(&self, addr: SocketAddr) -> PathBuf {
@@ -264,7 +293,7 @@ impl World {
         let dir = self.path().join("foreign");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("org.pem"), &cert.cert_pem).unwrap();
-        std::fs::write(dir.join("org-key.pem"), &cert.key_pem).unwrap();
+        write_private(&dir.join("org-key.pem"), &cert.key_pem);
         let path = dir.join("profile.toml");
         let text = pil_node::demo::profile_toml(
             addr,
@@ -280,6 +309,16 @@ impl World {
 impl Default for World {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Writes a secret (a private key) readable by its owner only, as the node demands.
+pub fn write_private(path: &Path, contents: &str) {
+    std::fs::write(path, contents).expect("write secret");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     }
 }
 
@@ -525,5 +564,87 @@ pub fn sync_options(
         mode,
         scope,
         all_or_nothing,
+    }
+}
+
+/// A Python with a test's packages: `$env_var` when set and present, else the venv
+/// `~/.cache/<venv>` (which `.ci/setup` makes), made here with `setup` if missing.
+pub fn python_venv(env_var: &str, venv: &str, setup: &Path) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var).map(PathBuf::from)
+        && p.exists()
+    {
+        return p;
+    }
+    let home = std::env::var_os("HOME").expect("HOME");
+    let venv = PathBuf::from(home).join(".cache").join(venv);
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        let out = Command::new("bash")
+            .arg(setup)
+            .arg(&venv)
+            .output()
+            .expect("run setup-venv.sh");
+        assert!(
+            out.status.success(),
+            "could not make the venv {}: {}",
+            venv.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
+/// A base port with the two after it free too (the demo's three regions).
+pub fn three_free_ports() -> u16 {
+    for _ in 0..50 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if base < 65000
+            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+/// A running `pil-node demo`: three federated regions in `dir`, stopped on drop.
+pub struct Demo {
+    child: Child,
+    /// Everything the demo printed before it started serving.
+    pub printed: Vec<String>,
+}
+
+impl Demo {
+    /// Starts the demo with `--dir dir` from `cwd`, and waits until it serves.
+    pub fn start(cwd: &Path, dir: &str, patients: u32) -> Self {
+        let base = three_free_ports();
+        let mut child = Command::new(sibling_binary("pil-test-node"))
+            .args(["demo", "--patients", &patients.to_string(), "--dir", dir])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{base}"))
+            .current_dir(cwd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run pil-node demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut printed = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("demo output");
+            if line.contains("Press ctrl-c") {
+                break;
+            }
+            printed.push(line);
+        }
+        Self { child, printed }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -538,168 +538,170 @@ async fn explain_answers_without_a_lookup() {
         .await
         .unwrap();
     assert!(r.opted_out);
+    // An opt-out is a fact about the patient: a requester whose lookup would be
+    // refused is not told it.
+    for (who, refused) in [
+        (
+            "research purpose",
+            world
+                .client_as(ORG_A, node.addr(), |p| p.purpose = "HRESCH".into())
+                .await,
+        ),
+        (
+            "no care relationship",
+            world
+                .client_as(ORG_A, node.addr(), |p| p.care_relationship = false)
+                .await,
+        ),
+        (
+            "not health personnel",
+            world
+                .client_as(ORG_A, node.addr(), |p| p.profession = Some("XX".into()))
+                .await,
+        ),
+    ] {
+        assert!(
+            refused.lookup(lookup(&patient)).await.is_err(),
+            "{who}: a lookup is refused"
+        );
+        let r = refused
+            .explain(v1::ExplainRequest {
+                categories: vec![],
+                patient: Some(patient.clone()),
+            })
+            .await
+            .unwrap();
+        assert!(!r.allowed, "{who}");
+        assert!(!r.opted_out, "{who}: the opt-out must not be told");
+    }
     node.stop().await;
 }
 
 #[tokio::test]
-async fn invalid_policies_are_refused_at_start_and_at_reload() {
-    let world = World::new();
-    let policies = world.path().join("legal-config").join("policies");
-    // A syntax error refuses the start.
-    let broken = policies.join("99-broken.cedar");
-    std::fs::write(&broken, "permit(principal, action, resource) when {").unwrap();
-    assert!(pil_node::server::start(world.config(true)).await.is_err());
-    // A policy that breaks the schema too.
-    std::fs::write(
-        &broken,
-        "@id(\"x\") @legal_basis(\"y\") @explanation(\"z\")\npermit(principal, action, resource) when { resource.no_such_attribute == 1 };",
-    )
-    .unwrap();
-    assert!(pil_node::server::start(world.config(true)).await.is_err());
-    std::fs::remove_file(&broken).unwrap();
-
-    let node = TestNode::start(world.config(true)).await;
-    let mut admin = world.client(OPERATOR, node.addr()).await.admin();
-    let doctor = world.client(ORG_A, node.addr()).await;
-    let patient = patient_id(502);
-    std::fs::write(&broken, "forbid(principal, action, resource) when {").unwrap();
-    let err = admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    // The old policies are still in force.
-    doctor.lookup(lookup(&patient)).await.unwrap();
-    // A valid change takes effect: forbid everything.
-    std::fs::write(
-        &broken,
-        "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
-    )
-    .unwrap();
-    let r = admin
-        .reload_legal_config(v1::ReloadLegalConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.policies, 8);
-    let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
-    assert_eq!(code(&err), Code::PermissionDenied);
-    assert!(err.to_string().contains("closed"), "{err}");
-    node.stop().await;
-}
-
-#[test]
-fn policy_check_validates_offline() {
-    let dir = package_dir().join("../legal-config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
-        .args(["policy", "check"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let world = World::new();
-    let broken = world.path().join("legal-config/policies/99-broken.cedar");
-    std::fs::write(&broken, "permit(principal,").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
-        .args(["policy", "check"])
-        .arg(world.path().join("legal-config"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("99-broken.cedar"));
-}
-
-#[tokio::test]
-async fn a_node_can_require_dpop_bound_tokens() {
+async fn a_dpop_bound_token_is_refused_as_bearer() {
     use pil_auth::dev_issuer::DpopKey;
     let world = World::new();
-    let mut config = world.config(true);
-    config.auth.require_dpop = true;
-    let node = TestNode::start(config).await;
-    let patient = patient_id(503);
-    let issuer = world.issuer();
-    let token = || doctor_token(&issuer);
-    let bearer = world
-        .client_with_token(ORG_A, node.addr(), token().sign().unwrap(), None)
-        .await;
-    let err = bearer.lookup(lookup(&patient)).await.unwrap_err();
-    assert_eq!(code(&err), Code::Unauthenticated);
-    assert!(err.to_string().contains("DPoP"), "{err}");
-
+    let (node, patient) = setup(&world).await;
+    let addr = node.addr();
     let key = DpopKey::generate().unwrap();
-    let bound = token().bound_to(&key).sign().unwrap();
-    let client = world
-        .client_with_token(ORG_A, node.addr(), bound, Some(key))
-        .await;
-    client.lookup(lookup(&patient)).await.unwrap();
+    let bound = doctor_token(&world.issuer()).bound_to(&key).sign().unwrap();
+    let channel = world.raw_channel(ORG_A, addr).await;
+    let mut raw = v1::lookup_service_client::LookupServiceClient::new(channel);
+    let uri = format!("https://{addr}/pil.v1.LookupService/Lookup");
+    for scheme in ["Bearer", "bearer"] {
+        let mut req = tonic::Request::new(lookup(&patient));
+        req.metadata_mut().insert(
+            "authorization",
+            format!("{scheme} {bound}").parse().unwrap(),
+        );
+        let proof = key.proof("POST", &uri, &bound).unwrap();
+        req.metadata_mut().insert("dpop", proof.parse().unwrap());
+        let err = raw.lookup(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message()
+                .contains("must be sent as `authorization: DPoP"),
+            "{err:?}"
+        );
+    }
+    // The same token under its own scheme is fine.
+    let mut req = tonic::Request::new(lookup(&patient));
+    req.metadata_mut()
+        .insert("authorization", format!("DPoP {bound}").parse().unwrap());
+    let proof = key.proof("POST", &uri, &bound).unwrap();
+    req.metadata_mut().insert("dpop", proof.parse().unwrap());
+    assert_eq!(
+        raw.lookup(req).await.unwrap().into_inner().pointers.len(),
+        2
+    );
+    // And an unbound token is not one to present under the DPoP scheme.
+    let unbound = doctor_token(&world.issuer()).sign().unwrap();
+    let mut req = tonic::Request::new(lookup(&patient));
+    req.metadata_mut()
+        .insert("authorization", format!("DPoP {unbound}").parse().unwrap());
+    let proof = key.proof("POST", &uri, &unbound).unwrap();
+    req.metadata_mut().insert("dpop", proof.parse().unwrap());
+    let err = raw.lookup(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("not DPoP-bound"), "{err:?}");
     node.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_legal_configuration_or_keeps_the_old_one() {
+#[tokio::test]
+async fn a_dpop_proof_made_for_one_node_is_refused_by_another() {
+    use pil_auth::dev_issuer::DpopKey;
     let world = World::new();
-    let node = ProcessNode::start(&world.config(true), world.path());
-    let doctor = world.client(ORG_A, node.addr).await;
-    let patient = patient_id(504);
-    let policies = world.path().join("legal-config").join("policies");
-    let wait_for_log = |needle: &str, count: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while node.log_text().matches(needle).count() < count {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {needle:?} in the log:\n{}",
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let a = TestNode::start(world.region_config("helse-vest")).await;
+    let b = TestNode::start(world.region_config("helse-midt")).await;
+    let patient = patient_id(77);
+    let key = DpopKey::generate().unwrap();
+    let bound = doctor_token(&world.issuer()).bound_to(&key).sign().unwrap();
+    let call = |authority: String, proof: String| {
+        let mut req = tonic::Request::new(lookup(&patient));
+        req.metadata_mut()
+            .insert("authorization", format!("DPoP {bound}").parse().unwrap());
+        req.metadata_mut().insert("dpop", proof.parse().unwrap());
+        (authority, req)
     };
-
-    // An invalid file: refused, the old policies stay in force.
-    let extra = policies.join("99-extra.cedar");
-    std::fs::write(&extra, "forbid(principal, action, resource) when {").unwrap();
-    node.signal("HUP");
-    wait_for_log("legal configuration reload refused", 1);
-    doctor.lookup(lookup(&patient)).await.unwrap();
-
-    // A valid change takes effect without a restart.
-    std::fs::write(
-        &extra,
-        "@id(\"closed\") @legal_basis(\"test\") @explanation(\"closed for maintenance\")\nforbid(principal, action, resource);",
-    )
-    .unwrap();
-    node.signal("HUP");
-    wait_for_log("legal configuration reloaded", 1);
-    let err = doctor.lookup(lookup(&patient)).await.unwrap_err();
-    assert_eq!(code(&err), Code::PermissionDenied);
-    assert!(err.to_string().contains("closed"), "{err}");
-
-    // Both reloads, the refused and the accepted, are in the audit log.
-    let mut audit =
-        v1::audit_service_client::AuditServiceClient::new(world.raw_channel(HOST, node.addr).await);
-    let found = audit
-        .search_audit(v1::SearchAuditRequest {
-            filter: Some(v1::AuditFilter {
-                actions: vec!["policy_reload".into()],
-                ..Default::default()
-            }),
-            page_size: 10,
-            page_token: String::new(),
-        })
+    // A proof made for node A, replayed once at node B with A's authority on the wire
+    // (a raw HTTP/2 client can send any :authority).
+    let for_a = key
+        .proof(
+            "POST",
+            &format!("https://{}/pil.v1.LookupService/Lookup", a.addr()),
+            &bound,
+        )
+        .unwrap();
+    let (authority, req) = call(a.addr().to_string(), for_a);
+    let err = raw_lookup_as(&world, b.addr(), &authority, req)
         .await
-        .unwrap()
-        .into_inner()
-        .records;
-    let statuses: Vec<String> = found
-        .iter()
-        .map(|r| {
-            let r: serde_json::Value = serde_json::from_slice(r).unwrap();
-            r["outcome"]["status"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(statuses, ["OK", "FAILED_PRECONDITION"], "newest first");
-    assert!(node.terminate().success());
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("not one of this node's names"),
+        "{err:?}"
+    );
+    // A name the node does not have at all.
+    let elsewhere = format!("pil.example:{}", b.addr().port());
+    let proof = key
+        .proof(
+            "POST",
+            &format!("https://{elsewhere}/pil.v1.LookupService/Lookup"),
+            &bound,
+        )
+        .unwrap();
+    let (authority, req) = call(elsewhere, proof);
+    let err = raw_lookup_as(&world, b.addr(), &authority, req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Each name in B's certificate, with B's port, is B.
+    for host in ["localhost", "127.0.0.1"] {
+        let authority = format!("{host}:{}", b.addr().port());
+        let proof = key
+            .proof(
+                "POST",
+                &format!("https://{authority}/pil.v1.LookupService/Lookup"),
+                &bound,
+            )
+            .unwrap();
+        let (authority, req) = call(authority, proof);
+        raw_lookup_as(&world, b.addr(), &authority, req)
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e:?}"));
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A lookup over a channel to `addr` whose requests carry `authority` as :authority.
+async fn raw_lookup_as(
+    world: &World,
+    addr: std::net::SocketAddr,
+    authority: &str,
+    req: tonic::Request<v1::LookupRequest>,
+) -> Result<v1::LookupResponse, tonic::Status> {
+    let channel = world.raw_channel_addressed(ORG_A, addr, authority).await;
+    let mut raw = v1::lookup_service_client::LookupServiceClient::new(channel);
+    raw.lookup(req).await.map(|r| r.into_inner())
 }

@@ -1,4 +1,5 @@
-//! The audit log with real nodes: every request leaves exactly one record, records
+//! The audit log with real nodes: every request leaves its record (a change two: one
+//! before it is made, one with its outcome), records
 //! survive `kill -9`, tampering with the stored log is found and named, proofs verify
 //! with only the node's public key, search and export agree, FHIR exports validate,
 //! and only auditors may read the log.
@@ -222,6 +223,24 @@ impl Tail {
         out
     }
 
+    /// A registry change since the last read: the record made before the change
+    /// (`STARTED`) and the one with its outcome, with one query id. Returns the latter.
+    async fn change(&mut self) -> Value {
+        let records = self.records().await;
+        assert_eq!(
+            records.len(),
+            2,
+            "a change leaves two records: {records:#?}"
+        );
+        let (first, outcome) = (&records[0], &records[1]);
+        assert_eq!(first["outcome"]["status"], "STARTED", "{first:#}");
+        assert_eq!(first["action"], outcome["action"]);
+        assert_eq!(first["query_id"], outcome["query_id"]);
+        assert_eq!(first["patient"], outcome["patient"]);
+        assert_eq!(first["caller"], outcome["caller"]);
+        records[1].clone()
+    }
+
     /// Exactly one record since the last read.
     async fn one(&mut self) -> Value {
         let records = self.records().await;
@@ -315,36 +334,18 @@ async fn tamper_and_verify(
 /// The Python that validates FHIR AuditEvents: `$PIL_FHIR_PYTHON`, else the venv
 /// `.ci/setup` makes, made here if missing.
 fn fhir_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PIL_FHIR_PYTHON") {
-        let p = PathBuf::from(p);
-        if p.exists() {
-            return p;
-        }
-    }
-    let home = std::env::var_os("HOME").expect("HOME");
-    let venv = PathBuf::from(home).join(".cache").join("pil-fhir-venv");
-    let python = venv.join("bin").join("python");
-    if !python.exists() {
-        let script = package_dir().join("fhir/setup-venv.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&venv)
-            .output()
-            .expect("run setup-venv.sh");
-        assert!(
-            out.status.success(),
-            "could not make the FHIR validator's venv: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    python
+    python_venv(
+        "PIL_FHIR_PYTHON",
+        "pil-fhir-venv",
+        &package_dir().join("fhir/setup-venv.sh"),
+    )
 }
 
 // ---------------------------------------------------------------------------------
 // One record per request
 
 #[tokio::test]
-async fn every_request_leaves_exactly_one_record_with_its_fields() {
+async fn every_request_leaves_its_records_with_their_fields() {
     let world = World::new();
     let node = TestNode::start(world.config(true)).await;
     let addr = node.addr();
@@ -358,7 +359,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
     host.upsert(pointer(&patient, ORG_C, 1, &["medications"]))
         .await
         .unwrap();
-    let r = tail.one().await;
+    let r = tail.change().await;
     assert_record(&r, "pointer_upsert", HOST, "OK", "not_applicable");
     let pseudonym = assert_pseudonym(&r, &patient);
     assert_eq!(r["outcome"]["pointers"], 1);
@@ -367,7 +368,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
     host.upsert(pointer(&patient, ORG_C, 2, &["allergies"]))
         .await
         .unwrap();
-    tail.one().await;
+    tail.change().await;
 
     // An allowed lookup: who, why, what was decided and returned.
     let answer = doctor.lookup(lookup(&patient)).await.unwrap();
@@ -467,7 +468,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
         .await
         .unwrap()
     );
-    let r = tail.one().await;
+    let r = tail.change().await;
     assert_record(&r, "pointer_delete", HOST, "OK", "not_applicable");
     assert_eq!(assert_pseudonym(&r, &patient), pseudonym);
     assert_eq!(r["outcome"]["pointers"], 1);
@@ -485,7 +486,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
         .await
         .unwrap();
     assert_eq!(report.inserted, 3);
-    let r = tail.one().await;
+    let r = tail.change().await;
     assert_record(&r, "pointer_sync", ORG_A, "OK", "not_applicable");
     assert_eq!(r["outcome"]["pointers"], 3);
     let detail = r["detail"].as_str().expect("detail");
@@ -508,7 +509,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
         )
         .await
         .unwrap();
-    let r = tail.one().await;
+    let r = tail.change().await;
     assert_record(&r, "block_create", OPERATOR, "OK", "not_applicable");
     assert_eq!(assert_pseudonym(&r, &patient), pseudonym);
     let detail = r["detail"].as_str().expect("detail");
@@ -519,7 +520,7 @@ async fn every_request_leaves_exactly_one_record_with_its_fields() {
 
     // Opt-out.
     operator.set_opt_out(patient.clone(), "").await.unwrap();
-    let r = tail.one().await;
+    let r = tail.change().await;
     assert_record(&r, "opt_out_set", OPERATOR, "OK", "not_applicable");
     assert_eq!(assert_pseudonym(&r, &patient), pseudonym);
 
@@ -1215,9 +1216,12 @@ async fn search_by_patient_professional_organization_purpose_decision_and_time()
                     10,
                 )
                 .await;
-                assert_eq!(upsert.len(), 1);
+                // The record made before the change, and the one with its outcome.
+                assert_eq!(upsert.len(), 2);
+                assert_eq!(upsert[0]["outcome"]["status"], "OK");
+                assert_eq!(upsert[1]["outcome"]["status"], "STARTED");
                 let mut v = at(&[1, 6]);
-                v.push(upsert[0]["index"].as_u64().unwrap());
+                v.extend(upsert.iter().map(|r| r["index"].as_u64().unwrap()));
                 v
             },
         ),
@@ -1820,5 +1824,178 @@ async fn retention_drops_old_contents_and_the_log_still_verifies() {
     assert!(report.is_ok(), "{:?}", report.first_problem);
     assert_eq!(report.removed, dropped);
     drop((host, doctor));
+    node.stop().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Requests no handler saw, and a cut log
+
+/// `LookupRequest` as a careless client might encode it: the patient's value as raw
+/// bytes, so it can carry invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawPatient {
+    #[prost(string, tag = "1")]
+    system: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawLookup {
+    #[prost(message, optional, tag = "1")]
+    patient: Option<RawPatient>,
+}
+
+/// Calls `path` with `message` as its request over a bare channel as [`ORG_A`].
+async fn call_raw<M: prost::Message + Default + 'static>(
+    world: &World,
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    message: M,
+) -> tonic::Status {
+    let channel = world.raw_channel(ORG_A, addr).await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<M, v1::LookupResponse>::default();
+    grpc.unary(
+        tonic::Request::new(message),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .expect_err("refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_any_handler_are_recorded() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let addr = node.addr();
+    let mut tail = Tail::new(world.client(HOST, addr).await).await;
+
+    // Invalid UTF-8 in a string field: not a valid LookupRequest.
+    let bad = RawLookup {
+        patient: Some(RawPatient {
+            system: pil_proto::ident::SYSTEM_FNR.into(),
+            value: vec![0xff, 0xfe, b'1'],
+        }),
+    };
+    let status = call_raw(&world, addr, "/pil.v1.LookupService/Lookup", bad).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let r = tail.one().await;
+    assert_record(&r, "refused", ORG_A, "INVALID_ARGUMENT", "not_applicable");
+    assert_eq!(r["detail"], "/pil.v1.LookupService/Lookup");
+
+    // A message over the size limit.
+    let a = world.client(ORG_A, addr).await;
+    let mut p = pointer(&patient_id(5), ORG_A, 1, &["medications"]);
+    p.categories = vec!["medications".to_string(); 400_000];
+    let e = a.upsert(p).await.unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted, "{e}");
+    let r = tail.one().await;
+    assert_record(&r, "refused", ORG_A, "RESOURCE_EXHAUSTED", "not_applicable");
+    assert_eq!(r["detail"], "/pil.v1.RegistryService/UpsertPointer");
+
+    // A method the node does not have.
+    let status = call_raw(
+        &world,
+        addr,
+        "/pil.v1.LookupService/Nope",
+        RawLookup::default(),
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    let r = tail.one().await;
+    assert_record(&r, "refused", ORG_A, "UNIMPLEMENTED", "not_applicable");
+
+    // A federation ping by an organization, refused, and one by a peer, answered.
+    let status = call_raw(
+        &world,
+        addr,
+        "/pil.v1.FederationService/Ping",
+        v1::PingRequest {},
+    )
+    .await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let r = tail.one().await;
+    assert_record(&r, "peer_ping", ORG_A, "PERMISSION_DENIED", "denied");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_was_cut_refuses_to_start() {
+    let world = World::new();
+    stopped_node_with_history(&world).await;
+    let config = world.config(true);
+    {
+        // Remove the newest records, their leaves and every head over them.
+        let db = open_db(&config.data_dir);
+        let nodes = db.cf_handle("audit_nodes").unwrap();
+        let mut size = 0;
+        while db.get_cf(nodes, leaf_key(size)).unwrap().is_some() {
+            size += 1;
+        }
+        let keep = size - 5;
+        let records = db.cf_handle("audit_records").unwrap();
+        for i in keep..size {
+            db.delete_cf(records, record_key(i)).unwrap();
+            db.delete_cf(nodes, leaf_key(i)).unwrap();
+        }
+        for level in 1..64u8 {
+            for (k, _) in db
+                .iterator_cf(nodes, rocksdb::IteratorMode::Start)
+                .map(Result::unwrap)
+                .filter(|(k, _)| k[0] == level)
+            {
+                let index = u64::from_be_bytes(k[1..9].try_into().unwrap());
+                if (index + 1) << level > keep {
+                    db.delete_cf(nodes, &k).unwrap();
+                }
+            }
+        }
+        let heads = db.cf_handle("audit_heads").unwrap();
+        for (k, _) in db
+            .iterator_cf(heads, rocksdb::IteratorMode::Start)
+            .map(Result::unwrap)
+        {
+            if u64::from_be_bytes(k[..8].try_into().unwrap()) > keep {
+                db.delete_cf(heads, &k).unwrap();
+            }
+        }
+        db.flush_cf(records).unwrap();
+    }
+    let err = match pil_node::server::start(config).await {
+        Ok(_) => panic!("a node with a cut log must not start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("does not match the newest tree head this node signed"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_a_log_without_a_signed_head_says_nothing_was_verified() {
+    let world = World::new();
+    let mut config = world.config(true);
+    config.audit.sign_interval_secs = 3600;
+    let node = TestNode::start(config).await;
+    let profile = world.profile(HOST, node.addr());
+    let key = public_key(&world);
+    let err = fails(pil(
+        &profile,
+        &["audit", "verify", "--public-key", key.to_str().unwrap()],
+    ));
+    assert!(err.contains("nothing could be verified"), "{err}");
+    ok(pil(
+        &profile,
+        &[
+            "audit",
+            "verify",
+            "--sign-now",
+            "--public-key",
+            key.to_str().unwrap(),
+        ],
+    ));
     node.stop().await;
 }

@@ -132,6 +132,10 @@ async fn errors_are_one_line_and_exit_non_zero() {
         err.starts_with("error: ") && err.contains("invalid argument"),
         "{err}"
     );
+    // Said once: not again as the status's own rendering.
+    let reason = err.trim().trim_start_matches("error: invalid argument: ");
+    assert_eq!(err.matches(reason).count(), 1, "{err}");
+    assert!(!err.contains("code:") && !err.contains("message:"), "{err}");
 
     // A file with a broken line: all-or-nothing stores nothing.
     let file = world.path().join("broken.ndjson");
@@ -204,46 +208,11 @@ fn dev_pki_makes_certificates_and_a_token_issuer() {
     assert!(dir.path().join(format!("org-{ORG_A}.pem")).exists());
 }
 
-/// A base port with the two after it free too.
-fn three_free_ports() -> u16 {
-    for _ in 0..50 {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port();
-        drop(probe);
-        if base < 65000
-            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
-
 #[test]
 fn the_demo_runs_three_federated_regions() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let base = three_free_ports();
-    let mut demo = Command::new(sibling_binary("pil-test-node"))
-        .args(["demo", "--patients", "60", "--listen"])
-        .arg(format!("127.0.0.1:{base}"))
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run pil-node demo");
-    let stdout = demo.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut printed = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.contains("Press ctrl-c") {
-            break;
-        }
-    }
+    let demo = Demo::start(dir.path(), dir.path().to_str().unwrap(), 60);
+    let printed = demo.printed.join("\n");
     for region in ["helse-vest", "helse-midt", "helse-nord"] {
         assert!(printed.contains(region), "{printed}");
     }
@@ -279,6 +248,138 @@ fn the_demo_runs_three_federated_regions() {
         multi_region |= regions.len() > 1;
     }
     assert!(multi_region, "no patient with pointers in several regions");
-    let _ = demo.kill();
-    let _ = demo.wait();
+    drop(demo);
+}
+
+/// `pil-node` with `args`, as an operator would run it, with backtraces asked for.
+fn pil_node(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(sibling_binary("pil-test-node"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run pil-node")
+}
+
+#[test]
+fn start_up_errors_are_one_line_naming_the_file() {
+    let world = World::new();
+    let dir = world.path();
+    let write = |config: &pil_node::config::NodeConfig| {
+        let path = dir.join("node.toml");
+        std::fs::write(&path, toml::to_string_pretty(config).unwrap()).unwrap();
+        path
+    };
+    // A missing key file.
+    let mut config = world.config(true);
+    config.keys.pseudonym_key_file = dir.join("gone.key");
+    let path = write(&config);
+    let out = pil_node(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("gone.key"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Caused by") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(!config.data_dir.exists());
+
+    // A TOML mistake: the file, the line and the column, on one line.
+    std::fs::write(&path, "region = \"x\"\nlisten = 5\n").unwrap();
+    let out = pil_node(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("line 2, column"), "{err}");
+}
+
+#[test]
+fn every_command_the_demo_prints_runs_as_printed() {
+    // The README runs the demo from the repository's root with the default
+    // `--dir pil-demo`, a path relative to where the user stands.
+    let cwd = tempfile::tempdir().unwrap();
+    let demo = Demo::start(cwd.path(), "pil-demo", 200);
+    let printed = &demo.printed;
+    let text = printed.join("\n");
+    let commands: Vec<&str> = printed
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.contains(" --profile "))
+        .collect();
+    assert!(commands.len() >= 9, "{text}");
+    assert!(text.contains("auditor role"), "{text}");
+    assert!(text.contains("audit public key"), "{text}");
+    let mut outputs = Vec::new();
+    for command in &commands {
+        let out = Command::new("sh")
+            .args(["-c", command])
+            .current_dir(cwd.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{command}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    // The suggested patient shows what PIL is for: pointers in several regions, a
+    // sensitive one the doctor sees and the nurse does not.
+    let json = commands
+        .iter()
+        .position(|c| c.ends_with("--json"))
+        .expect("a --json lookup");
+    let r: serde_json::Value = serde_json::from_str(&outputs[json]).unwrap();
+    let mut regions: Vec<&str> = r["pointers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["region"].as_str().unwrap())
+        .collect();
+    regions.sort();
+    regions.dedup();
+    assert!(regions.len() > 1, "{r}");
+    assert!(
+        outputs[0].contains("mental-health"),
+        "the doctor sees it: {}",
+        outputs[0]
+    );
+    assert!(commands[1].contains("bergen-kommune"), "{}", commands[1]);
+    assert!(
+        !outputs[1].contains("mental-health"),
+        "the nurse does not: {}",
+        outputs[1]
+    );
+    assert!(cwd.path().join("export.ndjson").exists());
+    drop(demo);
+}
+
+#[test]
+fn a_python_client_written_from_the_guide_works_against_three_regions() {
+    let cwd = tempfile::tempdir().unwrap();
+    let _demo = Demo::start(cwd.path(), "pil-demo", 50);
+    let examples = package_dir().join("../docs/examples/python");
+    let python = python_venv(
+        "PIL_EXAMPLE_PYTHON",
+        "pil-python-venv",
+        &examples.join("setup-venv.sh"),
+    );
+    let out = Command::new(python)
+        .arg(examples.join("pil_example.py"))
+        .arg("--demo-dir")
+        .arg(cwd.path().join("pil-demo"))
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim().lines().last(), Some("OK"), "{stdout}");
 }

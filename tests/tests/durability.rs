@@ -213,3 +213,153 @@ async fn pointers_lapse_unless_their_holder_refreshes_them() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_change_is_stored_without_its_audit_record_even_on_kill_9() {
+    let world = World::new();
+    let config = world.config(true);
+    let node = ProcessNode::start(&config, world.path());
+    let a = world.client(ORG_A, node.addr).await;
+    // Writers still under way when the node is killed.
+    let mut tasks = Vec::new();
+    for t in 0..6u64 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..400 {
+                let p = pointer(&patient_id(t * 1000 + i), ORG_A, 1, &["medications"]);
+                if a.upsert(p).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    node.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let node = TestNode::start(config).await;
+    let a = world.client(ORG_A, node.addr()).await;
+    let auditor = world.client(HOST, node.addr()).await;
+    let mut stored = 0;
+    for t in 0..6u64 {
+        for i in 0..400 {
+            let patient = patient_id(t * 1000 + i);
+            if a.lookup(lookup(&patient))
+                .await
+                .unwrap()
+                .pointers
+                .is_empty()
+            {
+                continue;
+            }
+            stored += 1;
+            let records = auditor
+                .audit_search(v1::SearchAuditRequest {
+                    filter: Some(v1::AuditFilter {
+                        patient: Some(patient.clone()),
+                        actions: vec!["pointer_upsert".into()],
+                        ..Default::default()
+                    }),
+                    page_size: 10,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .records;
+            assert!(
+                !records.is_empty(),
+                "pointer {t}/{i} is stored without its record"
+            );
+        }
+    }
+    assert!(stored > 0, "some writes were made before the kill");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_start_leaves_its_data_directory_alone() {
+    let world = World::new();
+    // The listen address is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = world.config(true);
+    config.listen = taken.local_addr().unwrap();
+    let err = pil_node::server::start(config.clone())
+        .await
+        .err()
+        .expect("address in use");
+    assert!(err.to_string().contains("cannot listen on"), "{err}");
+    assert!(!config.data_dir.exists(), "the data directory was created");
+    drop(taken);
+
+    // The audit signing key is missing.
+    let mut config = world.config(true);
+    config.audit.signing_key_file = world.path().join("audit/missing.pem");
+    let err = pil_node::server::start(config.clone())
+        .await
+        .err()
+        .expect("no key");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    assert!(!config.data_dir.exists(), "the data directory was created");
+
+    // A node that has run once: a failed start signs no new head.
+    let node = TestNode::start(world.config(true)).await;
+    node.stop().await;
+    let heads_dir = world.config(true).data_dir;
+    let before = dir_listing(&heads_dir);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = world.config(true);
+    config.listen = taken.local_addr().unwrap();
+    assert!(pil_node::server::start(config).await.is_err());
+    assert_eq!(
+        dir_listing(&heads_dir),
+        before,
+        "the data directory changed"
+    );
+}
+
+/// Names and sizes of the files in `dir`.
+fn dir_listing(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn secret_keys_readable_by_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::new();
+    let config = world.config(true);
+    for key in [
+        &config.keys.pseudonym_key_file,
+        &config.keys.storage_key_file,
+        &config.tls.key,
+        &config.audit.signing_key_file,
+    ] {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = pil_node::server::start(config.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{} at 0644 was accepted", key.display()));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("chmod 600 {}", key.display())),
+            "{text}"
+        );
+        assert!(text.contains("readable by other users"), "{text}");
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    assert!(!config.data_dir.exists());
+    TestNode::start(config).await.stop().await;
+}

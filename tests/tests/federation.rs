@@ -130,7 +130,7 @@ async fn a_lookup_returns_every_regions_pointers_each_labelled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_region_gives_a_partial_answer() {
+async fn a_stopped_region_withholds_the_pointers_its_protections_could_forbid() {
     let world = World::new();
     let (vest, midt, nord, patient) = three_regions(&world).await;
     let doctor = world.client(ORG_A, vest.addr()).await;
@@ -138,9 +138,17 @@ async fn a_stopped_region_gives_a_partial_answer() {
     let started = Instant::now();
     let r = doctor.lookup(lookup(&patient)).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(regions_of(&r), [MIDT, VEST]);
     assert_eq!(state(&r, NORD), v1::RegionState::Unavailable);
     assert_eq!(state(&r, MIDT), v1::RegionState::Ok);
+    // Nord may hold a block or an opt-out for this patient: nothing is shown, and the
+    // answer says why.
+    assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    assert!(r.withheld.contains(NORD), "{}", r.withheld);
+    let nord_status = r.regions.iter().find(|s| s.region == NORD).unwrap();
+    assert!(
+        nord_status.detail.contains("could not be checked"),
+        "{nord_status:?}"
+    );
 
     // After repeated failures the dead region is not called at all (circuit open),
     // and `pil peers` shows it.
@@ -236,7 +244,13 @@ async fn a_slow_region_times_out_without_holding_up_the_others() {
     let r = doctor.lookup(lookup(&patient)).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(state(&r, "helse-sor"), v1::RegionState::TimedOut);
-    assert_eq!(regions_of(&r), [MIDT, NORD, VEST]);
+    for region in [VEST, MIDT, NORD] {
+        assert_eq!(state(&r, region), v1::RegionState::Ok);
+    }
+    // Every other region answered in time, but a protection registered in the slow one
+    // could forbid any pointer.
+    assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    assert!(r.withheld.contains("helse-sor"), "{}", r.withheld);
     for n in [vest, midt, nord] {
         n.stop().await;
     }
@@ -308,6 +322,7 @@ async fn the_answering_node_checks_forwarded_tokens_itself() {
         access_token,
         query_id: "00112233445566778899aabbccddeeff".into(),
         client_organization_number: ORG_A.into(),
+        protections_only: false,
     };
     let good = token().sign().unwrap();
     let answer = federation
@@ -350,6 +365,7 @@ async fn only_configured_peers_may_call_the_federation_api() {
         access_token: String::new(),
         query_id: String::new(),
         client_organization_number: ORG_A.into(),
+        protections_only: false,
     };
     // An organization with a valid certificate.
     let mut as_org = v1::federation_service_client::FederationServiceClient::new(
@@ -433,6 +449,7 @@ async fn a_node_sheds_forwarded_lookups_beyond_its_limit() {
             access_token: token.clone(),
             query_id: String::new(),
             client_organization_number: ORG_A.into(),
+            protections_only: false,
         };
         async move { client.forwarded_lookup(request).await.map(|_| ()) }
     });
@@ -586,8 +603,206 @@ async fn a_peer_presenting_another_regions_certificate_is_not_trusted() {
         .await
         .unwrap();
     assert_eq!(state(&r, MIDT), v1::RegionState::Unavailable);
-    assert_eq!(regions_of(&r), [VEST]);
+    // What answered as helse-midt is not helse-midt, so its protections are unknown.
+    assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    assert!(r.withheld.contains(MIDT), "{}", r.withheld);
     for n in [vest, midt, nord] {
         n.stop().await;
     }
+}
+
+/// A block on [`HPR`] (optionally for one holder), created by the operator at `node`.
+async fn block_hpr(
+    world: &World,
+    node: &TestNode,
+    patient: &v1::PatientIdentifier,
+    holder: &str,
+) -> String {
+    let mut admin = world.client(OPERATOR, node.addr()).await.admin();
+    admin
+        .create_block(v1::CreateBlockRequest {
+            patient: Some(patient.clone()),
+            block: Some(v1::Block {
+                target: Some(v1::BlockTarget {
+                    target: Some(v1::block_target::Target::HprNumber(HPR.into())),
+                }),
+                holder_organization_number: holder.into(),
+                reason: "patient's wish".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .block
+        .unwrap()
+        .block_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_and_opt_outs_hold_for_every_regions_pointers() {
+    let world = World::new();
+    let (vest, midt, nord, patient) = three_regions(&world).await;
+    let (vest_addr, midt_addr) = (vest.addr(), midt.addr());
+    let doctor_at = |addr| world.client(ORG_A, addr);
+    let colleague = world
+        .client_as(ORG_A, midt_addr, |p| p.hpr = Some("9144900".into()))
+        .await;
+    let home_only = || {
+        let mut r = lookup(&patient);
+        r.home_region_only = true;
+        r
+    };
+
+    // Blocked at helse-vest, for every holder: no region's pointer reaches the
+    // professional, whichever region they ask, also for their home region only.
+    let block = block_hpr(&world, &vest, &patient, "").await;
+    for addr in [vest_addr, midt_addr, nord.addr()] {
+        let r = doctor_at(addr)
+            .await
+            .lookup(lookup(&patient))
+            .await
+            .unwrap();
+        assert!(r.pointers.is_empty(), "{addr}: {:?}", r.pointers);
+        assert!(r.withheld.is_empty(), "{}", r.withheld);
+        // No region's count hints at what the block hides.
+        assert!(
+            r.regions.iter().all(|s| s.pointer_count == 0),
+            "{:?}",
+            r.regions
+        );
+    }
+    let r = doctor_at(midt_addr)
+        .await
+        .lookup(home_only())
+        .await
+        .unwrap();
+    assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    // The colleague is not blocked.
+    assert_eq!(
+        colleague
+            .lookup(lookup(&patient))
+            .await
+            .unwrap()
+            .pointers
+            .len(),
+        3
+    );
+    let mut vest_admin = world.client(OPERATOR, vest_addr).await.admin();
+    vest_admin
+        .lift_block(v1::LiftBlockRequest {
+            patient: Some(patient.clone()),
+            block_id: block,
+        })
+        .await
+        .unwrap();
+
+    // Blocked at helse-nord for one holder's pointers: those are hidden everywhere,
+    // other holders' stay.
+    world
+        .client(ORG_B, midt_addr)
+        .await
+        .upsert(pointer(&patient, ORG_B, 1, &["medications"]))
+        .await
+        .unwrap();
+    block_hpr(&world, &nord, &patient, ORG_B).await;
+    for addr in [vest_addr, midt_addr] {
+        let r = doctor_at(addr)
+            .await
+            .lookup(lookup(&patient))
+            .await
+            .unwrap();
+        let holders: Vec<_> = r
+            .pointers
+            .iter()
+            .map(|p| p.holder.as_ref().unwrap().organization_number.clone())
+            .collect();
+        assert_eq!(holders, [ORG_A; 3], "{addr}");
+    }
+    assert_eq!(
+        colleague
+            .lookup(lookup(&patient))
+            .await
+            .unwrap()
+            .pointers
+            .len(),
+        4
+    );
+
+    // Opted out at helse-nord: nothing anywhere, also for the home region only.
+    let mut nord_admin = world.client(OPERATOR, nord.addr()).await.admin();
+    nord_admin
+        .set_opt_out(v1::SetOptOutRequest {
+            patient: Some(patient.clone()),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    for req in [lookup(&patient), home_only()] {
+        let r = colleague.lookup(req).await.unwrap();
+        assert!(r.opted_out);
+        assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    }
+
+    // Helse-nord, which holds the protections, is down: nothing is shown, and the
+    // answer says which region could not be checked.
+    nord.stop().await;
+    let r = colleague.lookup(lookup(&patient)).await.unwrap();
+    assert!(r.pointers.is_empty(), "{:?}", r.pointers);
+    assert!(r.withheld.contains(NORD), "{}", r.withheld);
+    let r = colleague.lookup(home_only()).await.unwrap();
+    assert!(r.pointers.is_empty() && r.withheld.contains(NORD), "{r:?}");
+
+    // Unless the legal configuration lets emergency lookups through, naming why.
+    let emergency = world
+        .client_as(ORG_A, midt_addr, |p| {
+            p.hpr = Some("9144900".into());
+            p.purpose = "ETREAT".into();
+        })
+        .await;
+    assert!(
+        emergency
+            .lookup(lookup(&patient))
+            .await
+            .unwrap()
+            .pointers
+            .is_empty()
+    );
+    let settings = world
+        .path()
+        .join("regions")
+        .join(MIDT)
+        .join("legal-config/node.toml");
+    let text = std::fs::read_to_string(&settings).unwrap();
+    let text = text
+        .replace(
+            "emergency_shows_unchecked = false",
+            "emergency_shows_unchecked = true",
+        )
+        .replace(
+            "emergency_legal_basis = \"\"",
+            "emergency_legal_basis = \"helsepersonelloven § 7\"",
+        );
+    std::fs::write(&settings, text).unwrap();
+    midt.node.reloader().reload().expect("reload");
+    let r = emergency.lookup(lookup(&patient)).await.unwrap();
+    assert_eq!(r.pointers.len(), 3, "{r:?}");
+    assert!(r.withheld.is_empty());
+    let rule = r
+        .rules
+        .iter()
+        .find(|r| r.id == "emergency-shows-unchecked-protections")
+        .expect("the exception is named");
+    assert_eq!(rule.legal_basis, "helsepersonelloven § 7");
+    // Other purposes stay withheld.
+    assert!(
+        colleague
+            .lookup(lookup(&patient))
+            .await
+            .unwrap()
+            .pointers
+            .is_empty()
+    );
+    vest.stop().await;
+    midt.stop().await;
 }

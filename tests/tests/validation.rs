@@ -97,6 +97,49 @@ async fn invalid_identifiers_are_refused() {
 }
 
 #[tokio::test]
+async fn identifiers_with_whitespace_around_them_are_refused() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let a = world.client(ORG_A, node.addr()).await;
+    let good = patient_id(21).value;
+    for value in [
+        format!(" {good}"),
+        format!("{good}\n"),
+        format!("\t{good}"),
+        format!("{good}\u{a0}"),
+    ] {
+        let patient = v1::PatientIdentifier {
+            system: ident::SYSTEM_FNR.into(),
+            value,
+        };
+        let err = a
+            .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Code::InvalidArgument, "{err}");
+        assert!(
+            err.to_string().contains("patient.value: has whitespace"),
+            "{err}"
+        );
+        let err = a.lookup(lookup(&patient)).await.unwrap_err();
+        assert_eq!(code(&err), Code::InvalidArgument, "{err}");
+    }
+    let patient = patient_id(21);
+    let mut p = pointer(&patient, ORG_A, 1, &["medications"]);
+    p.holder.as_mut().unwrap().organization_number = format!("{ORG_A} ");
+    assert_refused(&a, p, "holder.organization_number: has whitespace").await;
+    // Nothing was stored under the trimmed identifier.
+    assert!(
+        a.lookup(lookup(&patient))
+            .await
+            .unwrap()
+            .pointers
+            .is_empty()
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn bad_fields_are_refused_with_their_names() {
     let world = World::new();
     let node = TestNode::start(world.config(true)).await;
@@ -141,11 +184,10 @@ async fn oversized_requests_are_refused() {
     // Well over the 4 MiB message limit.
     p.categories = vec!["medications".to_string(); 400_000];
     let err = a.upsert(p).await.unwrap_err();
+    // gRPC's status code guide: a message over the limit is RESOURCE_EXHAUSTED.
+    assert_eq!(code(&err), Code::ResourceExhausted, "{err}");
     assert!(
-        matches!(
-            code(&err),
-            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
-        ),
+        err.to_string().contains("larger than this node accepts"),
         "{err}"
     );
     // Too many categories, but within the message size.

@@ -197,7 +197,9 @@ fn event_kind(action: Action) -> EventKind {
             false,
         ),
         Action::AuditAccess => (dicom("110101", "Audit Log Used"), None, "R", false),
-        Action::PeersList => (dicom("110100", "Application Activity"), None, "E", false),
+        Action::PeersList | Action::PeerPing | Action::Refused => {
+            (dicom("110100", "Application Activity"), None, "E", false)
+        }
     };
     EventKind {
         event_type,
@@ -1008,6 +1010,9 @@ mod tests {
             Action::OptOutGet,
             Action::PolicyReload,
             Action::AuditAccess,
+            Action::PeersList,
+            Action::PeerPing,
+            Action::Refused,
         ] {
             let e = ev(&record(action));
             assert!(e["type"]["code"].is_string(), "{action:?}");

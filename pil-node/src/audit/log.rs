@@ -39,6 +39,14 @@ pub enum AuditError {
     Key(String),
     #[error("audit log: {0}")]
     Tree(String),
+    /// The stored log disagrees with a head this node signed: records were removed
+    /// or rewritten while it was stopped.
+    #[error(
+        "the audit log does not match the newest tree head this node signed ({0}); it was \
+         cut or rewritten while the node was stopped. Restore the data directory from a \
+         backup, or keep it as evidence; the node will not append to it"
+    )]
+    Cut(String),
 }
 
 impl From<StorageError> for AuditError {
@@ -72,7 +80,7 @@ impl AuditLog {
     ) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
         let size = store.audit_size()?;
         let frontier = restore_frontier(&store, size)?;
-        let signed = store.audit_latest_head()?.map(|(s, _)| s).unwrap_or(0);
+        let signed = check_against_newest_head(&store, size)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let origin = format!("pil-audit/{region}");
         let log = Self {
@@ -165,6 +173,44 @@ impl WeakAuditLog {
         drop(tx);
         rx.await.map_err(|_| AuditError::Closed)?
     }
+}
+
+/// Checks the stored log against the newest head this node signed (remembered twice, so
+/// removing the heads over a cut end is noticed too); returns that head's size.
+fn check_against_newest_head(store: &Store, size: u64) -> Result<u64, AuditError> {
+    let latest = store.audit_latest_head()?;
+    let remembered = store.audit_remembered_head()?;
+    let newest = match (latest, remembered) {
+        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    };
+    let Some((signed, note)) = newest else {
+        return Ok(0);
+    };
+    if size < signed {
+        return Err(AuditError::Cut(format!(
+            "the log holds {size} records, the head covers {signed}"
+        )));
+    }
+    // The signature is not checked: an operator may have rotated the key since. What
+    // matters is that the records still hash to what was signed.
+    let body = note.split_once("\n\n").map(|(b, _)| format!("{b}\n"));
+    let head = body
+        .as_deref()
+        .map(TreeHead::parse_body)
+        .transpose()
+        .ok()
+        .flatten()
+        .ok_or_else(|| AuditError::Cut("the newest stored head cannot be read".into()))?;
+    let root = restore_frontier(store, signed)
+        .map_err(|e| AuditError::Cut(e.to_string()))?
+        .root();
+    if head.size != signed || head.root != root {
+        return Err(AuditError::Cut(format!(
+            "the first {signed} records have another root hash than the signed head"
+        )));
+    }
+    Ok(signed)
 }
 
 /// Rebuilds the frontier of a tree of `size` leaves from its stored peaks.

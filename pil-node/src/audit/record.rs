@@ -31,6 +31,12 @@ pub enum Action {
     PeersList,
     /// An auditor's search, export or proof request.
     AuditAccess,
+    /// A peer node's check that this node is reachable and accepts it.
+    PeerPing,
+    /// A request refused before any service handled it: not valid protobuf, over the
+    /// message size limit, or for a method this node does not have. `detail` names
+    /// the method.
+    Refused,
 }
 
 /// Who called, as the connection's certificate says.

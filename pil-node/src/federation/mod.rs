@@ -108,6 +108,8 @@ impl tower::Service<http::Uri> for PeerConnector {
 #[derive(Debug)]
 pub enum PeerOutcome {
     Answered(v1::ForwardedLookupResponse),
+    /// Asked for the patient's protections only; why its pointers were not asked for.
+    Protections(v1::ForwardedLookupResponse, String),
     Denied(String),
     TimedOut,
     Unavailable(String),
@@ -367,41 +369,45 @@ impl Federation {
         futures::future::join_all(calls).await
     }
 
-    /// Asks every peer in parallel; each gets at most `deadline`. `purpose` decides
-    /// which peers may be asked; `ask` false lists them all as not asked.
+    /// Asks every peer in parallel; each gets at most `deadline`. `ask` false lists them
+    /// all as not asked. With `pointers` false, or for a peer that does not take
+    /// `purpose`, only the patient's protections are asked for: they hold for every
+    /// region's pointers.
     pub async fn fan_out(
         &self,
         request: v1::ForwardedLookupRequest,
         purpose: &str,
         deadline: Duration,
         ask: bool,
+        pointers: bool,
     ) -> Vec<(String, PeerOutcome)> {
         let peers = self.peers();
         let calls = peers.iter().map(|peer| {
-            let request = request.clone();
+            let mut request = request.clone();
             let peer = peer.clone();
             async move {
                 let region = peer.config.region.clone();
                 if !ask {
                     return (
                         region,
-                        PeerOutcome::NotAsked("the client asked for its home region only".into()),
+                        PeerOutcome::NotAsked("the patient has opted out of PIL".into()),
                     );
                 }
-                if !peer.config.purposes.is_empty()
-                    && !peer
+                let takes_purpose = peer.config.purposes.is_empty()
+                    || peer
                         .config
                         .purposes
                         .iter()
-                        .any(|p| p.eq_ignore_ascii_case(purpose))
-                {
-                    return (
-                        region,
-                        PeerOutcome::NotAsked(format!(
-                            "purpose {purpose} is not forwarded to this region"
-                        )),
-                    );
-                }
+                        .any(|p| p.eq_ignore_ascii_case(purpose));
+                let only_protections = match (pointers, takes_purpose) {
+                    (false, _) => Some("the client asked for its home region only".to_string()),
+                    (true, false) => Some(format!(
+                        "purpose {purpose} is not forwarded to this region; only its \
+                         protections were asked for"
+                    )),
+                    (true, true) => None,
+                };
+                request.protections_only = only_protections.is_some();
                 let now = Instant::now();
                 if let Err(retry_in) = peer
                     .health
@@ -426,7 +432,10 @@ impl Federation {
                 let elapsed = started.elapsed();
                 let outcome = match result {
                     Err(_) => PeerOutcome::TimedOut,
-                    Ok(Ok(resp)) => PeerOutcome::Answered(resp.into_inner()),
+                    Ok(Ok(resp)) => match only_protections {
+                        Some(why) => PeerOutcome::Protections(resp.into_inner(), why),
+                        None => PeerOutcome::Answered(resp.into_inner()),
+                    },
                     Ok(Err(status)) => match status.code() {
                         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
                             PeerOutcome::Denied(status.message().to_string())
@@ -443,7 +452,9 @@ impl Federation {
                 };
                 let mut h = peer.health.lock().unwrap_or_else(|e| e.into_inner());
                 match &outcome {
-                    PeerOutcome::Answered(_) | PeerOutcome::Denied(_) => {
+                    PeerOutcome::Answered(_)
+                    | PeerOutcome::Protections(..)
+                    | PeerOutcome::Denied(_) => {
                         h.breaker.success();
                         h.last_latency = Some(elapsed);
                         h.last_success = Some(Instant::now());

@@ -71,8 +71,13 @@ impl NodeService {
         let (target_kind, target) = match block.target.and_then(|t| t.target) {
             Some(Target::HprNumber(h)) => (
                 BLOCK_HPR,
-                pil_proto::ident::HprNumber::parse(h.trim())
-                    .map_err(|e| Status::invalid_argument(format!("block.target.hpr_number: {e}")))?
+                pointer::untrimmed("block.target.hpr_number", &h)
+                    .and_then(|()| {
+                        pil_proto::ident::HprNumber::parse(&h).map_err(|e| {
+                            pointer::FieldError::new("block.target.hpr_number", e.to_string())
+                        })
+                    })
+                    .map_err(invalid)?
                     .as_str()
                     .to_string(),
             ),
@@ -97,7 +102,7 @@ impl NodeService {
                 ));
             }
         };
-        let holder = match block.holder_organization_number.trim() {
+        let holder = match block.holder_organization_number.as_str() {
             "" => String::new(),
             h => pointer::org_number("block.holder_organization_number", h)
                 .map_err(invalid)?
@@ -110,27 +115,29 @@ impl NodeService {
             reason: reason(&block.reason)?,
             created_at: now_nanos(),
         };
-        let id = self
-            .registry
-            .create_block(&patient, stored.clone())
-            .await
-            .map_err(internal)?;
-        tracing::info!(caller = %caller, kind = target_kind, "block created");
         let kind = match target_kind {
             BLOCK_HPR => "professional",
             BLOCK_PROFESSION => "profession",
             _ => "organization",
         };
-        entry.detail = Some(format!(
-            "block {} on {kind} {}{}",
-            hex::encode(id),
+        let what = format!(
+            "on {kind} {}{}",
             stored.target,
             if stored.holder.is_empty() {
                 String::new()
             } else {
                 format!(", holder {}", stored.holder)
             }
-        ));
+        );
+        entry.detail = Some(format!("block {what}"));
+        self.record_first(entry).await?;
+        let id = self
+            .registry
+            .create_block(&patient, stored.clone())
+            .await
+            .map_err(internal)?;
+        tracing::info!(caller = %caller, kind = target_kind, "block created");
+        entry.detail = Some(format!("block {} {what}", hex::encode(id)));
         Ok(Response::new(v1::CreateBlockResponse {
             block: Some(block_to_wire(id, &stored)),
         }))
@@ -144,10 +151,11 @@ impl NodeService {
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
         let patient = self.patient_of(req.patient.as_ref(), entry)?;
-        let id: [u8; 16] = hex::decode(req.block_id.trim())
+        let id: [u8; 16] = hex::decode(&req.block_id)
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| Status::invalid_argument("block_id: must be 32 hex characters"))?;
+        self.record_first(entry).await?;
         let lifted = self
             .registry
             .lift_block(&patient, id)
@@ -184,6 +192,7 @@ impl NodeService {
             since,
             reason: reason(&req.reason)?,
         };
+        self.record_first(entry).await?;
         self.registry
             .set_opt_out(&patient, Some(opt_out))
             .await
@@ -201,6 +210,7 @@ impl NodeService {
     ) -> Result<Response<v1::LiftOptOutResponse>, Status> {
         let caller = self.require_role(&req, Role::Operator)?;
         let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
+        self.record_first(entry).await?;
         let lifted = self
             .registry
             .set_opt_out(&patient, None)

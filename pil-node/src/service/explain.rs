@@ -62,18 +62,20 @@ impl NodeService {
                 "the access token's attest names other patients than the one asked about",
             ));
         }
+        let legal = self.access.legal();
+        let search = legal.decide_lookup(&requester.facts);
+        // An opt-out is a fact about the patient: told only to a requester whose lookup
+        // would be allowed, as a lookup would tell it.
         let opted_out = match &patient {
-            Some(patient) => self
+            Some(patient) if search.allowed => self
                 .registry
                 .protections(patient)
                 .await
                 .map_err(internal)?
                 .0
                 .is_some(),
-            None => false,
+            _ => false,
         };
-        let legal = self.access.legal();
-        let search = legal.decide_lookup(&requester.facts);
         entry.decision.outcome = if search.allowed { "allowed" } else { "denied" }.into();
         entry.decision.emergency = search.emergency;
         entry.decision.rules = rule_infos(&search.rules);

@@ -2,12 +2,15 @@
 //! pointers under its own legal configuration. Only configured peers' node
 //! certificates may call it, and a forwarded lookup is never forwarded again.
 
-use pil_proto::{ident::OrgNumber, v1};
+use pil_proto::v1;
 use tonic::{Request, Response, Status};
 
 use super::{NodeService, applied_rules, invalid};
 use crate::{
-    audit::{AuditRecord, record::Action},
+    audit::{
+        AuditRecord,
+        record::{Action, RequesterInfo},
+    },
     identity::Caller,
     pointer,
     tls::PeerInfo,
@@ -66,8 +69,9 @@ impl NodeService {
         let patient =
             pointer::patient(lookup.patient.as_ref(), self.config.test_data).map_err(invalid)?;
         entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
-        let client_org = OrgNumber::parse(r.client_organization_number.trim())
-            .map_err(|e| Status::invalid_argument(format!("client_organization_number: {e}")))?;
+        let client_org =
+            pointer::org_number("client_organization_number", &r.client_organization_number)
+                .map_err(invalid)?;
         let requester = self
             .access
             .authenticate_forwarded(client_org.as_str(), &r.access_token)
@@ -79,9 +83,29 @@ impl NodeService {
                 other => super::internal_access(other),
             })?;
         let filter = super::lookup::lookup_filter(&lookup)?;
-        let local = self
+        if r.protections_only {
+            entry.requester = Some(RequesterInfo::from(&requester));
+            entry.detail = Some("protections only".into());
+            return Ok(Response::new(
+                self.protections_for(&requester, &patient).await?,
+            ));
+        }
+        let local = match self
             .answer_locally(&requester, &patient, filter, entry)
-            .await?;
+            .await
+        {
+            Ok(local) => local,
+            // Refused here, the lookup may still be allowed elsewhere: the patient's
+            // protections registered here must hold there too.
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                entry.outcome.detail = status.message().to_string();
+                return Ok(Response::new(v1::ForwardedLookupResponse {
+                    refused: status.message().to_string(),
+                    ..self.protections_for(&requester, &patient).await?
+                }));
+            }
+            Err(status) => return Err(status),
+        };
         tracing::info!(
             peer = %region, query_id = %entry.query_id, found = local.pointers.len(),
             "forwarded lookup"
@@ -91,7 +115,35 @@ impl NodeService {
             opted_out: local.opted_out,
             rules: applied_rules(&local.rules),
             emergency: local.emergency,
+            blocked_all_holders: local.shut.all_holders,
+            blocked_holders: local.shut.holders.into_iter().collect(),
+            refused: String::new(),
         }))
+    }
+
+    /// The patient's protections registered here that hold for `requester`.
+    async fn protections_for(
+        &self,
+        requester: &crate::access::Requester,
+        patient: &pil_proto::ident::PatientId,
+    ) -> Result<v1::ForwardedLookupResponse, Status> {
+        if !requester.covers(patient) {
+            return Err(Status::permission_denied(
+                "the access token's attest names other patients than the one looked up",
+            ));
+        }
+        let (opt_out, blocks) = self
+            .registry
+            .protections(patient)
+            .await
+            .map_err(super::internal)?;
+        let shut = requester.shut_out(&blocks);
+        Ok(v1::ForwardedLookupResponse {
+            opted_out: opt_out.is_some(),
+            blocked_all_holders: shut.all_holders,
+            blocked_holders: shut.holders.into_iter().collect(),
+            ..Default::default()
+        })
     }
 
     async fn forwarded_patient_report_inner(
@@ -102,8 +154,11 @@ impl NodeService {
         let region = self.peer_region(&req)?;
         entry.forwarded_by = Some(region);
         let r = req.into_inner();
-        let auditor = OrgNumber::parse(r.auditor_organization_number.trim())
-            .map_err(|e| Status::invalid_argument(format!("auditor_organization_number: {e}")))?;
+        let auditor = pointer::org_number(
+            "auditor_organization_number",
+            &r.auditor_organization_number,
+        )
+        .map_err(invalid)?;
         if !self
             .access
             .legal()
@@ -142,10 +197,13 @@ impl v1::federation_service_server::FederationService for NodeService {
         &self,
         req: Request<v1::PingRequest>,
     ) -> Result<Response<v1::PingResponse>, Status> {
-        self.peer_region(&req)?;
-        Ok(Response::new(v1::PingResponse {
-            region: self.registry.region().to_string(),
-        }))
+        let entry = self.audit_entry(&req, Action::PeerPing);
+        let result = self.peer_region(&req).map(|_| {
+            Response::new(v1::PingResponse {
+                region: self.registry.region().to_string(),
+            })
+        });
+        self.audited(entry, result).await
     }
 
     async fn forwarded_patient_report(

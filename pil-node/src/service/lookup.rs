@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{NodeService, applied_rules, denied, internal, invalid};
 use crate::{
-    access::Requester,
+    access::{Requester, ShutOut},
     audit::{
         AuditRecord,
         record::{Action, RequesterInfo},
@@ -24,6 +24,8 @@ pub struct LocalAnswer {
     pub rules: Vec<pil_legal::RuleRef>,
     pub emergency: bool,
     pub opted_out: bool,
+    /// What this region's blocks shut the requester out of, in every region.
+    pub shut: ShutOut,
 }
 
 impl NodeService {
@@ -65,6 +67,7 @@ impl NodeService {
                     rules: search.rules,
                     emergency: false,
                     opted_out: true,
+                    shut: ShutOut::default(),
                 });
             }
             PatientView::Visible { blocks, pointers } => (blocks, pointers),
@@ -73,13 +76,14 @@ impl NodeService {
         let mut rules = search.rules.clone();
         let mut emergency = search.emergency;
         let mut pointers = Vec::with_capacity(found.len());
+        let shut = requester.shut_out(&blocks);
         for p in found {
             let holder = p
                 .holder
                 .as_ref()
                 .map(|h| h.organization_number.clone())
                 .unwrap_or_default();
-            if requester.is_blocked(&blocks, &holder) {
+            if shut.hides(&holder) {
                 continue;
             }
             let decision = legal.decide(
@@ -108,6 +112,7 @@ impl NodeService {
             rules,
             emergency,
             opted_out: false,
+            shut,
         })
     }
 
@@ -161,38 +166,62 @@ impl NodeService {
             access_token: token,
             query_id: entry.query_id.clone(),
             client_organization_number: cert_org,
+            protections_only: false,
         };
-        let ask = !req.home_region_only && !local.opted_out;
+        // An opt-out here already means nothing is shown; otherwise every region is
+        // asked, at least for the protections that hold for every region's pointers.
+        let ask = !local.opted_out;
         let outcomes = self
             .federation
-            .fan_out(forward, &requester.facts.purpose, deadline, ask)
+            .fan_out(
+                forward,
+                &requester.facts.purpose,
+                deadline,
+                ask,
+                !req.home_region_only,
+            )
             .await;
+        let mut shut = local.shut;
+        let mut unchecked = Vec::new();
         for (peer, outcome) in outcomes {
-            let (state, detail, count) = match outcome {
+            let (state, mut detail, count) = match outcome {
                 PeerOutcome::Answered(answer) => {
                     entry.peers_asked.push(peer.clone());
-                    let n = answer.pointers.len() as u32;
                     opted_out |= answer.opted_out;
-                    emergency |= answer.emergency;
+                    shut.merge(answer.blocked_all_holders, answer.blocked_holders);
                     for r in answer.rules {
                         if !rules.iter().any(|k| k.id == r.id) {
                             rules.push(r);
                         }
                     }
-                    pointers.extend(answer.pointers);
-                    let detail = if answer.opted_out {
-                        "the patient has opted out of PIL".to_string()
+                    if !answer.refused.is_empty() {
+                        (v1::RegionState::Denied, answer.refused, 0)
                     } else {
-                        String::new()
-                    };
-                    (v1::RegionState::Ok, detail, n)
+                        let n = answer.pointers.len() as u32;
+                        emergency |= answer.emergency;
+                        pointers.extend(answer.pointers);
+                        let detail = if answer.opted_out {
+                            "the patient has opted out of PIL".to_string()
+                        } else {
+                            String::new()
+                        };
+                        (v1::RegionState::Ok, detail, n)
+                    }
+                }
+                PeerOutcome::Protections(answer, why) => {
+                    entry.peers_asked.push(peer.clone());
+                    opted_out |= answer.opted_out;
+                    shut.merge(answer.blocked_all_holders, answer.blocked_holders);
+                    (v1::RegionState::NotAsked, why, 0)
                 }
                 PeerOutcome::Denied(why) => {
                     entry.peers_asked.push(peer.clone());
+                    unchecked.push(peer.clone());
                     (v1::RegionState::Denied, why, 0)
                 }
                 PeerOutcome::TimedOut => {
                     entry.peers_asked.push(peer.clone());
+                    unchecked.push(peer.clone());
                     (
                         v1::RegionState::TimedOut,
                         format!("no answer within {} ms", deadline.as_millis()),
@@ -201,10 +230,16 @@ impl NodeService {
                 }
                 PeerOutcome::Unavailable(why) => {
                     entry.peers_asked.push(peer.clone());
+                    unchecked.push(peer.clone());
                     (v1::RegionState::Unavailable, why, 0)
                 }
                 PeerOutcome::NotAsked(why) => (v1::RegionState::NotAsked, why, 0),
             };
+            if unchecked.last() == Some(&peer) {
+                detail.push_str(
+                    "; the patient's blocks and opt-out registered there could not be checked",
+                );
+            }
             regions.push(v1::RegionStatus {
                 region: peer,
                 state: state as i32,
@@ -215,6 +250,51 @@ impl NodeService {
         if opted_out {
             // Opted out anywhere means out of PIL altogether.
             pointers.clear();
+        }
+        pointers.retain(|p| {
+            let holder = p.holder.as_ref().map(|h| h.organization_number.as_str());
+            !shut.hides(holder.unwrap_or_default())
+        });
+        let mut withheld = String::new();
+        if !unchecked.is_empty() && !pointers.is_empty() {
+            let legal = self.access.legal();
+            let settings = &legal.settings().protections;
+            let shown_anyway = emergency && settings.emergency_shows_unchecked;
+            if shown_anyway {
+                let rule = v1::AppliedRule {
+                    id: "emergency-shows-unchecked-protections".into(),
+                    legal_basis: settings.emergency_legal_basis.clone(),
+                    explanation: format!(
+                        "Emergency access: pointers are shown although the protections \
+                         registered in {} could not be checked.",
+                        unchecked.join(", ")
+                    ),
+                    effect: v1::RuleEffect::Permit as i32,
+                };
+                entry.decision.rules.push(crate::audit::record::RuleInfo {
+                    id: rule.id.clone(),
+                    legal_basis: rule.legal_basis.clone(),
+                    effect: "permit".into(),
+                });
+                rules.push(rule);
+            } else {
+                withheld = format!(
+                    "no pointers are shown: the patient's blocks and opt-out registered in {} \
+                     could not be checked, and they hold for every region's pointers; retry \
+                     when the region answers",
+                    unchecked.join(", ")
+                );
+                entry.outcome.detail = withheld.clone();
+                pointers.clear();
+            }
+        }
+        // Counted after every region's protections, so a count does not hint at
+        // what a block hides.
+        for status in &mut regions {
+            status.pointer_count = pointers
+                .iter()
+                .filter(|p| p.region == status.region)
+                .count() as u32;
         }
         let pointers = merge(pointers);
         record_returned(entry, &pointers);
@@ -230,6 +310,7 @@ impl NodeService {
             opted_out,
             rules,
             emergency,
+            withheld,
         }))
     }
 

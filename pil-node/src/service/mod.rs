@@ -14,12 +14,15 @@ mod audit;
 mod explain;
 mod federation;
 mod lookup;
+mod refusals;
+
+pub use refusals::RefusalLayer;
 
 use crate::{
     access::{Access, AccessError, Requester},
     audit::{
         AuditLog, AuditRecord,
-        record::{Action, CallerInfo, DecisionInfo, OutcomeInfo},
+        record::{Action, DecisionInfo, OutcomeInfo},
     },
     config::NodeConfig,
     federation::Federation,
@@ -118,17 +121,10 @@ impl NodeService {
     /// A request's audit record, with what the connection says about the caller.
     /// Handlers fill in the rest; [`NodeService::audited`] completes and stores it.
     fn audit_entry<T>(&self, req: &Request<T>, action: Action) -> AuditRecord {
-        let caller = match req.extensions().get::<PeerInfo>().map(|i| &i.caller) {
-            Some(Ok(Caller::Organization { org_number, .. })) => CallerInfo {
-                organization: Some(org_number.clone()),
-                node_region: None,
-            },
-            Some(Ok(Caller::Node { region })) => CallerInfo {
-                organization: None,
-                node_region: Some(region.clone()),
-            },
-            _ => CallerInfo::default(),
-        };
+        if let Some(handled) = req.extensions().get::<refusals::Handled>() {
+            handled.mark();
+        }
+        let caller = refusals::caller_info(req.extensions().get::<PeerInfo>());
         AuditRecord {
             index: 0,
             time: now_rfc3339(),
@@ -153,6 +149,7 @@ impl NodeService {
         mut entry: AuditRecord,
         result: Result<Response<R>, Status>,
     ) -> Result<Response<R>, Status> {
+        let result = result.map_err(refusals::refusal_status);
         match &result {
             Ok(_) => entry.outcome.status = "OK".into(),
             Err(status) => {
@@ -177,14 +174,30 @@ impl NodeService {
         }
         match self.audit.append(entry).await {
             Ok(_) => result,
-            Err(e) => {
-                tracing::error!(error = %e, "request not answered: its audit record could not be stored");
-                Err(Status::unavailable(
-                    "the node could not record this request in its audit log, so it was not \
-                     answered; retry later",
-                ))
-            }
+            Err(e) => Err(unrecorded(e)),
         }
+    }
+
+    /// Records a change before it is made, so no change to the registry is ever
+    /// durable without a record of it, even when the node dies before the outcome is
+    /// recorded. The outcome's record follows with the same query id.
+    async fn record_first(&self, entry: &AuditRecord) -> Result<(), Status> {
+        let mut first = entry.clone();
+        first.outcome = OutcomeInfo {
+            status: "STARTED".into(),
+            detail: "the change is being made; the record with the same query id that \
+                     follows has its outcome"
+                .into(),
+            ..OutcomeInfo::default()
+        };
+        if first.decision.outcome.is_empty() {
+            first.decision.outcome = "not_applicable".into();
+        }
+        self.audit
+            .append(first)
+            .await
+            .map(|_| ())
+            .map_err(unrecorded)
     }
 
     /// The verified requester of a call to `path`: certificate, token and DPoP proof.
@@ -274,6 +287,15 @@ impl NodeService {
     }
 }
 
+/// The answer when a request's record cannot be stored: no answer at all.
+fn unrecorded(e: crate::audit::AuditError) -> Status {
+    tracing::error!(error = %e, "request not answered: its audit record could not be stored");
+    Status::unavailable(
+        "the node could not record this request in its audit log, so it was not answered; \
+         retry later",
+    )
+}
+
 fn invalid(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -303,6 +325,7 @@ impl NodeService {
         entry.patient = Some(hex::encode(self.registry.pseudonym(&p.patient)));
         entry.detail = Some(format!("holder {}", p.endpoint.org));
         self.authorize_write(&caller, &p.endpoint.org)?;
+        self.record_first(entry).await?;
         let (outcome, stored) = self.registry.upsert(p).await.map_err(internal)?;
         entry.outcome.pointers = u32::from(outcome != Outcome::Unchanged);
         tracing::info!(caller = %caller, ?outcome, "pointer upserted");
@@ -331,6 +354,7 @@ impl NodeService {
             pointer::endpoint_ref(req.holder.as_ref(), req.endpoint.as_ref()).map_err(invalid)?;
         entry.detail = Some(format!("holder {}", endpoint.org));
         self.authorize_write(&caller, &endpoint.org)?;
+        self.record_first(entry).await?;
         let deleted = self
             .registry
             .delete(&patient, &endpoint)
@@ -385,6 +409,8 @@ impl NodeService {
                 ));
             }
         };
+        entry.detail = Some(format!("holder {org}"));
+        self.record_first(entry).await?;
         let limits = &self.config.limits;
         let mut session = SyncSession::new(
             self.registry.clone(),
