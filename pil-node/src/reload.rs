@@ -110,7 +110,7 @@ pub struct SignalReload {
 impl SignalReload {
     /// Reloads and records the outcome.
     pub async fn run(&self) -> Result<Reloaded, ReloadError> {
-        use crate::audit::record::{Action, AuditRecord, CallerInfo, DecisionInfo, OutcomeInfo};
+        use crate::audit::record::{Action, AuditRecord, CallerInfo};
         let result = self.reloader.reload();
         let (status, detail) = match &result {
             Ok(r) => (
@@ -122,28 +122,14 @@ impl SignalReload {
             ),
             Err(e) => ("FAILED_PRECONDITION".to_string(), format!("SIGHUP: {e}")),
         };
-        let record = AuditRecord {
-            index: 0,
-            time: crate::service::now_rfc3339(),
-            region: self.region.clone(),
-            action: Action::PolicyReload,
-            query_id: crate::service::new_query_id(),
-            caller: CallerInfo::default(),
-            requester: None,
-            patient: None,
-            decision: DecisionInfo {
-                outcome: "not_applicable".into(),
-                ..Default::default()
-            },
-            outcome: OutcomeInfo {
-                status,
-                detail: detail.clone(),
-                ..Default::default()
-            },
-            peers_asked: Vec::new(),
-            forwarded_by: None,
-            detail: Some(detail),
-        };
+        let mut record = AuditRecord::not_decided(
+            &self.region,
+            Action::PolicyReload,
+            CallerInfo::default(),
+            &status,
+            detail.clone(),
+        );
+        record.detail = Some(detail);
         if let Err(e) = self.audit.append(record).await {
             tracing::error!(error = %e, "the reload could not be recorded in the audit log");
         }

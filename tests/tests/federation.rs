@@ -611,6 +611,11 @@ async fn a_peer_presenting_another_regions_certificate_is_not_trusted() {
     }
 }
 
+/// How many pointers a lookup of `patient` shows `client`.
+async fn shown(client: &pil_client::PilClient, patient: &v1::PatientIdentifier) -> usize {
+    client.lookup(lookup(patient)).await.unwrap().pointers.len()
+}
+
 /// A block on [`HPR`] (optionally for one holder), created by the operator at `node`.
 async fn block_hpr(
     world: &World,
@@ -679,15 +684,7 @@ async fn blocks_and_opt_outs_hold_for_every_regions_pointers() {
         .unwrap();
     assert!(r.pointers.is_empty(), "{:?}", r.pointers);
     // The colleague is not blocked.
-    assert_eq!(
-        colleague
-            .lookup(lookup(&patient))
-            .await
-            .unwrap()
-            .pointers
-            .len(),
-        3
-    );
+    assert_eq!(shown(&colleague, &patient).await, 3);
     let mut vest_admin = world.client(OPERATOR, vest_addr).await.admin();
     vest_admin
         .lift_block(v1::LiftBlockRequest {
@@ -719,15 +716,7 @@ async fn blocks_and_opt_outs_hold_for_every_regions_pointers() {
             .collect();
         assert_eq!(holders, [ORG_A; 3], "{addr}");
     }
-    assert_eq!(
-        colleague
-            .lookup(lookup(&patient))
-            .await
-            .unwrap()
-            .pointers
-            .len(),
-        4
-    );
+    assert_eq!(shown(&colleague, &patient).await, 4);
 
     // Opted out at helse-nord: nothing anywhere, also for the home region only.
     let mut nord_admin = world.client(OPERATOR, nord.addr()).await.admin();

@@ -156,3 +156,56 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
+
+impl AuditRecord {
+    /// The record of one request to `region`'s node, stamped now with a fresh query id
+    /// and no decision yet; whoever handles the request fills in the rest.
+    pub fn new(region: &str, action: Action, caller: CallerInfo) -> Self {
+        Self {
+            index: 0,
+            time: now_rfc3339(),
+            region: region.to_string(),
+            action,
+            query_id: new_query_id(),
+            caller,
+            requester: None,
+            patient: None,
+            decision: DecisionInfo::default(),
+            outcome: OutcomeInfo::default(),
+            peers_asked: Vec::new(),
+            forwarded_by: None,
+            detail: None,
+        }
+    }
+
+    /// A record of a request no policy decided, with its final status and detail.
+    pub fn not_decided(
+        region: &str,
+        action: Action,
+        caller: CallerInfo,
+        status: &str,
+        detail: String,
+    ) -> Self {
+        let mut record = Self::new(region, action, caller);
+        record.decision.outcome = "not_applicable".into();
+        record.outcome.status = status.to_string();
+        record.outcome.detail = detail;
+        record
+    }
+}
+
+/// Now as RFC 3339, UTC, milliseconds.
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&format).unwrap_or_default()
+}
+
+/// A random id for one request, carried into logs (and, across regions, the audit log).
+fn new_query_id() -> String {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+    hex::encode(b)
+}

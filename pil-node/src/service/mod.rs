@@ -22,7 +22,7 @@ use crate::{
     access::{Access, AccessError, Requester},
     audit::{
         AuditLog, AuditRecord,
-        record::{Action, DecisionInfo, OutcomeInfo},
+        record::{Action, OutcomeInfo},
     },
     config::NodeConfig,
     federation::Federation,
@@ -125,21 +125,7 @@ impl NodeService {
             handled.mark();
         }
         let caller = refusals::caller_info(req.extensions().get::<PeerInfo>());
-        AuditRecord {
-            index: 0,
-            time: now_rfc3339(),
-            region: self.registry.region().to_string(),
-            action,
-            query_id: new_query_id(),
-            caller,
-            requester: None,
-            patient: None,
-            decision: DecisionInfo::default(),
-            outcome: OutcomeInfo::default(),
-            peers_asked: Vec::new(),
-            forwarded_by: None,
-            detail: None,
-        }
+        AuditRecord::new(self.registry.region(), action, caller)
     }
 
     /// Records the request's outcome durably, then lets the answer go. An answer whose
@@ -583,20 +569,4 @@ pub fn status_name(code: tonic::Code) -> &'static str {
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// Now as RFC 3339, UTC, milliseconds.
-pub(crate) fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    now.format(&format).unwrap_or_default()
-}
-
-/// A random id for one lookup, carried into logs (and, across regions, the audit log).
-pub(crate) fn new_query_id() -> String {
-    let mut b = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
-    hex::encode(b)
 }

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use crate::{
     audit::{
         AuditLog, AuditRecord,
-        record::{Action, CallerInfo, DecisionInfo, OutcomeInfo},
+        record::{Action, CallerInfo},
     },
     identity::Caller,
     tls::PeerInfo,
@@ -131,28 +131,14 @@ where
                 return Ok(response);
             }
             let status = refusal_status(status);
-            let record = AuditRecord {
-                index: 0,
-                time: super::now_rfc3339(),
-                region: layer.region.clone(),
-                action: Action::Refused,
-                query_id: super::new_query_id(),
+            let mut record = AuditRecord::not_decided(
+                &layer.region,
+                Action::Refused,
                 caller,
-                requester: None,
-                patient: None,
-                decision: DecisionInfo {
-                    outcome: "not_applicable".into(),
-                    ..Default::default()
-                },
-                outcome: OutcomeInfo {
-                    status: super::status_name(status.code()).into(),
-                    detail: status.message().to_string(),
-                    ..Default::default()
-                },
-                peers_asked: Vec::new(),
-                forwarded_by: None,
-                detail: Some(method),
-            };
+                super::status_name(status.code()),
+                status.message().to_string(),
+            );
+            record.detail = Some(method);
             if let Err(e) = layer.audit.append(record).await {
                 tracing::error!(error = %e, "a refused request could not be recorded");
                 return Ok(Status::unavailable(
