@@ -106,6 +106,9 @@ pub struct AuthConfig {
     pub token_cache: usize,
 }
 
+/// Least `[limits] max_message_bytes`: every page the node answers with fits.
+pub const MIN_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// Default of `[auth] dpop_replay_capacity`.
 pub const DEFAULT_DPOP_REPLAY_CAPACITY: usize = 500_000;
 /// Default of `[auth] token_cache`.
@@ -310,10 +313,12 @@ impl NodeConfig {
                     .into(),
             ));
         }
-        if self.limits.max_message_bytes < 64 * 1024 {
-            return Err(ConfigError::Invalid(
-                "limits.max_message_bytes must be at least 65536".into(),
-            ));
+        if self.limits.max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_message_bytes must be at least {MIN_MESSAGE_BYTES} (2 MiB): the \
+                 pages the node sends (500 pointers of an export, up to 1000 audit records \
+                 of a search) must fit in one message"
+            )));
         }
         Ok(())
     }

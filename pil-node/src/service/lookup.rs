@@ -303,7 +303,7 @@ impl NodeService {
             caller = %caller, query_id = %entry.query_id, found = pointers.len(),
             emergency, opted_out, purpose = %requester.facts.purpose, "lookup"
         );
-        Ok(Response::new(v1::LookupResponse {
+        let answer = v1::LookupResponse {
             regions,
             pointers,
             query_id: entry.query_id.clone(),
@@ -311,7 +311,17 @@ impl NodeService {
             rules,
             emergency,
             withheld,
-        }))
+        };
+        // Refused here, not by the encoder after the answer was recorded as given.
+        let max = self.config.limits.max_message_bytes;
+        if prost::Message::encoded_len(&answer) > max {
+            return Err(Status::resource_exhausted(format!(
+                "the answer holds {} pointers, more than fit in one message of {max} bytes; \
+                 narrow the lookup by category or organization",
+                answer.pointers.len()
+            )));
+        }
+        Ok(Response::new(answer))
     }
 
     /// How long peers get: the configured cap, or less when the client's own gRPC
