@@ -39,6 +39,14 @@ enum Command {
         #[arg(long, env = "PIL_LOG_FORMAT")]
         log_format: Option<LogFormat>,
     },
+    /// Check a configuration and everything it names (keys and their file modes,
+    /// certificates, the token issuer's keys, peers, the legal configuration) without
+    /// starting a node or touching its data directory; prints every problem found.
+    CheckConfig {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
     /// Generate a development PKI: CA, node certificate, organization certificates, and
     /// a development token issuer (signing key and JWKS) for `[auth]`.
     DevPki {
@@ -120,6 +128,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let node = server::start(cfg).await?;
             reload_on_sighup(node.signal_reload());
             node.run_until(shutdown_signal()).await?;
+        }
+        Command::CheckConfig { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            match crate::preflight::check(&cfg, cfg.listen.port()) {
+                Ok(checked) => println!(
+                    "{} is valid: region {}, {} policies in force, {} peers",
+                    config.display(),
+                    cfg.region,
+                    checked.access.legal().summary().policies,
+                    cfg.federation.peers.len()
+                ),
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("error: {}", pil_proto::error_line::one_line(p));
+                    }
+                    anyhow::bail!("{}: {} problem(s) found", config.display(), problems.len());
+                }
+            }
         }
         Command::DevPki { out, region, orgs } => {
             let orgs: Vec<(&str, &str)> =

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;
+pub mod preflight;
 pub mod registry;
 pub mod reload;
 pub mod secret_file;

@@ -12,14 +12,14 @@ use pil_proto::v1::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
-    access::{Access, AccessError, own_names},
-    audit::{AuditError, AuditLog},
+    access::{Access, AccessError},
+    audit::AuditLog,
     config::NodeConfig,
     federation::Federation,
-    patient_keys::{KeyError, PatientKeys},
+    patient_keys::KeyError,
     registry::Registry,
     reload::Reloader,
-    secret_file::{SecretFileError, check_private},
+    secret_file::SecretFileError,
     service::NodeService,
     storage::{StorageError, Store},
     tls::{self, TlsError},
@@ -51,6 +51,20 @@ pub enum NodeError {
     Audit(#[from] crate::audit::AuditError),
     #[error("internal task failed: {0}")]
     Task(String),
+    /// More than one of the above, found together before start.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<NodeError>),
+}
+
+impl NodeError {
+    /// `problems` as one error: the problem itself when there is one.
+    pub fn all(mut problems: Vec<NodeError>) -> Self {
+        if problems.len() == 1 {
+            problems.remove(0)
+        } else {
+            NodeError::Several(problems)
+        }
+    }
 }
 
 /// A started node.
@@ -135,44 +149,34 @@ impl RunningNode {
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let config = Arc::new(config);
     // Everything that can fail is checked before anything on disk changes: a node that
-    // cannot serve leaves its data directory as it found it.
-    for (what, path) in [
-        ("the pseudonym key", &config.keys.pseudonym_key_file),
-        ("the storage key", &config.keys.storage_key_file),
-        ("the TLS private key", &config.tls.key),
-        ("the audit signing key", &config.audit.signing_key_file),
-    ] {
-        check_private(what, path)?;
-    }
-    let keys = PatientKeys::load(
-        &config.keys.pseudonym_key_file,
-        &config.keys.storage_key_file,
-    )?;
-    let tls_config = tls::server_config(&config.tls)?;
-    let signer =
-        pil_transparency::HeadSigner::load(&config.audit.signing_key_file).map_err(|e| {
-            AuditError::Key(format!("{}: {e}", config.audit.signing_key_file.display()))
-        })?;
-    let federation = Arc::new(
-        Federation::new(&config.federation, &config.tls, &config.region)
-            .map_err(|e| NodeError::Task(e.to_string()))?,
-    );
+    // cannot serve leaves its data directory as it found it. The listener is bound
+    // first, so the node's names carry the port it got.
     let listener = TcpListener::bind(config.listen)
         .await
+        .and_then(|l| l.local_addr().map(|addr| (l, addr)))
         .map_err(|source| NodeError::Bind {
             addr: config.listen,
             source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let names = own_names(
-        config.auth.public_url.as_deref(),
-        &tls::own_host_names(&config.tls)?,
-        addr.port(),
-    );
-    let access = Arc::new(Access::load(&config, names)?);
+        });
+    let port = listener
+        .as_ref()
+        .map_or(config.listen.port(), |(_, addr)| addr.port());
+    let checked = crate::preflight::check(&config, port);
+    let (listener, addr, checked) = match (listener, checked) {
+        (Ok((listener, addr)), Ok(checked)) => (listener, addr, checked),
+        (listener, checked) => {
+            let mut problems: Vec<NodeError> = listener.err().into_iter().collect();
+            problems.extend(checked.err().unwrap_or_default());
+            return Err(NodeError::all(problems));
+        }
+    };
+    let crate::preflight::Checked {
+        keys,
+        tls: tls_config,
+        signer,
+        federation,
+        access,
+    } = checked;
 
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))

@@ -298,6 +298,52 @@ fn start_up_errors_are_one_line_naming_the_file() {
 }
 
 #[test]
+fn check_config_reports_every_problem_and_touches_nothing() {
+    let world = World::new();
+    let config = world.config(true);
+    let path = world.path().join("node.toml");
+    std::fs::write(&path, toml::to_string_pretty(&config).unwrap()).unwrap();
+    let out = pil_node(&[
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("is valid: region test"), "{said}");
+
+    // Two problems at once: a key others can read, and a missing JWKS.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&config.keys.storage_key_file, mode).unwrap();
+    }
+    let mut broken = config.clone();
+    broken.auth.jwks_file = world.path().join("no-jwks.json");
+    std::fs::write(&path, toml::to_string_pretty(&broken).unwrap()).unwrap();
+    let out = pil_node(&[
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no-jwks.json"), "{err}");
+    #[cfg(unix)]
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(err.contains("problem(s) found"), "{err}");
+    assert!(
+        !config.data_dir.exists(),
+        "check-config made the data directory"
+    );
+}
+
+#[test]
 fn every_command_the_demo_prints_runs_as_printed() {
     // The README runs the demo from the repository's root with the default
     // `--dir pil-demo`, a path relative to where the user stands.
