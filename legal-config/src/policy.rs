@@ -265,8 +265,12 @@ impl NodeSettings {
     /// Semantic checks that the TOML parser cannot make.
     fn check(&self, file: &Path, problems: &mut Vec<Problem>) {
         let mut bad = |message: String| problems.push(Problem::in_file(file, message));
-        if self.node.region.trim().is_empty() {
-            bad("[node] region must not be empty".into());
+        if !pil_proto::ident::is_valid_region_id(&self.node.region) {
+            bad(format!(
+                "[node] region `{}` must be 1-63 characters of a-z, 0-9 and '-', starting and \
+                 ending with a letter or digit",
+                self.node.region
+            ));
         }
         if self.retention.audit_log_days == 0 {
             bad("[retention] audit_log_days must be at least 1".into());
@@ -353,21 +357,10 @@ fn is_profession_code(s: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
-/// Whether `s` is a valid Norwegian organization number: 9 digits whose last
-/// is the mod-11 check digit over the first 8 (weights 3 2 7 6 5 4 3 2).
+/// Whether `s` is a valid Norwegian organization number: the one rule of pil-proto
+/// (9 digits whose last is the mod-11 check digit over the first 8).
 pub fn is_valid_orgnr(s: &str) -> bool {
-    const WEIGHTS: [u32; 8] = [3, 2, 7, 6, 5, 4, 3, 2];
-    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
-    if s.len() != 9 || digits.len() != 9 {
-        return false;
-    }
-    let sum: u32 = digits.iter().zip(WEIGHTS).map(|(d, w)| d * w).sum();
-    let check = match 11 - sum % 11 {
-        11 => 0,
-        10 => return false,
-        c => c,
-    };
-    check == digits[8]
+    pil_proto::ident::OrgNumber::parse(s).is_ok()
 }
 
 // ---------------------------------------------------------------------------

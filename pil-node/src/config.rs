@@ -286,41 +286,43 @@ impl NodeConfig {
         }
     }
 
-    /// Checks what serde cannot: region syntax and organization numbers.
+    /// Checks what serde cannot (region syntax, organization numbers, bounds) and
+    /// reports every problem, not only the first.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let region_ok = !self.region.is_empty()
-            && self.region.len() <= 64
-            && self
-                .region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !region_ok {
-            return Err(ConfigError::Invalid(format!(
-                "region {:?} must be 1-64 characters of a-z, 0-9 and '-'",
+        let mut problems = Vec::new();
+        if !pil_proto::ident::is_valid_region_id(&self.region) {
+            problems.push(format!(
+                "region {:?} must be 1-63 characters of a-z, 0-9 and '-', starting and \
+                 ending with a letter or digit",
                 self.region
-            )));
+            ));
         }
         for (writer, orgs) in &self.writes_for {
             for org in std::iter::once(writer).chain(orgs) {
-                OrgNumber::parse(org)
-                    .map_err(|e| ConfigError::Invalid(format!("writes_for: {org:?}: {e}")))?;
+                if let Err(e) = OrgNumber::parse(org) {
+                    problems.push(format!("writes_for: {org:?}: {e}"));
+                }
             }
         }
         if self.auth.dpop_replay_capacity < 1_000 {
-            return Err(ConfigError::Invalid(
+            problems.push(
                 "auth.dpop_replay_capacity must be at least 1000 (proofs remembered against \
                  replay; a full cache refuses every DPoP-bound call)"
                     .into(),
-            ));
+            );
         }
         if self.limits.max_message_bytes < MIN_MESSAGE_BYTES {
-            return Err(ConfigError::Invalid(format!(
+            problems.push(format!(
                 "limits.max_message_bytes must be at least {MIN_MESSAGE_BYTES} (2 MiB): the \
                  pages the node sends (500 pointers of an export, up to 1000 audit records \
                  of a search) must fit in one message"
-            )));
+            ));
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
     }
 
     /// The organizations `writer` may write pointers for, itself included.
@@ -332,5 +334,59 @@ impl NodeConfig {
             .unwrap_or_default();
         scope.insert(writer.to_string());
         scope
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        let text = r#"
+            region = "helse-vest"
+            listen = "127.0.0.1:0"
+            data_dir = "data"
+            legal_config = "legal-config"
+            [tls]
+            client_ca = "ca.pem"
+            cert = "node.pem"
+            key = "node-key.pem"
+            [keys]
+            pseudonym_key_file = "p.key"
+            storage_key_file = "s.key"
+            [auth]
+            issuer = "https://issuer.example"
+            audience = "pil"
+            jwks_file = "jwks.json"
+            [audit]
+            signing_key_file = "audit.pem"
+        "#;
+        toml::from_str(text).expect("a valid configuration")
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        assert!(config().validate().is_ok());
+        let mut c = config();
+        c.region = "-vest".into();
+        c.writes_for.insert("123".into(), vec![]);
+        c.limits.max_message_bytes = 1024;
+        let err = c.validate().unwrap_err().to_string();
+        for part in [
+            "region \"-vest\"",
+            "writes_for: \"123\"",
+            "max_message_bytes",
+        ] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_toml_mistake_names_its_line_and_column() {
+        let text = "region = \"x\"\nlisten = 5\n";
+        let e = toml::from_str::<NodeConfig>(text).unwrap_err();
+        let message = toml_message(text, &e);
+        assert!(message.starts_with("line 2, column"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
     }
 }

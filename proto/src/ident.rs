@@ -581,6 +581,23 @@ fn synthetic_number(seed: u64, day_offset: u8) -> String {
     d.iter().map(|&x| char::from(b'0' + x)).collect()
 }
 
+/// Whether `region` is a valid region id: 1 to 63 characters of lowercase ASCII letters,
+/// digits and `-`, starting and ending with a letter or digit (e.g. `helse-vest`). This
+/// keeps it usable unescaped in a URN, a DNS label, a file name and a metric label.
+pub fn is_valid_region_id(region: &str) -> bool {
+    let bytes = region.as_bytes();
+    let is_alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    match (bytes.first(), bytes.last()) {
+        (Some(first), Some(last)) => {
+            bytes.len() <= 63
+                && is_alnum(first)
+                && is_alnum(last)
+                && bytes.iter().all(|b| is_alnum(b) || *b == b'-')
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
