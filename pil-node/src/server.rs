@@ -229,10 +229,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
     let incoming = tls::incoming(
         listener,
         tls_config,
         std::time::Duration::from_secs(config.limits.handshake_timeout_secs),
+        cut_rx,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let purge = tokio::spawn(purge_loop(registry.clone(), config.clone()));
@@ -274,11 +276,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             notify.notify_one();
         });
         // In-flight requests get `grace` to finish; clients that keep their
-        // connections open past it are cut off.
+        // connections open past it are cut off, so their tasks let go of the node.
         let served = tokio::select! {
             served = serve => Some(served),
             _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => None,
         };
+        if served.is_none() {
+            tracing::warn!(
+                ?grace,
+                "connections still open after the grace period; closing them"
+            );
+            let _ = cut.send(true);
+        }
         for task in [purge, heads, retention] {
             task.abort();
             let _ = task.await;
@@ -289,14 +298,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tracing::warn!(error = %e, "could not sign the audit log's final tree head");
         }
         drop(final_head);
-        let Some(served) = served else {
-            tracing::warn!(
-                ?grace,
-                "connections still open after the grace period; closing"
-            );
-            return Ok(());
-        };
-        // Every registry handle is gone with the router; wait for queued writes.
+        // Every registry and audit handle goes with the connections; wait for queued
+        // writes, then RocksDB closes with the last handle.
         tokio::task::spawn_blocking(move || {
             closer.join();
             let _ = audit_thread.join();
@@ -304,7 +307,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .await
         .map_err(|e| NodeError::Task(e.to_string()))?;
         tracing::info!("node stopped");
-        served.map_err(NodeError::from)
+        served.unwrap_or(Ok(())).map_err(NodeError::from)
     });
 
     Ok(RunningNode {

@@ -10,7 +10,7 @@ use rustls::{ServerConfig, server::WebPkiClientVerifier};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -164,10 +164,29 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
     }
 }
 
-/// A TLS connection carrying its peer's identity.
+/// A TLS connection carrying its peer's identity. Once the node cuts its connections
+/// (a client kept one open past the shutdown grace period), every read and write
+/// fails, so the connection's task ends and lets go of the node.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl TlsConn {
+    fn cut_off(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
+        self.cut.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the node is stopping",
+            )
+        })
+    }
+}
+
+/// Completes once `cut` turns true (or its sender is gone).
+async fn cut_signal(mut cut: watch::Receiver<bool>) {
+    let _ = cut.wait_for(|c| *c).await;
 }
 
 impl Connected for TlsConn {
@@ -183,6 +202,9 @@ impl AsyncRead for TlsConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut_off(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -193,12 +215,18 @@ impl AsyncWrite for TlsConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut_off(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut_off(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(
@@ -212,6 +240,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut_off(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -220,11 +251,13 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Accepts TCP connections on `listener`, completes TLS handshakes in the background,
-/// and yields the established connections. Stops when the returned stream is dropped.
+/// and yields the established connections. Stops when the returned stream is dropped;
+/// every connection fails once `cut` turns true.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
+    cut: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
@@ -244,6 +277,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let cut = cut.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -255,7 +289,8 @@ pub fn incoming(
                             .ok_or_else(|| "no client certificate".to_string())
                             .and_then(|cert| caller_from_cert(cert).map_err(|e| e.to_string()));
                         let info = PeerInfo { remote, caller };
-                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                        let cut = Box::pin(cut_signal(cut));
+                        let _ = tx.send(Ok(TlsConn { stream, info, cut })).await;
                     }
                     Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::info!(%remote, "TLS handshake timed out"),

@@ -34,7 +34,9 @@ pub async fn serve(tls: TlsConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let config = pil_node::tls::server_config(&tls)?;
-    let incoming = pil_node::tls::incoming(listener, config, Duration::from_secs(10));
+    // The same listener as the node's, cut-off signal included (never sent here).
+    let (_never_cut, cut) = tokio::sync::watch::channel(false);
+    let incoming = pil_node::tls::incoming(listener, config, Duration::from_secs(10), cut);
     let answer = v1::LookupResponse {
         regions: vec![v1::RegionStatus {
             region: "floor".into(),

@@ -363,3 +363,28 @@ async fn secret_keys_readable_by_others_are_refused() {
     assert!(!config.data_dir.exists());
     TestNode::start(config).await.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_closes_cleanly_when_a_client_keeps_a_call_open_past_the_grace_period() {
+    let world = World::new();
+    let mut config = world.config(true);
+    config.limits.shutdown_grace_secs = 1;
+    let node = TestNode::start(config.clone()).await;
+    let a = world.client(ORG_A, node.addr()).await;
+    // A sync whose client never sends its end: the call stays open.
+    let open = tokio::spawn(async move {
+        a.sync(
+            sync_options(v1::SyncMode::Merge, v1::ReplaceScope::Unspecified, false),
+            futures::stream::pending::<Vec<v1::Pointer>>(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(60), node.stop())
+        .await
+        .expect("the node stops");
+    // RocksDB was closed: the data directory opens again in this process.
+    let store = pil_node::storage::Store::open(&config.data_dir).expect("the store was closed");
+    drop(store);
+    assert!(open.await.unwrap().is_err(), "the open call was cut off");
+}
