@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 /// A secret key file that cannot be used as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error(
+        "cannot read {what} {}: {source}; check its path in the configuration, or restore \
+         the file from its backup",
+        path.display()
+    )]
     Read {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -26,6 +31,7 @@ pub enum SecretFileError {
 /// Refuses `path` unless only its owner may read or write it.
 pub fn check_private(what: &'static str, path: &Path) -> Result<(), SecretFileError> {
     let meta = std::fs::metadata(path).map_err(|source| SecretFileError::Read {
+        what,
         path: path.to_path_buf(),
         source,
     })?;
@@ -42,7 +48,7 @@ pub fn check_private(what: &'static str, path: &Path) -> Result<(), SecretFileEr
         }
     }
     #[cfg(not(unix))]
-    let _ = (what, meta);
+    let _ = meta;
     Ok(())
 }
 
