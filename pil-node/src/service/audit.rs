@@ -173,10 +173,20 @@ impl NodeService {
                 "filter.decision: must be allowed, denied, unauthenticated or not_applicable",
             ));
         }
+        // A filter value the log can never hold is a mistake to tell, not an empty page.
+        let hpr = some(f.hpr_number);
+        if let Some(h) = &hpr {
+            pil_proto::ident::HprNumber::parse(h)
+                .map_err(|e| Status::invalid_argument(format!("filter.hpr_number: {e}")))?;
+        }
+        let organization = some(f.organization_number);
+        if let Some(o) = &organization {
+            pointer::org_number("filter.organization_number", o).map_err(invalid)?;
+        }
         let filter = Filter {
             patient,
-            hpr: some(f.hpr_number),
-            organization: some(f.organization_number),
+            hpr,
+            organization,
             purpose: some(f.purpose_of_use),
             decision,
             from: f.from.as_ref().map(timestamp_text),

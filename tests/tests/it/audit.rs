@@ -1999,3 +1999,37 @@ async fn verifying_a_log_without_a_signed_head_says_nothing_was_verified() {
     ));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_search_for_values_the_log_cannot_hold_is_refused() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let auditor = world.client(HOST, node.addr()).await;
+    for (filter, field) in [
+        (
+            v1::AuditFilter {
+                organization_number: "123456789".into(),
+                ..Default::default()
+            },
+            "filter.organization_number",
+        ),
+        (
+            v1::AuditFilter {
+                hpr_number: "56550187x".into(),
+                ..Default::default()
+            },
+            "filter.hpr_number",
+        ),
+    ] {
+        let e = auditor
+            .audit_search(v1::SearchAuditRequest {
+                filter: Some(filter),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Code::InvalidArgument, "{e}");
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    node.stop().await;
+}
