@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod federation;
 pub mod identity;
 pub mod patient_keys;

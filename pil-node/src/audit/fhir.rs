@@ -524,9 +524,7 @@ mod tests {
             },
             outcome: OutcomeInfo {
                 status: "OK".into(),
-                detail: String::new(),
-                pointers: 0,
-                organizations: Vec::new(),
+                ..OutcomeInfo::default()
             },
             peers_asked: Vec::new(),
             forwarded_by: None,

@@ -113,6 +113,10 @@ pub struct DecisionInfo {
 pub struct OutcomeInfo {
     /// gRPC status code name: `OK`, `PERMISSION_DENIED`, `UNAUTHENTICATED`, ...
     pub status: String,
+    /// The node's stable error code (`PIL-DENIED`, `PIL-INVALID`, …) when the request
+    /// failed in a handler.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_code: String,
     /// The status message, or a short summary for successful writes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,

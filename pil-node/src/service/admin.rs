@@ -9,6 +9,7 @@ use super::{NodeService, internal, invalid};
 use crate::{
     access::{AccessError, BLOCK_HPR, BLOCK_ORGANIZATION, BLOCK_PROFESSION},
     audit::{AuditRecord, record::Action},
+    error::Error,
     pointer,
     registry::now_nanos,
     storage::{StoredBlock, StoredOptOut},
@@ -17,10 +18,10 @@ use crate::{
 /// Longest accepted reason text, in characters.
 const MAX_REASON: usize = 500;
 
-fn reason(text: &str) -> Result<String, Status> {
+fn reason(text: &str) -> Result<String, Error> {
     let text = text.trim();
     if text.chars().count() > MAX_REASON {
-        return Err(Status::invalid_argument(format!(
+        return Err(Error::invalid(format!(
             "reason: is longer than {MAX_REASON} characters"
         )));
     }
@@ -50,7 +51,7 @@ impl NodeService {
         &self,
         patient: Option<&v1::PatientIdentifier>,
         entry: &mut AuditRecord,
-    ) -> Result<pil_proto::ident::PatientId, Status> {
+    ) -> Result<pil_proto::ident::PatientId, Error> {
         let patient = pointer::patient(patient, self.config.test_data).map_err(invalid)?;
         entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
         Ok(patient)
@@ -60,14 +61,14 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::CreateBlockRequest>,
-    ) -> Result<Response<v1::CreateBlockResponse>, Status> {
+    ) -> Result<Response<v1::CreateBlockResponse>, Error> {
         use v1::block_target::Target;
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
         let patient = self.patient_of(req.patient.as_ref(), entry)?;
         let block = req
             .block
-            .ok_or_else(|| Status::invalid_argument("block: is required"))?;
+            .ok_or_else(|| Error::invalid("block: is required"))?;
         let (target_kind, target) = match block.target.and_then(|t| t.target) {
             Some(Target::HprNumber(h)) => (
                 BLOCK_HPR,
@@ -84,7 +85,7 @@ impl NodeService {
             Some(Target::Profession(p)) => {
                 let p = p.trim().to_ascii_uppercase();
                 if p.is_empty() || p.len() > 8 || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                    return Err(Status::invalid_argument(
+                    return Err(Error::invalid(
                         "block.target.profession: must be an HPR authorization code such as SP",
                     ));
                 }
@@ -97,7 +98,7 @@ impl NodeService {
                     .to_string(),
             ),
             None => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "block.target: name an HPR number, a profession or an organization",
                 ));
             }
@@ -147,14 +148,14 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::LiftBlockRequest>,
-    ) -> Result<Response<v1::LiftBlockResponse>, Status> {
+    ) -> Result<Response<v1::LiftBlockResponse>, Error> {
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
         let patient = self.patient_of(req.patient.as_ref(), entry)?;
         let id: [u8; 16] = hex::decode(&req.block_id)
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| Status::invalid_argument("block_id: must be 32 hex characters"))?;
+            .ok_or_else(|| Error::invalid("block_id: must be 32 hex characters"))?;
         self.record_first(entry).await?;
         let lifted = self
             .registry
@@ -169,7 +170,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ListBlocksRequest>,
-    ) -> Result<Response<v1::ListBlocksResponse>, Status> {
+    ) -> Result<Response<v1::ListBlocksResponse>, Error> {
         self.require_role(&req, Role::Operator)?;
         let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         let mut blocks = self.registry.blocks(&patient).await.map_err(internal)?;
@@ -183,7 +184,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::SetOptOutRequest>,
-    ) -> Result<Response<v1::SetOptOutResponse>, Status> {
+    ) -> Result<Response<v1::SetOptOutResponse>, Error> {
         let caller = self.require_role(&req, Role::Operator)?;
         let req = req.into_inner();
         let patient = self.patient_of(req.patient.as_ref(), entry)?;
@@ -207,7 +208,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::LiftOptOutRequest>,
-    ) -> Result<Response<v1::LiftOptOutResponse>, Status> {
+    ) -> Result<Response<v1::LiftOptOutResponse>, Error> {
         let caller = self.require_role(&req, Role::Operator)?;
         let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         self.record_first(entry).await?;
@@ -224,7 +225,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::GetOptOutRequest>,
-    ) -> Result<Response<v1::GetOptOutResponse>, Status> {
+    ) -> Result<Response<v1::GetOptOutResponse>, Error> {
         self.require_role(&req, Role::Operator)?;
         let patient = self.patient_of(req.get_ref().patient.as_ref(), entry)?;
         let (opt_out, _) = self
@@ -242,7 +243,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ReloadLegalConfigRequest>,
-    ) -> Result<Response<v1::ReloadLegalConfigResponse>, Status> {
+    ) -> Result<Response<v1::ReloadLegalConfigResponse>, Error> {
         let caller = self.require_role(&req, Role::Operator)?;
         entry.detail = Some("legal configuration reload".into());
         match self.reloader.reload() {
@@ -258,13 +259,13 @@ impl NodeService {
             }
             Err(crate::reload::ReloadError::Access(AccessError::Legal(e))) => {
                 tracing::warn!(caller = %caller, error = %e, "legal configuration reload refused");
-                Err(Status::failed_precondition(format!(
+                Err(Error::precondition(format!(
                     "the new legal configuration is invalid; the previous one stays in force: {e}"
                 )))
             }
             Err(e) => {
                 tracing::warn!(caller = %caller, error = %e, "configuration reload refused");
-                Err(Status::failed_precondition(format!(
+                Err(Error::precondition(format!(
                     "the reload was refused and nothing changed: {e}"
                 )))
             }
@@ -277,7 +278,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ListPeersRequest>,
-    ) -> Result<Response<v1::ListPeersResponse>, Status> {
+    ) -> Result<Response<v1::ListPeersResponse>, Error> {
         self.require_role(&req, Role::Operator)?;
         entry.detail = Some("list peers".into());
         let peers = self

@@ -17,6 +17,7 @@ use crate::{
         fhir::{self, NodeInfo},
         record::Action,
     },
+    error::Error,
     pointer,
     storage::Store,
 };
@@ -121,24 +122,19 @@ impl NodeSource for StoredTree<'_> {
     }
 }
 
-fn audit_internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "audit log read failed");
-    Status::internal("the node could not read its audit log; see its log")
-}
-
 /// Runs an audit log read on the blocking pool (it reads RocksDB and can be long);
 /// a failure of either the read or the task becomes INTERNAL, logged.
 async fn read_blocking<T, E>(
     read: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, Status>
+) -> Result<T, Error>
 where
     T: Send + 'static,
-    E: std::fmt::Display + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     tokio::task::spawn_blocking(read)
         .await
-        .map_err(audit_internal)?
-        .map_err(audit_internal)
+        .map_err(Error::internal)?
+        .map_err(|e| Error::Internal(e.into()))
 }
 
 fn parse_record(bytes: &[u8]) -> Option<AuditRecord> {
@@ -150,7 +146,7 @@ impl NodeService {
         &self,
         f: Option<v1::AuditFilter>,
         entry: &mut AuditRecord,
-    ) -> Result<Filter, Status> {
+    ) -> Result<Filter, Error> {
         let f = f.unwrap_or_default();
         let patient = match f.patient.as_ref() {
             Some(p) => {
@@ -169,7 +165,7 @@ impl NodeService {
         if let Some(d) = &decision
             && !["allowed", "denied", "unauthenticated", "not_applicable"].contains(&d.as_str())
         {
-            return Err(Status::invalid_argument(
+            return Err(Error::invalid(
                 "filter.decision: must be allowed, denied, unauthenticated or not_applicable",
             ));
         }
@@ -177,7 +173,7 @@ impl NodeService {
         let hpr = some(f.hpr_number);
         if let Some(h) = &hpr {
             pil_proto::ident::HprNumber::parse(h)
-                .map_err(|e| Status::invalid_argument(format!("filter.hpr_number: {e}")))?;
+                .map_err(|e| Error::invalid(format!("filter.hpr_number: {e}")))?;
         }
         let organization = some(f.organization_number);
         if let Some(o) = &organization {
@@ -216,7 +212,7 @@ impl NodeService {
         filter: Filter,
         before: u64,
         limit: usize,
-    ) -> Result<(Vec<Vec<u8>>, Option<u64>), Status> {
+    ) -> Result<(Vec<Vec<u8>>, Option<u64>), Error> {
         let store = self.audit.store().clone();
         let pseudonym = filter
             .patient
@@ -280,7 +276,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::SearchAuditRequest>,
-    ) -> Result<Response<v1::SearchAuditResponse>, Status> {
+    ) -> Result<Response<v1::SearchAuditResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let req = req.into_inner();
         let filter = self.filter_of(req.filter, entry)?;
@@ -292,7 +288,7 @@ impl NodeService {
             "" => u64::MAX,
             t => t
                 .parse()
-                .map_err(|_| Status::invalid_argument("page_token: not from a previous page"))?,
+                .map_err(|_| Error::invalid("page_token: not from a previous page"))?,
         };
         let (records, next) = self.search_records(filter, before, limit).await?;
         entry.outcome.pointers = 0;
@@ -306,14 +302,14 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ExportAuditRequest>,
-    ) -> Result<Response<ExportStream>, Status> {
+    ) -> Result<Response<ExportStream>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let req = req.into_inner();
         let fhir_format = match v1::AuditExportFormat::try_from(req.format) {
             Ok(v1::AuditExportFormat::JsonLines) => false,
             Ok(v1::AuditExportFormat::FhirAuditEvent) => true,
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "format: must be AUDIT_EXPORT_FORMAT_JSON_LINES or \
                      AUDIT_EXPORT_FORMAT_FHIR_AUDIT_EVENT",
                 ));
@@ -331,7 +327,7 @@ impl NodeService {
                     match read_blocking(move || s.audit_records(from, true, SCAN_CHUNK)).await {
                         Ok(p) => p,
                         Err(status) => {
-                            let _ = tx.send(Err(status)).await;
+                            let _ = tx.send(Err(status.into())).await;
                             return;
                         }
                     };
@@ -378,7 +374,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ReadLogRequest>,
-    ) -> Result<Response<ReadLogStream>, Status> {
+    ) -> Result<Response<ReadLogStream>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let from = req.get_ref().from_index;
         entry.detail = Some(format!("read log from {from}"));
@@ -420,7 +416,7 @@ impl NodeService {
                         }
                     }
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Err(status.into())).await;
                         return;
                     }
                 }
@@ -433,7 +429,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ListTreeHeadsRequest>,
-    ) -> Result<Response<v1::ListTreeHeadsResponse>, Status> {
+    ) -> Result<Response<v1::ListTreeHeadsResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         entry.detail = Some("list tree heads".into());
         let v1::ListTreeHeadsRequest {
@@ -462,18 +458,17 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::GetTreeHeadRequest>,
-    ) -> Result<Response<v1::GetTreeHeadResponse>, Status> {
+    ) -> Result<Response<v1::GetTreeHeadResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         entry.detail = Some("get tree head".into());
         let head = if req.get_ref().sign_now {
-            self.audit.sign_head().await.map_err(audit_internal)?
+            self.audit.sign_head().await.map_err(Error::internal)?
         } else {
             let store = self.audit.store().clone();
             read_blocking(move || store.audit_latest_head()).await?
         };
-        let head = head.ok_or_else(|| {
-            Status::failed_precondition("the audit log has no signed tree head yet")
-        })?;
+        let head =
+            head.ok_or_else(|| Error::precondition("the audit log has no signed tree head yet"))?;
         Ok(Response::new(v1::GetTreeHeadResponse {
             head: Some(v1::SignedTreeHead {
                 note: head.1,
@@ -486,13 +481,13 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::GetInclusionProofRequest>,
-    ) -> Result<Response<v1::GetInclusionProofResponse>, Status> {
+    ) -> Result<Response<v1::GetInclusionProofResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let v1::GetInclusionProofRequest { index, tree_size } = req.into_inner();
         entry.detail = Some(format!("inclusion proof of {index} in {tree_size}"));
         let size = self.audit.size();
         if tree_size == 0 || tree_size > size || index >= tree_size {
-            return Err(Status::out_of_range(format!(
+            return Err(Error::out_of_range(format!(
                 "need index < tree_size <= {size} (the log's size); got index {index}, tree_size {tree_size}"
             )));
         }
@@ -517,13 +512,13 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::GetConsistencyProofRequest>,
-    ) -> Result<Response<v1::GetConsistencyProofResponse>, Status> {
+    ) -> Result<Response<v1::GetConsistencyProofResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let v1::GetConsistencyProofRequest { old_size, new_size } = req.into_inner();
         entry.detail = Some(format!("consistency proof {old_size} to {new_size}"));
         let size = self.audit.size();
         if old_size == 0 || old_size > new_size || new_size > size {
-            return Err(Status::out_of_range(format!(
+            return Err(Error::out_of_range(format!(
                 "need 1 <= old_size <= new_size <= {size} (the log's size); got {old_size}, {new_size}"
             )));
         }
@@ -538,7 +533,7 @@ impl NodeService {
     }
 
     /// This node's records of lookups of a patient, oldest first.
-    pub(super) async fn patient_lookups(&self, pseudonym: String) -> Result<Vec<Vec<u8>>, Status> {
+    pub(super) async fn patient_lookups(&self, pseudonym: String) -> Result<Vec<Vec<u8>>, Error> {
         let filter = Filter {
             patient: Some(pseudonym),
             lookups_only: true,
@@ -564,7 +559,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::PatientReportRequest>,
-    ) -> Result<Response<v1::PatientReportResponse>, Status> {
+    ) -> Result<Response<v1::PatientReportResponse>, Error> {
         self.require_role(&req, Role::Auditor)?;
         let req = req.into_inner();
         let patient =

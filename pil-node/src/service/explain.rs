@@ -11,6 +11,7 @@ use crate::{
         record::{Action, RequesterInfo},
         rule_infos,
     },
+    error::Error,
     pointer,
 };
 
@@ -35,7 +36,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ExplainRequest>,
-    ) -> Result<Response<v1::ExplainResponse>, Status> {
+    ) -> Result<Response<v1::ExplainResponse>, Error> {
         let requester = self.requester(&req, "/pil.v1.PolicyService/Explain")?;
         entry.requester = Some(RequesterInfo::from(&requester));
         let wanted = pointer::category_list("categories", &req.get_ref().categories, false)
@@ -58,7 +59,7 @@ impl NodeService {
         if let Some(patient) = &patient
             && !requester.covers(patient)
         {
-            return Err(Status::permission_denied(
+            return Err(Error::denied(
                 "the access token's attest names other patients than the one asked about",
             ));
         }

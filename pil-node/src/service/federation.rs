@@ -11,6 +11,7 @@ use crate::{
         AuditRecord,
         record::{Action, RequesterInfo},
     },
+    error::Error,
     identity::Caller,
     pointer,
     tls::PeerInfo,
@@ -18,24 +19,24 @@ use crate::{
 
 impl NodeService {
     /// The calling peer's region; refuses organizations and unknown nodes.
-    fn peer_region<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    fn peer_region<T>(&self, req: &Request<T>) -> Result<String, Error> {
         match req.extensions().get::<PeerInfo>().map(|i| &i.caller) {
             Some(Ok(Caller::Node { region })) if self.federation.is_peer(region) => {
                 Ok(region.clone())
             }
             Some(Ok(Caller::Node { region })) => {
                 tracing::warn!(%region, "federated call from a node that is not a peer refused");
-                Err(Status::permission_denied(format!(
+                Err(Error::denied(format!(
                     "node of region {region:?} is not a configured peer of this node"
                 )))
             }
             Some(Ok(Caller::Organization { org_number, .. })) => {
                 tracing::warn!(caller = %org_number, "federated call with an organization certificate refused");
-                Err(Status::permission_denied(
+                Err(Error::denied(
                     "the federation API is for peer nodes only; organizations use LookupService",
                 ))
             }
-            _ => Err(Status::unauthenticated(
+            _ => Err(Error::unauthenticated(
                 "no node certificate on this connection",
             )),
         }
@@ -45,12 +46,12 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ForwardedLookupRequest>,
-    ) -> Result<Response<v1::ForwardedLookupResponse>, Status> {
+    ) -> Result<Response<v1::ForwardedLookupResponse>, Error> {
         let region = self.peer_region(&req)?;
         entry.forwarded_by = Some(region.clone());
         let Ok(_permit) = self.forward_limit.clone().try_acquire_owned() else {
             tracing::warn!(peer = %region, "forwarded lookup shed: at capacity");
-            return Err(Status::resource_exhausted(format!(
+            return Err(Error::overloaded(format!(
                 "this node is serving its maximum of {} forwarded lookups; retry shortly",
                 self.federation.config().max_concurrent_forwarded
             )));
@@ -65,7 +66,7 @@ impl NodeService {
         }
         let lookup = r
             .lookup
-            .ok_or_else(|| Status::invalid_argument("lookup: is required"))?;
+            .ok_or_else(|| Error::invalid("lookup: is required"))?;
         let patient =
             pointer::patient(lookup.patient.as_ref(), self.config.test_data).map_err(invalid)?;
         entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
@@ -78,7 +79,7 @@ impl NodeService {
             .map_err(|e| match e {
                 crate::access::AccessError::Unauthenticated(reason) => {
                     tracing::info!(peer = %region, %reason, "forwarded requester refused");
-                    Status::unauthenticated(reason)
+                    Error::unauthenticated(reason)
                 }
                 other => super::internal_access(other),
             })?;
@@ -97,10 +98,10 @@ impl NodeService {
             Ok(local) => local,
             // Refused here, the lookup may still be allowed elsewhere: the patient's
             // protections registered here must hold there too.
-            Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                entry.outcome.detail = status.message().to_string();
+            Err(Error::Denied(why)) => {
+                entry.outcome.detail = why.clone();
                 return Ok(Response::new(v1::ForwardedLookupResponse {
-                    refused: status.message().to_string(),
+                    refused: why,
                     ..self.protections_for(&requester, &patient).await?
                 }));
             }
@@ -126,9 +127,9 @@ impl NodeService {
         &self,
         requester: &crate::access::Requester,
         patient: &pil_proto::ident::PatientId,
-    ) -> Result<v1::ForwardedLookupResponse, Status> {
+    ) -> Result<v1::ForwardedLookupResponse, Error> {
         if !requester.covers(patient) {
-            return Err(Status::permission_denied(
+            return Err(Error::denied(
                 "the access token's attest names other patients than the one looked up",
             ));
         }
@@ -150,7 +151,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ForwardedPatientReportRequest>,
-    ) -> Result<Response<v1::ForwardedPatientReportResponse>, Status> {
+    ) -> Result<Response<v1::ForwardedPatientReportResponse>, Error> {
         let region = self.peer_region(&req)?;
         entry.forwarded_by = Some(region);
         let r = req.into_inner();
@@ -164,7 +165,7 @@ impl NodeService {
             .legal()
             .has_role(auditor.as_str(), pil_legal::Role::Auditor)
         {
-            return Err(Status::permission_denied(format!(
+            return Err(Error::denied(format!(
                 "organization {auditor} does not hold the auditor role in this region's legal \
                  configuration"
             )));

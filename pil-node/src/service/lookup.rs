@@ -13,6 +13,7 @@ use crate::{
         record::{Action, RequesterInfo},
         rule_infos,
     },
+    error::Error,
     federation::PeerOutcome,
     pointer,
     registry::{LookupFilter, PatientView},
@@ -37,11 +38,11 @@ impl NodeService {
         patient: &PatientId,
         filter: LookupFilter,
         entry: &mut AuditRecord,
-    ) -> Result<LocalAnswer, Status> {
+    ) -> Result<LocalAnswer, Error> {
         entry.requester = Some(RequesterInfo::from(requester));
         if !requester.covers(patient) {
             entry.decision.outcome = "denied".into();
-            return Err(Status::permission_denied(
+            return Err(Error::denied(
                 "the access token's attest names other patients than the one looked up",
             ));
         }
@@ -120,7 +121,7 @@ impl NodeService {
         &self,
         req: Request<v1::LookupRequest>,
         entry: &mut AuditRecord,
-    ) -> Result<Response<v1::LookupResponse>, Status> {
+    ) -> Result<Response<v1::LookupResponse>, Error> {
         let patient = pointer::patient(req.get_ref().patient.as_ref(), self.config.test_data)
             .map_err(invalid)?;
         entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
@@ -142,7 +143,7 @@ impl NodeService {
         {
             Ok(a) => a,
             Err(status) => {
-                tracing::info!(caller = %caller, query_id = %entry.query_id, status = %status.message(), "lookup refused");
+                tracing::info!(caller = %caller, query_id = %entry.query_id, status = %status, "lookup refused");
                 return Err(status);
             }
         };
@@ -315,7 +316,7 @@ impl NodeService {
         // Refused here, not by the encoder after the answer was recorded as given.
         let max = self.config.limits.max_message_bytes;
         if prost::Message::encoded_len(&answer) > max {
-            return Err(Status::resource_exhausted(format!(
+            return Err(Error::overloaded(format!(
                 "the answer holds {} pointers, more than fit in one message of {max} bytes; \
                  narrow the lookup by category or organization",
                 answer.pointers.len()
@@ -343,7 +344,7 @@ impl NodeService {
 
 /// The lookup's category and organization filters, validated. Client lookups and
 /// forwarded ones take the same request, so they share this.
-pub(super) fn lookup_filter(req: &v1::LookupRequest) -> Result<LookupFilter, Status> {
+pub(super) fn lookup_filter(req: &v1::LookupRequest) -> Result<LookupFilter, Error> {
     let categories =
         pointer::category_list("categories", &req.categories, false).map_err(invalid)?;
     let organizations = req

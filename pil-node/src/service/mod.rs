@@ -25,6 +25,7 @@ use crate::{
         record::{Action, OutcomeInfo},
     },
     config::NodeConfig,
+    error::Error,
     federation::Federation,
     identity::Caller,
     pointer::{self, FieldError, NewPointer},
@@ -85,13 +86,13 @@ pub fn applied_rules<'a>(
 }
 
 /// A refusal naming the deciding rules and their legal bases.
-fn denied(decision: &pil_legal::Decision) -> Status {
+fn denied(decision: &pil_legal::Decision) -> Error {
     let rules: Vec<String> = decision
         .rules
         .iter()
         .map(|r| format!("{} ({})", r.id, r.legal_basis))
         .collect();
-    Status::permission_denied(format!(
+    Error::denied(format!(
         "refused by the legal configuration: {}",
         rules.join("; ")
     ))
@@ -133,23 +134,32 @@ impl NodeService {
     async fn audited<R>(
         &self,
         mut entry: AuditRecord,
-        result: Result<Response<R>, Status>,
+        result: Result<Response<R>, Error>,
     ) -> Result<Response<R>, Status> {
-        let result = result.map_err(refusals::refusal_status);
+        let result = result.map_err(|e| match e {
+            Error::Wire(status) => Error::Wire(refusals::refusal_status(status)),
+            e => e,
+        });
         match &result {
             Ok(_) => entry.outcome.status = "OK".into(),
-            Err(status) => {
-                entry.outcome.status = status_name(status.code()).into();
-                entry.outcome.detail = status.message().to_string();
+            Err(e) => {
+                entry.outcome.status = status_name(e.grpc_code()).into();
+                entry.outcome.error_code = e.code().into();
+                tracing::info!(
+                    code = e.code(), action = ?entry.action, query_id = %entry.query_id,
+                    "request refused"
+                );
+                entry.outcome.detail = match e {
+                    Error::Wire(status) => status.message().to_string(),
+                    e => e.to_string(),
+                };
                 entry.outcome.pointers = 0;
                 entry.outcome.organizations.clear();
-                match status.code() {
-                    tonic::Code::Unauthenticated => {
-                        entry.decision.outcome = "unauthenticated".into();
-                    }
+                match e.decision() {
+                    Some("unauthenticated") => entry.decision.outcome = "unauthenticated".into(),
                     // A refused role or peer is a denial, whoever decided it.
-                    tonic::Code::PermissionDenied if entry.decision.outcome.is_empty() => {
-                        entry.decision.outcome = "denied".into();
+                    Some(d) if entry.decision.outcome.is_empty() => {
+                        entry.decision.outcome = d.into()
                     }
                     _ => {}
                 }
@@ -159,15 +169,15 @@ impl NodeService {
             entry.decision.outcome = "not_applicable".into();
         }
         match self.audit.append(entry).await {
-            Ok(_) => result,
-            Err(e) => Err(unrecorded(e)),
+            Ok(_) => result.map_err(Status::from),
+            Err(e) => Err(unrecorded(e).into()),
         }
     }
 
     /// Records a change before it is made, so no change to the registry is ever
     /// durable without a record of it, even when the node dies before the outcome is
     /// recorded. The outcome's record follows with the same query id.
-    async fn record_first(&self, entry: &AuditRecord) -> Result<(), Status> {
+    async fn record_first(&self, entry: &AuditRecord) -> Result<(), Error> {
         let mut first = entry.clone();
         first.outcome = OutcomeInfo {
             status: "STARTED".into(),
@@ -187,7 +197,7 @@ impl NodeService {
     }
 
     /// The verified requester of a call to `path`: certificate, token and DPoP proof.
-    fn requester<T>(&self, req: &Request<T>, path: &str) -> Result<Requester, Status> {
+    fn requester<T>(&self, req: &Request<T>, path: &str) -> Result<Requester, Error> {
         let org = self.organization(req)?;
         let meta = req.metadata();
         let header = |name: &str| meta.get(name).and_then(|v| v.to_str().ok());
@@ -207,24 +217,20 @@ impl NodeService {
             .map_err(|e| match e {
                 AccessError::Unauthenticated(reason) => {
                     tracing::info!(caller = %org, %reason, "requester refused");
-                    Status::unauthenticated(reason)
+                    Error::unauthenticated(reason)
                 }
                 other => internal_access(other),
             })
     }
 
     /// Refuses unless the caller's organization holds `role` in the legal configuration.
-    fn require_role<T>(
-        &self,
-        req: &Request<T>,
-        role: pil_legal::Role,
-    ) -> Result<OrgNumber, Status> {
+    fn require_role<T>(&self, req: &Request<T>, role: pil_legal::Role) -> Result<OrgNumber, Error> {
         let org = self.organization(req)?;
         if self.access.legal().has_role(org.as_str(), role) {
             Ok(org)
         } else {
             tracing::warn!(caller = %org, ?role, "call without the required role refused");
-            Err(Status::permission_denied(format!(
+            Err(Error::denied(format!(
                 "organization {org} does not hold the {role:?} role in this node's legal \
                  configuration"
             )))
@@ -232,31 +238,31 @@ impl NodeService {
     }
 
     /// The calling organization, from the connection's client certificate.
-    fn organization<T>(&self, req: &Request<T>) -> Result<OrgNumber, Status> {
+    fn organization<T>(&self, req: &Request<T>) -> Result<OrgNumber, Error> {
         let info = req
             .extensions()
             .get::<PeerInfo>()
-            .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
+            .ok_or_else(|| Error::unauthenticated("no client certificate on this connection"))?;
         match &info.caller {
             Ok(Caller::Organization { org_number, .. }) => {
                 OrgNumber::parse(org_number).map_err(|e| {
-                    Status::unauthenticated(format!(
+                    Error::unauthenticated(format!(
                         "the client certificate's organization number is invalid: {e}"
                     ))
                 })
             }
-            Ok(Caller::Node { region }) => Err(Status::permission_denied(format!(
+            Ok(Caller::Node { region }) => Err(Error::denied(format!(
                 "node certificate of region {region:?} cannot call the client API; use an \
                  organization certificate"
             ))),
-            Err(e) => Err(Status::unauthenticated(format!(
+            Err(e) => Err(Error::unauthenticated(format!(
                 "the client certificate does not identify an organization: {e}"
             ))),
         }
     }
 
     /// Refuses unless `caller` may write pointers held by `holder`.
-    fn authorize_write(&self, caller: &OrgNumber, holder: &OrgNumber) -> Result<(), Status> {
+    fn authorize_write(&self, caller: &OrgNumber, holder: &OrgNumber) -> Result<(), Error> {
         if self
             .config
             .write_scope(caller.as_str())
@@ -265,7 +271,7 @@ impl NodeService {
             Ok(())
         } else {
             tracing::warn!(caller = %caller, holder = %holder, "write for another organization refused");
-            Err(Status::permission_denied(format!(
+            Err(Error::denied(format!(
                 "organization {caller} may not write pointers for organization {holder}; a \
                  node operator can allow it under [writes_for] in the node configuration"
             )))
@@ -274,25 +280,24 @@ impl NodeService {
 }
 
 /// The answer when a request's record cannot be stored: no answer at all.
-fn unrecorded(e: crate::audit::AuditError) -> Status {
+fn unrecorded(e: crate::audit::AuditError) -> Error {
     tracing::error!(error = %e, "request not answered: its audit record could not be stored");
-    Status::unavailable(
+    Error::unavailable(
         "the node could not record this request in its audit log, so it was not answered; \
          retry later",
     )
 }
 
-fn invalid(e: FieldError) -> Status {
-    Status::invalid_argument(e.to_string())
+fn invalid(e: FieldError) -> Error {
+    e.into()
 }
 
-fn internal(e: RegistryError) -> Status {
-    tracing::error!(error = %e, "request failed");
+fn internal(e: RegistryError) -> Error {
     match e {
         RegistryError::Write(crate::writer::WriteError::Closed) => {
-            Status::unavailable("the node is shutting down; retry against another instance")
+            Error::unavailable("the node is shutting down; retry against another instance")
         }
-        _ => Status::internal("the node could not complete the request; see its log"),
+        e => Error::internal(e),
     }
 }
 
@@ -301,12 +306,12 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::UpsertPointerRequest>,
-    ) -> Result<Response<v1::UpsertPointerResponse>, Status> {
+    ) -> Result<Response<v1::UpsertPointerResponse>, Error> {
         let caller = self.organization(&req)?;
         let wire = req
             .into_inner()
             .pointer
-            .ok_or_else(|| Status::invalid_argument("pointer: is required"))?;
+            .ok_or_else(|| Error::invalid("pointer: is required"))?;
         let p = NewPointer::from_wire(&wire, self.config.test_data).map_err(invalid)?;
         entry.patient = Some(hex::encode(self.registry.pseudonym(&p.patient)));
         entry.detail = Some(format!("holder {}", p.endpoint.org));
@@ -330,7 +335,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::DeletePointerRequest>,
-    ) -> Result<Response<v1::DeletePointerResponse>, Status> {
+    ) -> Result<Response<v1::DeletePointerResponse>, Error> {
         let caller = self.organization(&req)?;
         let req = req.into_inner();
         let patient =
@@ -355,16 +360,16 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<Streaming<v1::SyncPointersRequest>>,
-    ) -> Result<Response<v1::SyncPointersResponse>, Status> {
+    ) -> Result<Response<v1::SyncPointersResponse>, Error> {
         let caller = self.organization(&req)?;
         let mut stream = req.into_inner();
         let header = match stream.next().await {
             Some(Ok(v1::SyncPointersRequest {
                 item: Some(v1::sync_pointers_request::Item::Header(h)),
             })) => h,
-            Some(Err(status)) => return Err(status),
+            Some(Err(status)) => return Err(status.into()),
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "the first message of a sync must be its header",
                 ));
             }
@@ -384,13 +389,13 @@ impl NodeService {
                 Some(ReplaceScope::Organization)
             }
             (Ok(v1::SyncMode::Replace), _) => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "header.scope: replace mode needs REPLACE_SCOPE_PATIENTS or \
                      REPLACE_SCOPE_ORGANIZATION",
                 ));
             }
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "header.mode: must be SYNC_MODE_MERGE or SYNC_MODE_REPLACE",
                 ));
             }
@@ -418,11 +423,11 @@ impl NodeService {
                         .map_err(sync_status)?;
                 }
                 Some(v1::sync_pointers_request::Item::Header(_)) => {
-                    return Err(Status::invalid_argument(
+                    return Err(Error::invalid(
                         "a sync has exactly one header, as its first message",
                     ));
                 }
-                None => return Err(Status::invalid_argument("empty sync message")),
+                None => return Err(Error::invalid("empty sync message")),
             }
         }
         let report = session.finish().await.map_err(sync_status)?;
@@ -460,7 +465,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::ExportPointersRequest>,
-    ) -> Result<Response<ExportStream>, Status> {
+    ) -> Result<Response<ExportStream>, Error> {
         let caller = self.organization(&req)?;
         let org = pointer::org_number("organization_number", &req.get_ref().organization_number)
             .map_err(invalid)?;
@@ -482,7 +487,7 @@ impl NodeService {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(internal(e))).await;
+                        let _ = tx.send(Err(internal(e).into())).await;
                         return;
                     }
                 }
@@ -535,14 +540,13 @@ impl v1::registry_service_server::RegistryService for NodeService {
     }
 }
 
-fn internal_access(e: AccessError) -> Status {
-    tracing::error!(error = %e, "access check failed");
-    Status::internal("the node could not check the request; see its log")
+fn internal_access(e: AccessError) -> Error {
+    Error::internal(e)
 }
 
-fn sync_status(e: SyncError) -> Status {
+fn sync_status(e: SyncError) -> Error {
     match e {
-        SyncError::Invalid(msg) => Status::invalid_argument(msg),
+        SyncError::Invalid(msg) => Error::invalid(msg),
         SyncError::Registry(e) => internal(e),
     }
 }

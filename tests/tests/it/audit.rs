@@ -430,6 +430,7 @@ async fn every_request_leaves_its_records_with_their_fields() {
     assert_eq!(code(&e), Code::PermissionDenied);
     let r = tail.one().await;
     assert_record(&r, "lookup", ORG_A, "PERMISSION_DENIED", "denied");
+    assert_eq!(r["outcome"]["error_code"], "PIL-DENIED");
     assert_eq!(assert_pseudonym(&r, &patient), pseudonym);
     assert_eq!(r["requester"]["purpose_of_use"]["code"], "HRESCH");
     assert_eq!(r["outcome"]["pointers"], 0);
@@ -454,6 +455,7 @@ async fn every_request_leaves_its_records_with_their_fields() {
     assert_eq!(code(&e), Code::Unauthenticated);
     let r = tail.one().await;
     assert_record(&r, "lookup", ORG_A, "UNAUTHENTICATED", "unauthenticated");
+    assert_eq!(r["outcome"]["error_code"], "PIL-UNAUTHENTICATED");
     assert!(r.get("requester").is_none(), "no verified requester: {r:#}");
     assert_eq!(r["outcome"]["pointers"], 0);
 
