@@ -2,25 +2,25 @@
 //!
 //! Start at [`server::start`]; docs/ARCHITECTURE.md maps the modules.
 
-pub mod access;
+mod access;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod error;
+mod error;
 pub mod federation;
-pub mod identity;
+mod identity;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;
-pub mod preflight;
+mod preflight;
 pub mod registry;
-pub mod reload;
-pub mod secret_file;
+mod reload;
+mod secret_file;
 pub mod server;
-pub mod service;
+mod service;
 pub mod storage;
-pub mod sync;
-pub mod telemetry;
+mod sync;
+mod telemetry;
 pub mod tls;
 pub mod writer;
