@@ -318,71 +318,79 @@ impl v1::admin_service_server::AdminService for NodeService {
         &self,
         req: Request<v1::ListPeersRequest>,
     ) -> Result<Response<v1::ListPeersResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PeersList);
-        let result = self.list_peers_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PeersList, |s, e, r| {
+            Box::pin(s.list_peers_inner(e, r))
+        })
+        .await
     }
 
     async fn create_block(
         &self,
         req: Request<v1::CreateBlockRequest>,
     ) -> Result<Response<v1::CreateBlockResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::BlockCreate);
-        let result = self.create_block_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::BlockCreate, |s, e, r| {
+            Box::pin(s.create_block_inner(e, r))
+        })
+        .await
     }
 
     async fn lift_block(
         &self,
         req: Request<v1::LiftBlockRequest>,
     ) -> Result<Response<v1::LiftBlockResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::BlockLift);
-        let result = self.lift_block_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::BlockLift, |s, e, r| {
+            Box::pin(s.lift_block_inner(e, r))
+        })
+        .await
     }
 
     async fn list_blocks(
         &self,
         req: Request<v1::ListBlocksRequest>,
     ) -> Result<Response<v1::ListBlocksResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::BlockList);
-        let result = self.list_blocks_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::BlockList, |s, e, r| {
+            Box::pin(s.list_blocks_inner(e, r))
+        })
+        .await
     }
 
     async fn set_opt_out(
         &self,
         req: Request<v1::SetOptOutRequest>,
     ) -> Result<Response<v1::SetOptOutResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::OptOutSet);
-        let result = self.set_opt_out_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::OptOutSet, |s, e, r| {
+            Box::pin(s.set_opt_out_inner(e, r))
+        })
+        .await
     }
 
     async fn lift_opt_out(
         &self,
         req: Request<v1::LiftOptOutRequest>,
     ) -> Result<Response<v1::LiftOptOutResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::OptOutLift);
-        let result = self.lift_opt_out_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::OptOutLift, |s, e, r| {
+            Box::pin(s.lift_opt_out_inner(e, r))
+        })
+        .await
     }
 
     async fn get_opt_out(
         &self,
         req: Request<v1::GetOptOutRequest>,
     ) -> Result<Response<v1::GetOptOutResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::OptOutGet);
-        let result = self.get_opt_out_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::OptOutGet, |s, e, r| {
+            Box::pin(s.get_opt_out_inner(e, r))
+        })
+        .await
     }
 
     async fn reload_legal_config(
         &self,
         req: Request<v1::ReloadLegalConfigRequest>,
     ) -> Result<Response<v1::ReloadLegalConfigResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PolicyReload);
-        let result = self.reload_legal_config_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PolicyReload, |s, e, r| {
+            Box::pin(s.reload_legal_config_inner(e, r))
+        })
+        .await
     }
 }

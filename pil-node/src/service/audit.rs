@@ -610,21 +610,16 @@ impl NodeService {
     }
 }
 
-macro_rules! audited_call {
-    ($self:ident, $req:ident, $inner:ident) => {{
-        let mut entry = $self.audit_entry(&$req, Action::AuditAccess);
-        let result = $self.$inner(&mut entry, $req).await;
-        $self.audited(entry, result).await
-    }};
-}
-
 #[tonic::async_trait]
 impl v1::audit_service_server::AuditService for NodeService {
     async fn search_audit(
         &self,
         req: Request<v1::SearchAuditRequest>,
     ) -> Result<Response<v1::SearchAuditResponse>, Status> {
-        audited_call!(self, req, search_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.search_inner(e, r))
+        })
+        .await
     }
 
     type ExportAuditStream = ExportStream;
@@ -633,7 +628,10 @@ impl v1::audit_service_server::AuditService for NodeService {
         &self,
         req: Request<v1::ExportAuditRequest>,
     ) -> Result<Response<ExportStream>, Status> {
-        audited_call!(self, req, export_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.export_inner(e, r))
+        })
+        .await
     }
 
     type ReadLogStream = ReadLogStream;
@@ -642,41 +640,59 @@ impl v1::audit_service_server::AuditService for NodeService {
         &self,
         req: Request<v1::ReadLogRequest>,
     ) -> Result<Response<ReadLogStream>, Status> {
-        audited_call!(self, req, read_log_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.read_log_inner(e, r))
+        })
+        .await
     }
 
     async fn list_tree_heads(
         &self,
         req: Request<v1::ListTreeHeadsRequest>,
     ) -> Result<Response<v1::ListTreeHeadsResponse>, Status> {
-        audited_call!(self, req, list_tree_heads_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.list_tree_heads_inner(e, r))
+        })
+        .await
     }
 
     async fn get_tree_head(
         &self,
         req: Request<v1::GetTreeHeadRequest>,
     ) -> Result<Response<v1::GetTreeHeadResponse>, Status> {
-        audited_call!(self, req, get_tree_head_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.get_tree_head_inner(e, r))
+        })
+        .await
     }
 
     async fn get_inclusion_proof(
         &self,
         req: Request<v1::GetInclusionProofRequest>,
     ) -> Result<Response<v1::GetInclusionProofResponse>, Status> {
-        audited_call!(self, req, get_inclusion_proof_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.get_inclusion_proof_inner(e, r))
+        })
+        .await
     }
 
     async fn get_consistency_proof(
         &self,
         req: Request<v1::GetConsistencyProofRequest>,
     ) -> Result<Response<v1::GetConsistencyProofResponse>, Status> {
-        audited_call!(self, req, get_consistency_proof_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.get_consistency_proof_inner(e, r))
+        })
+        .await
     }
 
     async fn patient_report(
         &self,
         req: Request<v1::PatientReportRequest>,
     ) -> Result<Response<v1::PatientReportResponse>, Status> {
-        audited_call!(self, req, patient_report_inner)
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.patient_report_inner(e, r))
+        })
+        .await
     }
 }

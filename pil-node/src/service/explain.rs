@@ -25,9 +25,10 @@ impl v1::policy_service_server::PolicyService for NodeService {
         &self,
         req: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::Explain);
-        let result = self.explain_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::Explain, |s, e, r| {
+            Box::pin(s.explain_inner(e, r))
+        })
+        .await
     }
 }
 

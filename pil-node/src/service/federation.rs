@@ -189,30 +189,34 @@ impl v1::federation_service_server::FederationService for NodeService {
         &self,
         req: Request<v1::ForwardedLookupRequest>,
     ) -> Result<Response<v1::ForwardedLookupResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::FederatedLookup);
-        let result = self.forwarded_lookup_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::FederatedLookup, |s, e, r| {
+            Box::pin(s.forwarded_lookup_inner(e, r))
+        })
+        .await
     }
 
     async fn ping(
         &self,
         req: Request<v1::PingRequest>,
     ) -> Result<Response<v1::PingResponse>, Status> {
-        let entry = self.audit_entry(&req, Action::PeerPing);
-        let result = self.peer_region(&req).map(|_| {
-            Response::new(v1::PingResponse {
-                region: self.registry.region().to_string(),
+        self.serve(req, Action::PeerPing, |s, _, r| {
+            Box::pin(async move {
+                s.peer_region(&r)?;
+                Ok(Response::new(v1::PingResponse {
+                    region: s.registry.region().to_string(),
+                }))
             })
-        });
-        self.audited(entry, result).await
+        })
+        .await
     }
 
     async fn forwarded_patient_report(
         &self,
         req: Request<v1::ForwardedPatientReportRequest>,
     ) -> Result<Response<v1::ForwardedPatientReportResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::AuditAccess);
-        let result = self.forwarded_patient_report_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::AuditAccess, |s, e, r| {
+            Box::pin(s.forwarded_patient_report_inner(e, r))
+        })
+        .await
     }
 }

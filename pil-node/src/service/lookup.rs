@@ -417,8 +417,9 @@ impl v1::lookup_service_server::LookupService for NodeService {
         &self,
         req: Request<v1::LookupRequest>,
     ) -> Result<Response<v1::LookupResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::Lookup);
-        let result = self.lookup_inner(req, &mut entry).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::Lookup, |s, e, r| {
+            Box::pin(s.lookup_inner(r, e))
+        })
+        .await
     }
 }

@@ -129,6 +129,24 @@ impl NodeService {
         AuditRecord::new(self.registry.region(), action, caller)
     }
 
+    /// Serves one audited request: its record is started from the request, filled in
+    /// by `inner` as it goes, and stored before the answer leaves.
+    async fn serve<T, R>(
+        &self,
+        req: Request<T>,
+        action: Action,
+        inner: impl for<'a> FnOnce(
+            &'a Self,
+            &'a mut AuditRecord,
+            Request<T>,
+        )
+            -> futures::future::BoxFuture<'a, Result<Response<R>, Error>>,
+    ) -> Result<Response<R>, Status> {
+        let mut entry = self.audit_entry(&req, action);
+        let result = inner(self, &mut entry, req).await;
+        self.audited(entry, result).await
+    }
+
     /// Records the request's outcome durably, then lets the answer go. An answer whose
     /// record cannot be stored is not given.
     async fn audited<R>(
@@ -505,27 +523,30 @@ impl v1::registry_service_server::RegistryService for NodeService {
         &self,
         req: Request<v1::UpsertPointerRequest>,
     ) -> Result<Response<v1::UpsertPointerResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PointerUpsert);
-        let result = self.upsert_pointer_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PointerUpsert, |s, e, r| {
+            Box::pin(s.upsert_pointer_inner(e, r))
+        })
+        .await
     }
 
     async fn delete_pointer(
         &self,
         req: Request<v1::DeletePointerRequest>,
     ) -> Result<Response<v1::DeletePointerResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PointerDelete);
-        let result = self.delete_pointer_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PointerDelete, |s, e, r| {
+            Box::pin(s.delete_pointer_inner(e, r))
+        })
+        .await
     }
 
     async fn sync_pointers(
         &self,
         req: Request<Streaming<v1::SyncPointersRequest>>,
     ) -> Result<Response<v1::SyncPointersResponse>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PointerSync);
-        let result = self.sync_pointers_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PointerSync, |s, e, r| {
+            Box::pin(s.sync_pointers_inner(e, r))
+        })
+        .await
     }
 
     type ExportPointersStream = ExportStream;
@@ -534,9 +555,10 @@ impl v1::registry_service_server::RegistryService for NodeService {
         &self,
         req: Request<v1::ExportPointersRequest>,
     ) -> Result<Response<Self::ExportPointersStream>, Status> {
-        let mut entry = self.audit_entry(&req, Action::PointerExport);
-        let result = self.export_pointers_inner(&mut entry, req).await;
-        self.audited(entry, result).await
+        self.serve(req, Action::PointerExport, |s, e, r| {
+            Box::pin(s.export_pointers_inner(e, r))
+        })
+        .await
     }
 }
 
