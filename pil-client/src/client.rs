@@ -47,6 +47,52 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
+/// What a node's refusal means for the program that made the call: the node's error
+/// kinds, as the integration guide lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request is wrong (the message names the field): fix it, do not retry.
+    Invalid,
+    /// Certificate, token, proof or the node's address: fix them.
+    Unauthenticated,
+    /// Known and not allowed (role, rules, another organization's pointers).
+    Denied,
+    /// A limit (message size, the node's capacity): send less, or retry shortly.
+    Overloaded,
+    /// The node is unreachable, stopping or cannot record: retry later.
+    Unavailable,
+    /// No answer in time: retry, or allow more time.
+    TimedOut,
+    /// Anything else the node answered (see the message).
+    Other,
+}
+
+impl ClientError {
+    /// The kind of refusal, when the node answered with one.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let ClientError::Status(status) = self else {
+            return None;
+        };
+        Some(match status.code() {
+            tonic::Code::InvalidArgument => Refusal::Invalid,
+            tonic::Code::Unauthenticated => Refusal::Unauthenticated,
+            tonic::Code::PermissionDenied => Refusal::Denied,
+            tonic::Code::ResourceExhausted => Refusal::Overloaded,
+            tonic::Code::Unavailable => Refusal::Unavailable,
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Refusal::TimedOut,
+            _ => Refusal::Other,
+        })
+    }
+
+    /// Whether the same call may succeed later unchanged (with a fresh DPoP proof).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.refusal(),
+            Some(Refusal::Overloaded | Refusal::Unavailable | Refusal::TimedOut)
+        ) || matches!(self, ClientError::Connect { .. })
+    }
+}
+
 /// What the user can do about a status the node's message does not already say.
 fn what_to_do(code: tonic::Code) -> &'static str {
     match code {
@@ -504,4 +550,27 @@ pub fn code_name(code: tonic::Code) -> String {
         out.push(ch.to_ascii_lowercase());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_say_what_to_do_once() {
+        let e = ClientError::from(tonic::Status::invalid_argument("patient: is required"));
+        assert_eq!(e.refusal(), Some(Refusal::Invalid));
+        assert!(!e.retryable());
+        assert_eq!(e.to_string(), "invalid argument: patient: is required");
+        let e = ClientError::from(tonic::Status::unavailable("the node is shutting down"));
+        assert_eq!(e.refusal(), Some(Refusal::Unavailable));
+        assert!(e.retryable());
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "said once, not again as a source"
+        );
+        let e = ClientError::from(tonic::Status::permission_denied("refused"));
+        assert_eq!(e.refusal(), Some(Refusal::Denied));
+        assert!(!e.retryable());
+    }
 }

@@ -15,7 +15,7 @@ pub mod profile;
 pub mod records;
 
 pub use audit_verify::{LogProblem, LogVerifier, VerifyReport, verify_log};
-pub use client::{ClientError, PilClient, SyncOptions};
+pub use client::{ClientError, PilClient, Refusal, SyncOptions};
 pub use credentials::{Credentials, DevTokenParams};
 pub use pil_proto::v1;
 pub use profile::Profile;
