@@ -17,6 +17,8 @@ use pil_client::{
     v1,
 };
 use pil_tests::*;
+
+use crate::pil;
 use pil_transparency::{HeadVerifier, leaf_hash, verify_consistency, verify_inclusion};
 use serde_json::Value;
 use tonic::Code;
@@ -30,15 +32,6 @@ fn public_key(world: &World) -> PathBuf {
 
 fn verifier(world: &World) -> HeadVerifier {
     HeadVerifier::load(public_key(world)).expect("the node's public key")
-}
-
-fn pil(profile: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .output()
-        .expect("run pil")
 }
 
 fn stdout(out: &Output) -> String {

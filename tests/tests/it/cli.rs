@@ -5,14 +5,7 @@ use std::process::Command;
 
 use pil_tests::*;
 
-fn pil(profile: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .output()
-        .expect("run pil")
-}
+use crate::pil;
 
 fn ndjson_line(i: u64, org: &str, category: &str) -> String {
     let p = patient_id(i);

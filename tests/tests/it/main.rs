@@ -11,3 +11,13 @@ mod registry;
 mod sync;
 mod trust;
 mod validation;
+
+/// `pil --profile <profile> <args>`: the real command line, as a user runs it.
+fn pil(profile: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pil-test-cli"))
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .output()
+        .expect("run pil")
+}
