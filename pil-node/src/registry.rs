@@ -239,7 +239,18 @@ impl Registry {
         patient: &PatientId,
         filter: &LookupFilter,
     ) -> Result<PatientView, RegistryError> {
-        let pseudonym = self.pseudonym(patient);
+        self.patient_view_of(self.pseudonym(patient), patient, filter)
+            .await
+    }
+
+    /// [`Registry::patient_view`] for a patient whose pseudonym the caller already
+    /// computed (a lookup computes it once, for its audit record and its read).
+    pub async fn patient_view_of(
+        &self,
+        pseudonym: Pseudonym,
+        patient: &PatientId,
+        filter: &LookupFilter,
+    ) -> Result<PatientView, RegistryError> {
         match self.read_view(&pseudonym, patient, filter, Tier::Cached) {
             Err(RegistryError::Storage(StorageError::NotCached)) => {}
             done => return done,

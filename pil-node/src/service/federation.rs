@@ -69,7 +69,8 @@ impl NodeService {
             .ok_or_else(|| Error::invalid("lookup: is required"))?;
         let patient =
             pointer::patient(lookup.patient.as_ref(), self.config.test_data).map_err(invalid)?;
-        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
+        let pseudonym = self.registry.pseudonym(&patient);
+        entry.patient = Some(hex::encode(pseudonym));
         let client_org =
             pointer::org_number("client_organization_number", &r.client_organization_number)
                 .map_err(invalid)?;
@@ -92,7 +93,7 @@ impl NodeService {
             ));
         }
         let local = match self
-            .answer_locally(&requester, &patient, filter, entry)
+            .answer_locally(&requester, &patient, pseudonym, filter, entry)
             .await
         {
             Ok(local) => local,

@@ -15,6 +15,7 @@ use crate::{
     },
     error::Error,
     federation::PeerOutcome,
+    patient_keys::Pseudonym,
     pointer,
     registry::{LookupFilter, PatientView},
 };
@@ -36,6 +37,7 @@ impl NodeService {
         &self,
         requester: &Requester,
         patient: &PatientId,
+        pseudonym: Pseudonym,
         filter: LookupFilter,
         entry: &mut AuditRecord,
     ) -> Result<LocalAnswer, Error> {
@@ -57,7 +59,7 @@ impl NodeService {
         entry.decision.outcome = "allowed".into();
         let (blocks, found) = match self
             .registry
-            .patient_view(patient, &filter)
+            .patient_view_of(pseudonym, patient, &filter)
             .await
             .map_err(internal)?
         {
@@ -124,7 +126,8 @@ impl NodeService {
     ) -> Result<Response<v1::LookupResponse>, Error> {
         let patient = pointer::patient(req.get_ref().patient.as_ref(), self.config.test_data)
             .map_err(invalid)?;
-        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
+        let pseudonym = self.registry.pseudonym(&patient);
+        entry.patient = Some(hex::encode(pseudonym));
         let requester = self.requester(&req, "/pil.v1.LookupService/Lookup")?;
         let caller = requester.token.org_number.clone();
         let deadline = self.federation_deadline(&req);
@@ -138,7 +141,7 @@ impl NodeService {
         let req = req.into_inner();
         let filter = lookup_filter(&req)?;
         let local = match self
-            .answer_locally(&requester, &patient, filter, entry)
+            .answer_locally(&requester, &patient, pseudonym, filter, entry)
             .await
         {
             Ok(a) => a,
