@@ -129,11 +129,7 @@ impl NodeService {
         requester: &crate::access::Requester,
         patient: &pil_proto::ident::PatientId,
     ) -> Result<v1::ForwardedLookupResponse, Error> {
-        if !requester.covers(patient) {
-            return Err(Error::denied(
-                "the access token's attest names other patients than the one looked up",
-            ));
-        }
+        super::lookup::covered(requester, patient)?;
         let (opt_out, blocks) = self
             .registry
             .protections(patient)

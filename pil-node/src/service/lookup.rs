@@ -42,11 +42,9 @@ impl NodeService {
         entry: &mut AuditRecord,
     ) -> Result<LocalAnswer, Error> {
         entry.requester = Some(RequesterInfo::from(requester));
-        if !requester.covers(patient) {
+        if let Err(e) = covered(requester, patient) {
             entry.decision.outcome = "denied".into();
-            return Err(Error::denied(
-                "the access token's attest names other patients than the one looked up",
-            ));
+            return Err(e);
         }
         let legal = self.access.legal();
         let search = legal.decide_lookup(&requester.facts);
@@ -159,7 +157,8 @@ impl NodeService {
             } else {
                 String::new()
             },
-            pointer_count: local.pointers.len() as u32,
+            // Counted below, once every region's protections are applied.
+            pointer_count: 0,
         }];
         let mut pointers = local.pointers;
         let mut rules = applied_rules(&local.rules);
@@ -188,9 +187,14 @@ impl NodeService {
         let mut shut = local.shut;
         let mut unchecked = Vec::new();
         for (peer, outcome) in outcomes {
-            let (state, mut detail, count) = match outcome {
+            let asked = !matches!(outcome, PeerOutcome::NotAsked(_));
+            // A region that did not answer may hold protections for this patient.
+            let checked = matches!(
+                outcome,
+                PeerOutcome::Answered(_) | PeerOutcome::Protections(..) | PeerOutcome::NotAsked(_)
+            );
+            let (state, mut detail) = match outcome {
                 PeerOutcome::Answered(answer) => {
-                    entry.peers_asked.push(peer.clone());
                     opted_out |= answer.opted_out;
                     shut.merge(answer.blocked_all_holders, answer.blocked_holders);
                     for r in answer.rules {
@@ -199,9 +203,8 @@ impl NodeService {
                         }
                     }
                     if !answer.refused.is_empty() {
-                        (v1::RegionState::Denied, answer.refused, 0)
+                        (v1::RegionState::Denied, answer.refused)
                     } else {
-                        let n = answer.pointers.len() as u32;
                         emergency |= answer.emergency;
                         pointers.extend(answer.pointers);
                         let detail = if answer.opted_out {
@@ -209,37 +212,27 @@ impl NodeService {
                         } else {
                             String::new()
                         };
-                        (v1::RegionState::Ok, detail, n)
+                        (v1::RegionState::Ok, detail)
                     }
                 }
                 PeerOutcome::Protections(answer, why) => {
-                    entry.peers_asked.push(peer.clone());
                     opted_out |= answer.opted_out;
                     shut.merge(answer.blocked_all_holders, answer.blocked_holders);
-                    (v1::RegionState::NotAsked, why, 0)
+                    (v1::RegionState::NotAsked, why)
                 }
-                PeerOutcome::Denied(why) => {
-                    entry.peers_asked.push(peer.clone());
-                    unchecked.push(peer.clone());
-                    (v1::RegionState::Denied, why, 0)
-                }
-                PeerOutcome::TimedOut => {
-                    entry.peers_asked.push(peer.clone());
-                    unchecked.push(peer.clone());
-                    (
-                        v1::RegionState::TimedOut,
-                        format!("no answer within {} ms", deadline.as_millis()),
-                        0,
-                    )
-                }
-                PeerOutcome::Unavailable(why) => {
-                    entry.peers_asked.push(peer.clone());
-                    unchecked.push(peer.clone());
-                    (v1::RegionState::Unavailable, why, 0)
-                }
-                PeerOutcome::NotAsked(why) => (v1::RegionState::NotAsked, why, 0),
+                PeerOutcome::Denied(why) => (v1::RegionState::Denied, why),
+                PeerOutcome::TimedOut => (
+                    v1::RegionState::TimedOut,
+                    format!("no answer within {} ms", deadline.as_millis()),
+                ),
+                PeerOutcome::Unavailable(why) => (v1::RegionState::Unavailable, why),
+                PeerOutcome::NotAsked(why) => (v1::RegionState::NotAsked, why),
             };
-            if unchecked.last() == Some(&peer) {
+            if asked {
+                entry.peers_asked.push(peer.clone());
+            }
+            if !checked {
+                unchecked.push(peer.clone());
                 detail.push_str(
                     "; the patient's blocks and opt-out registered there could not be checked",
                 );
@@ -248,7 +241,8 @@ impl NodeService {
                 region: peer,
                 state: state as i32,
                 detail,
-                pointer_count: count,
+                // Counted below, once every region's protections are applied.
+                pointer_count: 0,
             });
         }
         if opted_out {
@@ -265,7 +259,7 @@ impl NodeService {
             let settings = &legal.settings().protections;
             let shown_anyway = emergency && settings.emergency_shows_unchecked;
             if shown_anyway {
-                let rule = v1::AppliedRule {
+                let rule = pil_legal::RuleRef {
                     id: "emergency-shows-unchecked-protections".into(),
                     legal_basis: settings.emergency_legal_basis.clone(),
                     explanation: format!(
@@ -273,14 +267,10 @@ impl NodeService {
                          registered in {} could not be checked.",
                         unchecked.join(", ")
                     ),
-                    effect: v1::RuleEffect::Permit as i32,
+                    effect: pil_legal::RuleEffect::Permit,
                 };
-                entry.decision.rules.push(crate::audit::record::RuleInfo {
-                    id: rule.id.clone(),
-                    legal_basis: rule.legal_basis.clone(),
-                    effect: "permit".into(),
-                });
-                rules.push(rule);
+                entry.decision.rules.extend(rule_infos([&rule]));
+                rules.extend(applied_rules([&rule]));
             } else {
                 withheld = format!(
                     "no pointers are shown: the patient's blocks and opt-out registered in {} \
@@ -342,6 +332,17 @@ impl NodeService {
             Some(d) => d.min(cap),
             None => cap,
         }
+    }
+}
+
+/// Refuses a lookup of a patient the token's attest does not cover.
+pub(super) fn covered(requester: &Requester, patient: &PatientId) -> Result<(), Error> {
+    if requester.covers(patient) {
+        Ok(())
+    } else {
+        Err(Error::denied(
+            "the access token's attest names other patients than the one looked up",
+        ))
     }
 }
 
