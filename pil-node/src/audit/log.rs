@@ -178,12 +178,11 @@ impl WeakAuditLog {
 /// Checks the stored log against the newest head this node signed (remembered twice, so
 /// removing the heads over a cut end is noticed too); returns that head's size.
 fn check_against_newest_head(store: &Store, size: u64) -> Result<u64, AuditError> {
-    let latest = store.audit_latest_head()?;
-    let remembered = store.audit_remembered_head()?;
-    let newest = match (latest, remembered) {
-        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
-        (a, b) => a.or(b),
-    };
+    let newest = store
+        .audit_latest_head()?
+        .into_iter()
+        .chain(store.audit_remembered_head()?)
+        .max_by_key(|(size, _)| *size);
     let Some((signed, note)) = newest else {
         return Ok(0);
     };
