@@ -417,13 +417,7 @@ async fn dpop_bound_tokens_need_a_fresh_proof_from_their_key() {
     let channel = world.raw_channel(ORG_A, addr).await;
     let mut raw = v1::lookup_service_client::LookupServiceClient::new(channel);
     let uri = format!("https://{addr}/pil.v1.LookupService/Lookup");
-    let call = |proof: String| {
-        let mut req = tonic::Request::new(lookup(&patient));
-        req.metadata_mut()
-            .insert("authorization", format!("DPoP {bound}").parse().unwrap());
-        req.metadata_mut().insert("dpop", proof.parse().unwrap());
-        req
-    };
+    let call = |proof: String| authorized_lookup(&patient, &format!("DPoP {bound}"), &proof);
     let fresh = key.proof("POST", &uri, &bound).unwrap();
     assert!(raw.lookup(call(fresh.clone())).await.is_ok());
     let replayed = raw.lookup(call(fresh)).await.unwrap_err();
@@ -589,13 +583,8 @@ async fn a_dpop_bound_token_is_refused_as_bearer() {
     let mut raw = v1::lookup_service_client::LookupServiceClient::new(channel);
     let uri = format!("https://{addr}/pil.v1.LookupService/Lookup");
     for scheme in ["Bearer", "bearer"] {
-        let mut req = tonic::Request::new(lookup(&patient));
-        req.metadata_mut().insert(
-            "authorization",
-            format!("{scheme} {bound}").parse().unwrap(),
-        );
         let proof = key.proof("POST", &uri, &bound).unwrap();
-        req.metadata_mut().insert("dpop", proof.parse().unwrap());
+        let req = authorized_lookup(&patient, &format!("{scheme} {bound}"), &proof);
         let err = raw.lookup(req).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
         assert!(
@@ -605,22 +594,16 @@ async fn a_dpop_bound_token_is_refused_as_bearer() {
         );
     }
     // The same token under its own scheme is fine.
-    let mut req = tonic::Request::new(lookup(&patient));
-    req.metadata_mut()
-        .insert("authorization", format!("DPoP {bound}").parse().unwrap());
     let proof = key.proof("POST", &uri, &bound).unwrap();
-    req.metadata_mut().insert("dpop", proof.parse().unwrap());
+    let req = authorized_lookup(&patient, &format!("DPoP {bound}"), &proof);
     assert_eq!(
         raw.lookup(req).await.unwrap().into_inner().pointers.len(),
         2
     );
     // And an unbound token is not one to present under the DPoP scheme.
     let unbound = doctor_token(&world.issuer()).sign().unwrap();
-    let mut req = tonic::Request::new(lookup(&patient));
-    req.metadata_mut()
-        .insert("authorization", format!("DPoP {unbound}").parse().unwrap());
     let proof = key.proof("POST", &uri, &unbound).unwrap();
-    req.metadata_mut().insert("dpop", proof.parse().unwrap());
+    let req = authorized_lookup(&patient, &format!("DPoP {unbound}"), &proof);
     let err = raw.lookup(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("not DPoP-bound"), "{err:?}");
@@ -637,11 +620,10 @@ async fn a_dpop_proof_made_for_one_node_is_refused_by_another() {
     let key = DpopKey::generate().unwrap();
     let bound = doctor_token(&world.issuer()).bound_to(&key).sign().unwrap();
     let call = |authority: String, proof: String| {
-        let mut req = tonic::Request::new(lookup(&patient));
-        req.metadata_mut()
-            .insert("authorization", format!("DPoP {bound}").parse().unwrap());
-        req.metadata_mut().insert("dpop", proof.parse().unwrap());
-        (authority, req)
+        (
+            authority,
+            authorized_lookup(&patient, &format!("DPoP {bound}"), &proof),
+        )
     };
     // A proof made for node A, replayed once at node B with A's authority on the wire
     // (a raw HTTP/2 client can send any :authority).
@@ -692,6 +674,19 @@ async fn a_dpop_proof_made_for_one_node_is_refused_by_another() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// A hand-made lookup of `patient` with exactly this `authorization` and DPoP proof.
+fn authorized_lookup(
+    patient: &v1::PatientIdentifier,
+    authorization: &str,
+    proof: &str,
+) -> tonic::Request<v1::LookupRequest> {
+    let mut req = tonic::Request::new(lookup(patient));
+    req.metadata_mut()
+        .insert("authorization", authorization.parse().unwrap());
+    req.metadata_mut().insert("dpop", proof.parse().unwrap());
+    req
 }
 
 /// A lookup over a channel to `addr` whose requests carry `authority` as :authority.
