@@ -17,7 +17,7 @@ use pil_auth::verify::{RequestContext, TokenVerifier, VerifiedRequester, Verifie
 use pil_legal::{LegalConfig, PolicyError};
 use pil_proto::ident::PatientId;
 
-use crate::{config::NodeConfig, storage::StoredBlock};
+use crate::{config::NodeConfig, store::StoredBlock};
 
 /// Block target kinds as stored.
 pub const BLOCK_HPR: i32 = 1;

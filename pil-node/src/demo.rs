@@ -12,7 +12,7 @@ use crate::{
     pki::{self, PkiError},
     pointer::NewPointer,
     registry::{Registry, RegistryError, now_nanos},
-    writer::OpResult,
+    store::OpResult,
 };
 
 /// A demo organization: number, name, file-name slug, and the categories it holds.

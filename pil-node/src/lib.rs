@@ -1,4 +1,4 @@
-//! A regional PIL node: the pointer registry in RocksDB and the gRPC service over it.
+//! A regional PIL node: the pointer registry, its store and the gRPC service over it.
 //!
 //! Start at [`server::start`]; docs/ARCHITECTURE.md maps the modules.
 
@@ -19,8 +19,7 @@ mod reload;
 mod secret_file;
 pub mod server;
 mod service;
-pub mod storage;
+pub mod store;
 mod sync;
 mod telemetry;
 pub mod tls;
-pub mod writer;

@@ -1,16 +1,12 @@
 //! The pointer registry: what a node holds and how it is read and changed.
 //!
-//! Sits between the service layer (which authenticates and authorizes) and storage
-//! (which only knows bytes). Turns validated pointers into pseudonymized, sealed
-//! records and back. Reads run in place when what they need is in memory, otherwise
-//! on the blocking pool; writes go to the writer (`writer.rs`).
+//! Sits between the service layer (which authenticates and authorizes) and the store
+//! (`store/`, whichever engine). Turns validated pointers into pseudonymized, sealed
+//! records and back.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-    thread,
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
 };
 
 use pil_proto::{
@@ -22,11 +18,10 @@ use sha2::{Digest, Sha256};
 use crate::{
     patient_keys::{KeyError, PatientKeys, Pseudonym},
     pointer::{EndpointRef, NewPointer, to_timestamp},
-    storage::{
-        IDENT_LEN, ORG_LEN, PointerKey, StorageError, Store, StoredBlock, StoredOptOut,
-        StoredPointer, Tier,
+    store::{
+        IDENT_LEN, ORG_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock, StoredOptOut,
+        StoredPointer,
     },
-    writer::{Op, OpResult, WriteError, Writer},
 };
 
 /// Pointer lifetime until the legal configuration sets one.
@@ -52,9 +47,7 @@ impl PointerLifetime {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Write(#[from] WriteError),
+    Storage(#[from] StoreError),
     #[error(transparent)]
     Keys(#[from] KeyError),
     #[error("internal task failed: {0}")]
@@ -94,42 +87,22 @@ pub struct Registry {
 }
 
 struct Inner {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     keys: PatientKeys,
     region: String,
-    writer: Writer,
     lifetime: PointerLifetime,
 }
 
-/// Joins the writer thread when the registry is closed.
-pub struct RegistryCloser {
-    writer_thread: thread::JoinHandle<()>,
-}
-
-impl RegistryCloser {
-    /// Waits for queued writes to finish. Call after every `Registry` clone is dropped.
-    pub fn join(self) {
-        let _ = self.writer_thread.join();
-    }
-}
-
 impl Registry {
-    pub fn open(
-        store: Arc<Store>,
-        keys: PatientKeys,
-        region: impl Into<String>,
-    ) -> (Self, RegistryCloser) {
-        let (writer, writer_thread) = Writer::start(store.clone());
-        let registry = Self {
+    pub fn open(store: Arc<dyn Store>, keys: PatientKeys, region: impl Into<String>) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 store,
                 keys,
                 region: region.into(),
-                writer,
                 lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
             }),
-        };
-        (registry, RegistryCloser { writer_thread })
+        }
     }
 
     /// How long a pointer lives without a refresh by its holder. The handle does not
@@ -196,7 +169,7 @@ impl Registry {
             Op::Upsert { key, .. } => *key,
             _ => unreachable!("prepare makes upserts"),
         };
-        let result = self.inner.writer.apply(vec![op]).await?.pop();
+        let result = self.inner.store.apply(vec![op]).await?.pop();
         let (outcome, stored) = match result {
             Some(OpResult::Inserted(s)) => (Outcome::Inserted, s),
             Some(OpResult::Updated(s)) => (Outcome::Updated, s),
@@ -221,19 +194,17 @@ impl Registry {
         endpoint: &EndpointRef,
     ) -> Result<bool, RegistryError> {
         let key = self.key_for(&self.pseudonym(patient), endpoint);
-        let result = self.inner.writer.apply(vec![Op::Delete { key }]).await?;
+        let result = self.inner.store.apply(vec![Op::Delete { key }]).await?;
         Ok(matches!(result.first(), Some(OpResult::Deleted)))
     }
 
     /// Applies prepared operations atomically (one durable write).
     pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, RegistryError> {
-        Ok(self.inner.writer.apply(ops).await?)
+        Ok(self.inner.store.apply(ops).await?)
     }
 
     /// What a lookup reads about one patient: the opt-out, and unless there is one,
-    /// the blocks and the live pointers. Read in place when everything is in memory
-    /// (the common case: a hop to the blocking pool cost more than the read);
-    /// otherwise read again on the blocking pool, where waiting for the disk is fine.
+    /// the blocks and the live pointers.
     pub async fn patient_view(
         &self,
         patient: &PatientId,
@@ -251,54 +222,29 @@ impl Registry {
         patient: &PatientId,
         filter: &LookupFilter,
     ) -> Result<PatientView, RegistryError> {
-        match self.read_view(&pseudonym, patient, filter, Tier::Cached) {
-            Err(RegistryError::Storage(StorageError::NotCached)) => {}
-            done => return done,
-        }
-        let patient = patient.clone();
-        let this = self.clone();
-        let filter = filter.clone();
-        self.blocking(move || this.read_view(&pseudonym, &patient, &filter, Tier::Any))
-            .await
-    }
-
-    fn read_view(
-        &self,
-        pseudonym: &Pseudonym,
-        patient: &PatientId,
-        filter: &LookupFilter,
-        tier: Tier,
-    ) -> Result<PatientView, RegistryError> {
-        let store = &self.inner.store;
-        if store.opt_out(pseudonym, tier)?.is_some() {
+        let records = self.inner.store.patient(pseudonym).await?;
+        if records.opt_out.is_some() {
             return Ok(PatientView::OptedOut);
         }
-        let blocks = store
-            .blocks(pseudonym, tier)?
-            .into_iter()
-            .map(|(_, b)| b)
-            .collect();
-        let pointers = self.live_pointers(pseudonym, patient, filter, tier)?;
-        Ok(PatientView::Visible { blocks, pointers })
+        Ok(PatientView::Visible {
+            blocks: records.blocks,
+            pointers: self.live_pointers(records.pointers, patient, filter),
+        })
     }
 
-    /// The patient's live pointers held here that match the filter, newest first.
+    /// The live pointers among `stored` that match the filter, newest first.
     fn live_pointers(
         &self,
-        pseudonym: &Pseudonym,
+        stored: Vec<(PointerKey, StoredPointer)>,
         patient: &PatientId,
         filter: &LookupFilter,
-        tier: Tier,
-    ) -> Result<Vec<v1::Pointer>, RegistryError> {
+    ) -> Vec<v1::Pointer> {
         let wire_patient = v1::PatientIdentifier {
             system: patient.system().to_string(),
             value: patient.value().to_string(),
         };
         let now = now_nanos();
-        let mut found: Vec<(PointerKey, StoredPointer)> = self
-            .inner
-            .store
-            .patient_pointers(pseudonym, tier)?
+        let mut found: Vec<(PointerKey, StoredPointer)> = stored
             .into_iter()
             .filter(|(key, p)| {
                 p.effective_expiry().is_none_or(|at| at > now)
@@ -313,10 +259,10 @@ impl Registry {
                 .cmp(&a.1.last_updated)
                 .then_with(|| a.0.cmp(&b.0))
         });
-        Ok(found
+        found
             .iter()
             .map(|(k, p)| self.to_wire(k, p, wire_patient.clone()))
-            .collect())
+            .collect()
     }
 
     /// Keys of an organization's pointers for one patient (replace-mode sync).
@@ -325,14 +271,11 @@ impl Registry {
         patient: Pseudonym,
         org: OrgNumber,
     ) -> Result<Vec<PointerKey>, RegistryError> {
-        let this = self.clone();
-        self.blocking(move || {
-            Ok(this
-                .inner
-                .store
-                .patient_org_keys(&patient, &org_bytes(&org))?)
-        })
-        .await
+        Ok(self
+            .inner
+            .store
+            .patient_org_keys(patient, org_bytes(&org))
+            .await?)
     }
 
     /// A page of an organization's pointer keys, after `after`.
@@ -342,14 +285,11 @@ impl Registry {
         after: Option<PointerKey>,
         limit: usize,
     ) -> Result<Vec<PointerKey>, RegistryError> {
-        let this = self.clone();
-        self.blocking(move || {
-            Ok(this
-                .inner
-                .store
-                .org_keys(&org_bytes(&org), after.as_ref(), limit)?)
-        })
-        .await
+        Ok(self
+            .inner
+            .store
+            .org_keys(org_bytes(&org), after, limit)
+            .await?)
     }
 
     /// A page of an organization's pointers with their plain identifiers, for export.
@@ -360,42 +300,36 @@ impl Registry {
         after: Option<PointerKey>,
         limit: usize,
     ) -> Result<(Vec<v1::Pointer>, Option<PointerKey>), RegistryError> {
-        let this = self.clone();
-        self.blocking(move || {
-            let store = &this.inner.store;
-            let keys = store.org_keys(&org_bytes(&org), after.as_ref(), limit)?;
-            let values = store.get_many(&keys)?;
-            let mut out = Vec::with_capacity(keys.len());
-            for (key, value) in keys.iter().zip(values) {
-                // A pointer removed between the two reads is simply not exported.
-                let Some(value) = value else { continue };
-                let (system, value_id) = if value.sealed_patient.is_empty() {
-                    this.inner
-                        .keys
-                        .open_format1(&value.sealed_patient_format1, &key.patient)?
-                } else {
-                    this.inner.keys.open(&value.sealed_patient, &key.patient)?
-                };
-                let patient = v1::PatientIdentifier {
-                    system,
-                    value: value_id,
-                };
-                out.push(this.to_wire(key, &value, patient));
-            }
-            Ok((out, keys.last().copied()))
-        })
-        .await
+        let store = &self.inner.store;
+        let keys = store.org_keys(org_bytes(&org), after, limit).await?;
+        let values = store.get_many(keys.clone()).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, value) in keys.iter().zip(values) {
+            // A pointer removed between the two reads is simply not exported.
+            let Some(value) = value else { continue };
+            let (system, value_id) = if value.sealed_patient.is_empty() {
+                self.inner
+                    .keys
+                    .open_format1(&value.sealed_patient_format1, &key.patient)?
+            } else {
+                self.inner.keys.open(&value.sealed_patient, &key.patient)?
+            };
+            let patient = v1::PatientIdentifier {
+                system,
+                value: value_id,
+            };
+            out.push(self.to_wire(key, &value, patient));
+        }
+        Ok((out, keys.last().copied()))
     }
 
     /// Removes pointers whose expiry has passed; returns how many.
     pub async fn purge_expired(&self) -> Result<usize, RegistryError> {
+        const PAGE: usize = 1000;
         let mut purged = 0;
         loop {
             let now = now_nanos();
-            let this = self.clone();
-            let due = self
-                .blocking(move || Ok(this.inner.store.expired(now, 1000)?))
-                .await?;
+            let due = self.inner.store.expired(now, PAGE).await?;
             if due.is_empty() {
                 return Ok(purged);
             }
@@ -407,7 +341,7 @@ impl Registry {
                 .iter()
                 .filter(|r| matches!(r, OpResult::Deleted))
                 .count();
-            if n < 1000 {
+            if n < PAGE {
                 return Ok(purged);
             }
         }
@@ -419,11 +353,11 @@ impl Registry {
         patient: &PatientId,
         block: StoredBlock,
     ) -> Result<[u8; 16], RegistryError> {
-        let pseudonym = self.pseudonym(patient);
         let mut id = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-        let this = self.clone();
-        self.blocking(move || Ok(this.inner.store.put_block(&pseudonym, &id, &block)?))
+        self.inner
+            .store
+            .put_block(self.pseudonym(patient), id, block)
             .await?;
         Ok(id)
     }
@@ -434,10 +368,11 @@ impl Registry {
         patient: &PatientId,
         id: [u8; 16],
     ) -> Result<bool, RegistryError> {
-        let pseudonym = self.pseudonym(patient);
-        let this = self.clone();
-        self.blocking(move || Ok(this.inner.store.delete_block(&pseudonym, &id)?))
-            .await
+        Ok(self
+            .inner
+            .store
+            .delete_block(self.pseudonym(patient), id)
+            .await?)
     }
 
     /// A patient's blocks with their ids.
@@ -445,10 +380,7 @@ impl Registry {
         &self,
         patient: &PatientId,
     ) -> Result<Vec<([u8; 16], StoredBlock)>, RegistryError> {
-        let pseudonym = self.pseudonym(patient);
-        let this = self.clone();
-        self.blocking(move || Ok(this.inner.store.blocks(&pseudonym, Tier::Any)?))
-            .await
+        Ok(self.inner.store.blocks(self.pseudonym(patient)).await?)
     }
 
     /// Records (`Some`) or lifts (`None`) an opt-out; returns whether one existed before.
@@ -457,15 +389,11 @@ impl Registry {
         patient: &PatientId,
         opt_out: Option<StoredOptOut>,
     ) -> Result<bool, RegistryError> {
-        let pseudonym = self.pseudonym(patient);
-        let this = self.clone();
-        self.blocking(move || {
-            let store = &this.inner.store;
-            let existed = store.opt_out(&pseudonym, Tier::Any)?.is_some();
-            store.set_opt_out(&pseudonym, opt_out.as_ref())?;
-            Ok(existed)
-        })
-        .await
+        Ok(self
+            .inner
+            .store
+            .set_opt_out(self.pseudonym(patient), opt_out)
+            .await?)
     }
 
     /// The patient's opt-out and blocks: what a lookup must respect.
@@ -474,24 +402,15 @@ impl Registry {
         patient: &PatientId,
     ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
         let pseudonym = self.pseudonym(patient);
-        let this = self.clone();
-        self.blocking(move || {
-            let store = &this.inner.store;
-            let opt_out = store.opt_out(&pseudonym, Tier::Any)?;
-            let blocks = store
-                .blocks(&pseudonym, Tier::Any)?
-                .into_iter()
-                .map(|(_, b)| b)
-                .collect();
-            Ok((opt_out, blocks))
-        })
-        .await
-    }
-
-    /// Flushes memtables to disk files.
-    pub async fn flush(&self) -> Result<(), RegistryError> {
-        let this = self.clone();
-        self.blocking(move || Ok(this.inner.store.flush()?)).await
+        let store = &self.inner.store;
+        let opt_out = store.opt_out(pseudonym).await?;
+        let blocks = store
+            .blocks(pseudonym)
+            .await?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        Ok((opt_out, blocks))
     }
 
     /// Converts a stored pointer to its wire form.
@@ -522,15 +441,6 @@ impl Registry {
             region: self.inner.region.clone(),
             pointer_id: pointer_id(key),
         }
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
-    ) -> Result<T, RegistryError> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| RegistryError::Task(e.to_string()))?
     }
 }
 
@@ -568,4 +478,238 @@ fn pointer_id(key: &PointerKey) -> String {
         .chain_update(key.encode())
         .finalize();
     hex::encode(&digest[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use pil_proto::ident::SYSTEM_FNR;
+
+    use super::*;
+    use crate::store::tests::on_every_engine;
+
+    const ORG_A: &str = "974760673";
+    const ORG_B: &str = "983044778";
+
+    fn registry(store: Arc<dyn Store>) -> Registry {
+        Registry::open(store, PatientKeys::from_bytes(&[1; 32], &[2; 32]), "test")
+    }
+
+    fn patient(value: &str) -> PatientId {
+        PatientId::parse(SYSTEM_FNR, value, false).unwrap()
+    }
+
+    fn new_pointer(patient: &PatientId, org: &str, category: &str) -> NewPointer {
+        NewPointer {
+            patient: patient.clone(),
+            endpoint: EndpointRef {
+                org: OrgNumber::parse(org).unwrap(),
+                sub_unit: None,
+                base_url: format!("https://{org}.example.no/fhir"),
+                api_kind: 1,
+            },
+            holder_name: format!("Holder {org}"),
+            categories: vec![category.to_string()],
+            period_start: None,
+            period_end: None,
+            last_updated: None,
+            expires_at: None,
+        }
+    }
+
+    fn visible(view: PatientView) -> (Vec<StoredBlock>, Vec<v1::Pointer>) {
+        match view {
+            PatientView::Visible { blocks, pointers } => (blocks, pointers),
+            PatientView::OptedOut => panic!("the patient has not opted out"),
+        }
+    }
+
+    #[tokio::test]
+    async fn upserts_are_shown_to_lookups_as_their_holders_sent_them() {
+        on_every_engine(async |store| {
+            let registry = registry(store);
+            let p = patient("13097248022");
+            let (outcome, wire) = registry
+                .upsert(new_pointer(&p, ORG_A, "medications"))
+                .await
+                .unwrap();
+            assert_eq!(outcome, Outcome::Inserted);
+            assert_eq!(wire.region, "test");
+            assert_eq!(wire.holder.as_ref().unwrap().organization_number, ORG_A);
+            let patient_wire = wire.patient.as_ref().unwrap();
+            assert_eq!(
+                (patient_wire.system.as_str(), patient_wire.value.as_str()),
+                (SYSTEM_FNR, "13097248022")
+            );
+            let again = registry
+                .upsert(new_pointer(&p, ORG_A, "medications"))
+                .await
+                .unwrap();
+            assert_eq!(again.0, Outcome::Unchanged);
+            assert_eq!(again.1.pointer_id, wire.pointer_id, "the id is stable");
+            let changed = registry
+                .upsert(new_pointer(&p, ORG_A, "imaging"))
+                .await
+                .unwrap();
+            assert_eq!(changed.0, Outcome::Updated);
+            registry
+                .upsert(new_pointer(&p, ORG_B, "medications"))
+                .await
+                .unwrap();
+
+            let (_, all) = visible(
+                registry
+                    .patient_view(&p, &LookupFilter::default())
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(all.len(), 2);
+            let by_category = LookupFilter {
+                categories: vec!["medications".into()],
+                organizations: vec![],
+            };
+            let (_, found) = visible(registry.patient_view(&p, &by_category).await.unwrap());
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].holder.as_ref().unwrap().organization_number, ORG_B);
+            let by_org = LookupFilter {
+                categories: vec![],
+                organizations: vec![ORG_A.into()],
+            };
+            let (_, found) = visible(registry.patient_view(&p, &by_org).await.unwrap());
+            assert_eq!(found[0].categories, ["imaging"]);
+            // Another patient sees none of it.
+            let (_, none) = visible(
+                registry
+                    .patient_view(&patient("29029648784"), &LookupFilter::default())
+                    .await
+                    .unwrap(),
+            );
+            assert!(none.is_empty());
+
+            assert!(
+                registry
+                    .delete(&p, &new_pointer(&p, ORG_A, "x").endpoint)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !registry
+                    .delete(&p, &new_pointer(&p, ORG_A, "x").endpoint)
+                    .await
+                    .unwrap()
+            );
+        })
+        .await;
+    }
+
+    /// A pointer past its expiry or its lapse is not shown, and the purge removes it.
+    #[tokio::test]
+    async fn expired_and_lapsed_pointers_are_hidden_then_purged() {
+        on_every_engine(async |store| {
+            let registry = registry(store);
+            let p = patient("13097248022");
+            let mut expired = new_pointer(&p, ORG_A, "medications");
+            expired.expires_at = Some(now_nanos() - 1);
+            let long_ago = now_nanos() - 400 * NANOS_PER_DAY;
+            let lapsed = registry.prepare(&new_pointer(&p, ORG_B, "imaging"), long_ago);
+            registry
+                .apply(vec![registry.prepare(&expired, now_nanos()), lapsed])
+                .await
+                .unwrap();
+            registry
+                .upsert(new_pointer(&p, "984661185", "allergies"))
+                .await
+                .unwrap();
+            let (_, shown) = visible(
+                registry
+                    .patient_view(&p, &LookupFilter::default())
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(shown.len(), 1);
+            assert_eq!(shown[0].categories, ["allergies"]);
+            assert_eq!(registry.purge_expired().await.unwrap(), 2);
+            assert_eq!(registry.purge_expired().await.unwrap(), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_export_page_opens_the_sealed_identifiers() {
+        on_every_engine(async |store| {
+            let registry = registry(store);
+            let org = OrgNumber::parse(ORG_A).unwrap();
+            for value in ["13097248022", "29029648784", "29020075838"] {
+                registry
+                    .upsert(new_pointer(&patient(value), ORG_A, "medications"))
+                    .await
+                    .unwrap();
+            }
+            registry
+                .upsert(new_pointer(&patient("15021951940"), ORG_B, "medications"))
+                .await
+                .unwrap();
+            let (first, after) = registry.export_page(org.clone(), None, 2).await.unwrap();
+            let (rest, _) = registry.export_page(org, after, 10).await.unwrap();
+            assert_eq!((first.len(), rest.len()), (2, 1));
+            let mut values: Vec<String> = first
+                .iter()
+                .chain(&rest)
+                .map(|p| p.patient.as_ref().unwrap().value.clone())
+                .collect();
+            values.sort();
+            assert_eq!(values, ["13097248022", "29020075838", "29029648784"]);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn protections_are_kept_and_an_opt_out_hides_the_patient() {
+        on_every_engine(async |store| {
+            let registry = registry(store);
+            let p = patient("13097248022");
+            registry
+                .upsert(new_pointer(&p, ORG_A, "medications"))
+                .await
+                .unwrap();
+            let block = StoredBlock {
+                target_kind: 3,
+                target: ORG_B.into(),
+                holder: ORG_A.into(),
+                reason: "asked".into(),
+                created_at: 1,
+            };
+            let id = registry.create_block(&p, block.clone()).await.unwrap();
+            let (blocks, pointers) = visible(
+                registry
+                    .patient_view(&p, &LookupFilter::default())
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!((blocks, pointers.len()), (vec![block.clone()], 1));
+            assert_eq!(registry.protections(&p).await.unwrap(), (None, vec![block]));
+
+            let opt_out = StoredOptOut {
+                since: 2,
+                reason: "reservasjon".into(),
+            };
+            assert!(
+                !registry
+                    .set_opt_out(&p, Some(opt_out.clone()))
+                    .await
+                    .unwrap()
+            );
+            assert!(matches!(
+                registry
+                    .patient_view(&p, &LookupFilter::default())
+                    .await
+                    .unwrap(),
+                PatientView::OptedOut
+            ));
+            assert_eq!(registry.protections(&p).await.unwrap().0, Some(opt_out));
+            assert!(registry.set_opt_out(&p, None).await.unwrap());
+            assert!(registry.lift_block(&p, id).await.unwrap());
+            assert!(registry.blocks(&p).await.unwrap().is_empty());
+        })
+        .await;
+    }
 }

@@ -1,6 +1,6 @@
 //! Starting and stopping a node: wires configuration, storage, registry, services and
 //! the TLS listener together, and tears them down in order on shutdown so in-flight
-//! requests finish and RocksDB closes cleanly.
+//! requests finish and the store closes cleanly.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -21,7 +21,7 @@ use crate::{
     reload::Reloader,
     secret_file::SecretFileError,
     service::NodeService,
-    storage::{StorageError, Store},
+    store::StoreError,
     tls::{self, TlsError},
 };
 
@@ -34,8 +34,8 @@ pub enum NodeError {
     Access(#[from] AccessError),
     #[error(transparent)]
     Secret(#[from] SecretFileError),
-    #[error("cannot open the data directory: {0}")]
-    Storage(#[from] StorageError),
+    #[error("cannot open the store: {0}")]
+    Storage(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -75,7 +75,6 @@ pub struct RunningNode {
     reloader: Reloader,
     federation: Arc<Federation>,
     audit: crate::audit::WeakAuditLog,
-    audit_store: Arc<Store>,
     region: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
@@ -110,7 +109,7 @@ impl RunningNode {
     ) -> Result<u64, crate::audit::AuditError> {
         let days = self.access.legal().settings().retention.audit_log_days;
         let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
-        crate::audit::retention::apply(&self.audit_store, keep, now).await
+        crate::audit::retention::apply(&*self.audit.store()?, keep, now).await
     }
 
     /// What SIGHUP does: reload, and record the reload in the audit log.
@@ -178,15 +177,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access,
     } = checked;
 
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
-    let store = Arc::new(store);
-    let (audit, audit_thread) = AuditLog::open(store.clone(), &config.region, signer)?;
+    let (store, closer) = crate::store::rocks::open(&config.data_dir).await?;
+    let audit = AuditLog::new(store.clone(), &config.region, signer);
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
-    let (registry, closer) = Registry::open(store, keys, config.region.clone());
+    let registry = Registry::open(store, keys, config.region.clone());
     let reloader = Reloader::new(
         access.clone(),
         registry.pointer_lifetime(),
@@ -246,7 +241,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     ));
     let final_head = audit.clone();
     let weak_audit = audit.downgrade();
-    let audit_store = audit.store().clone();
 
     let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -299,13 +293,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         drop(final_head);
         // Every registry and audit handle goes with the connections; wait for queued
-        // writes, then RocksDB closes with the last handle.
-        tokio::task::spawn_blocking(move || {
-            closer.join();
-            let _ = audit_thread.join();
-        })
-        .await
-        .map_err(|e| NodeError::Task(e.to_string()))?;
+        // writes, then the store closes with the last handle.
+        closer.close().await;
         tracing::info!("node stopped");
         served.unwrap_or(Ok(())).map_err(NodeError::from)
     });
@@ -317,7 +306,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         reloader,
         federation,
         audit: weak_audit,
-        audit_store,
         region: config.region.clone(),
         stop: Some(stop_tx),
         task,
@@ -331,9 +319,8 @@ async fn head_loop(audit: AuditLog, config: Arc<NodeConfig>) {
     ));
     loop {
         tick.tick().await;
-        if audit.unsigned()
-            && let Err(e) = audit.sign_head().await
-        {
+        let unsigned = audit.size().await.is_ok_and(|s| s.size > s.signed);
+        if unsigned && let Err(e) = audit.sign_head().await {
             tracing::warn!(error = %e, "signing the audit tree head failed");
         }
     }
@@ -348,7 +335,7 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
         tick.tick().await;
         let days = access.legal().settings().retention.audit_log_days;
         let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
-        match crate::audit::retention::apply(audit.store(), keep, std::time::SystemTime::now())
+        match crate::audit::retention::apply(&**audit.store(), keep, std::time::SystemTime::now())
             .await
         {
             Ok(0) => {}

@@ -18,8 +18,7 @@ use crate::{
     patient_keys::Pseudonym,
     pointer::{FieldError, NewPointer},
     registry::{Registry, RegistryError, now_nanos},
-    storage::PointerKey,
-    writer::{Op, OpResult},
+    store::{Op, OpResult, PointerKey},
 };
 
 /// Most record errors listed in a report; the count covers all.

@@ -25,11 +25,11 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn rocksdb_is_named_only_by_the_storage_module() {
+fn rocksdb_is_named_only_by_its_engine() {
     let src = crate_dir().join("src");
     let mut offenders = Vec::new();
     for file in rust_files(&src) {
-        if file == src.join("storage.rs") {
+        if file.starts_with(src.join("store/rocks")) {
             continue;
         }
         let text = std::fs::read_to_string(&file).expect("readable");
@@ -39,7 +39,7 @@ fn rocksdb_is_named_only_by_the_storage_module() {
     }
     assert!(
         offenders.is_empty(),
-        "RocksDB outside storage.rs: {offenders:?}"
+        "RocksDB outside store/rocks/: {offenders:?}"
     );
 }
 
@@ -82,6 +82,24 @@ fn only_the_binary_edge_uses_anyhow() {
         assert!(
             !text.contains("anyhow"),
             "{name} uses anyhow; libraries use typed errors"
+        );
+    }
+}
+
+/// Blocking belongs to the engines: outside `store/`, the only work sent to the
+/// blocking pool is a sync's validation and sealing, which is CPU, not storage.
+#[test]
+fn only_the_store_blocks() {
+    let src = crate_dir().join("src");
+    for file in rust_files(&src) {
+        if file.starts_with(src.join("store")) || file == src.join("sync.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).expect("readable");
+        assert!(
+            !text.contains("spawn_blocking"),
+            "{} blocks outside the store",
+            file.display()
         );
     }
 }

@@ -4,24 +4,20 @@
 
 use std::time::{Duration, SystemTime};
 
-use std::sync::Arc;
-
 use super::AuditError;
-use crate::patient_keys::PSEUDONYM_LEN;
-use crate::storage::Store;
+use crate::{patient_keys::PSEUDONYM_LEN, store::Store};
 
 const PAGE: usize = 1000;
 
 /// Drops the contents of records older than `keep` at `now`; returns how many.
-pub async fn apply(store: &Arc<Store>, keep: Duration, now: SystemTime) -> Result<u64, AuditError> {
+pub async fn apply(store: &dyn Store, keep: Duration, now: SystemTime) -> Result<u64, AuditError> {
     let cutoff = time::OffsetDateTime::from(now - keep);
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || {
-        let from = store.audit_retained_from()?;
+    {
+        let from = store.audit_retained_from().await?;
         let mut upto = from;
         let mut patients = Vec::new();
         'scan: loop {
-            let page = store.audit_records(upto, true, PAGE)?;
+            let page = store.audit_records(upto, true, PAGE).await?;
             if page.is_empty() {
                 break;
             }
@@ -52,10 +48,8 @@ pub async fn apply(store: &Arc<Store>, keep: Duration, now: SystemTime) -> Resul
             }
         }
         if upto > from {
-            store.audit_drop_contents(upto, &patients)?;
+            store.audit_drop_contents(upto, patients).await?;
         }
         Ok(upto - from)
-    })
-    .await
-    .map_err(|e| AuditError::Storage(e.to_string()))?
+    }
 }

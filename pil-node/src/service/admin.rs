@@ -12,7 +12,7 @@ use crate::{
     error::Error,
     pointer,
     registry::now_nanos,
-    storage::{StoredBlock, StoredOptOut},
+    store::{StoredBlock, StoredOptOut},
 };
 
 /// Longest accepted reason text, in characters.

@@ -6,20 +6,19 @@ use std::pin::Pin;
 use futures::Stream;
 use pil_legal::Role;
 use pil_proto::v1;
-use pil_transparency::NodeSource;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{NodeService, invalid};
 use crate::{
     audit::{
-        AuditError, AuditRecord,
+        AuditRecord,
         fhir::{self, NodeInfo},
         record::Action,
     },
     error::Error,
     pointer,
-    storage::Store,
+    store::StoreError,
 };
 
 /// Records a search returns by default, and at most.
@@ -109,34 +108,6 @@ fn timestamp_text(t: &prost_types::Timestamp) -> String {
     at.format(&format).unwrap_or_default()
 }
 
-/// The audit tree as stored, for proofs.
-struct StoredTree<'a>(&'a Store);
-
-impl NodeSource for StoredTree<'_> {
-    type Error = AuditError;
-
-    fn node(&self, level: u8, index: u64) -> Result<[u8; 32], AuditError> {
-        self.0.audit_node(level, index)?.ok_or_else(|| {
-            AuditError::Tree(format!("missing subtree at level {level}, index {index}"))
-        })
-    }
-}
-
-/// Runs an audit log read on the blocking pool (it reads RocksDB and can be long);
-/// a failure of either the read or the task becomes INTERNAL, logged.
-async fn read_blocking<T, E>(
-    read: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, Error>
-where
-    T: Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(Error::internal)?
-        .map_err(|e| Error::Internal(e.into()))
-}
-
 fn parse_record(bytes: &[u8]) -> Option<AuditRecord> {
     serde_json::from_slice(bytes).ok()
 }
@@ -213,51 +184,55 @@ impl NodeService {
         before: u64,
         limit: usize,
     ) -> Result<(Vec<Vec<u8>>, Option<u64>), Error> {
-        let store = self.audit.store().clone();
+        let store = self.audit.store();
         let pseudonym = filter
             .patient
             .as_ref()
             .and_then(|p| hex::decode(p).ok())
             .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
-        read_blocking(move || {
-            let mut out = Vec::new();
-            let mut cursor = before;
-            let mut scanned = 0usize;
-            loop {
-                let chunk: Vec<(u64, Vec<u8>)> = match &pseudonym {
-                    Some(p) => store
-                        .audit_patient_indexes(p, cursor, SCAN_CHUNK)?
-                        .into_iter()
-                        .filter_map(|i| match store.audit_record(i) {
-                            Ok(Some(b)) => Some(Ok((i, b))),
-                            Ok(None) => None,
-                            Err(e) => Some(Err(e)),
-                        })
-                        .collect::<Result<_, _>>()?,
-                    None => store.audit_records(cursor, false, SCAN_CHUNK)?,
-                };
-                if chunk.is_empty() {
-                    return Ok((out, None));
-                }
-                for (index, bytes) in chunk {
-                    cursor = index;
-                    scanned += 1;
-                    if parse_record(&bytes).is_some_and(|r| filter.matches(&r)) {
-                        out.push(bytes);
-                        if out.len() >= limit {
-                            return Ok((out, (index > 0).then_some(index)));
+        let mut out = Vec::new();
+        let mut cursor = before;
+        let mut scanned = 0usize;
+        loop {
+            let chunk: Vec<(u64, Vec<u8>)> = match pseudonym {
+                Some(p) => {
+                    let indexes = store
+                        .audit_patient_indexes(p, cursor, SCAN_CHUNK)
+                        .await
+                        .map_err(Error::internal)?;
+                    let mut chunk = Vec::with_capacity(indexes.len());
+                    for i in indexes {
+                        if let Some(b) = store.audit_record(i).await.map_err(Error::internal)? {
+                            chunk.push((i, b));
                         }
                     }
+                    chunk
                 }
-                if cursor == 0 {
-                    return Ok((out, None));
-                }
-                if scanned >= MAX_SCAN {
-                    return Ok::<_, crate::storage::StorageError>((out, Some(cursor)));
+                None => store
+                    .audit_records(cursor, false, SCAN_CHUNK)
+                    .await
+                    .map_err(Error::internal)?,
+            };
+            if chunk.is_empty() {
+                return Ok((out, None));
+            }
+            for (index, bytes) in chunk {
+                cursor = index;
+                scanned += 1;
+                if parse_record(&bytes).is_some_and(|r| filter.matches(&r)) {
+                    out.push(bytes);
+                    if out.len() >= limit {
+                        return Ok((out, (index > 0).then_some(index)));
+                    }
                 }
             }
-        })
-        .await
+            if cursor == 0 {
+                return Ok((out, None));
+            }
+            if scanned >= MAX_SCAN {
+                return Ok((out, Some(cursor)));
+            }
+        }
     }
 
     fn node_info(&self) -> NodeInfo {
@@ -322,15 +297,13 @@ impl NodeService {
         tokio::spawn(async move {
             let mut from = 0u64;
             loop {
-                let s = store.clone();
-                let page =
-                    match read_blocking(move || s.audit_records(from, true, SCAN_CHUNK)).await {
-                        Ok(p) => p,
-                        Err(status) => {
-                            let _ = tx.send(Err(status.into())).await;
-                            return;
-                        }
-                    };
+                let page = match store.audit_records(from, true, SCAN_CHUNK).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::internal(e).into())).await;
+                        return;
+                    }
+                };
                 let Some(last) = page.last().map(|(i, _)| *i) else {
                     return;
                 };
@@ -379,44 +352,29 @@ impl NodeService {
         let from = req.get_ref().from_index;
         entry.detail = Some(format!("read log from {from}"));
         let store = self.audit.store().clone();
-        let size = self.audit.size();
+        let size = self.audit.size().await.map_err(Error::internal)?.size;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut next = from;
             while next < size {
-                let s = store.clone();
-                let start = next;
-                let page = read_blocking(move || {
-                    let end = (start + STREAM_PAGE as u64).min(size);
-                    let present: std::collections::HashMap<u64, Vec<u8>> = s
-                        .audit_records(start, true, (end - start) as usize)?
-                        .into_iter()
-                        .filter(|(i, _)| *i < end)
-                        .collect();
-                    let mut entries = Vec::new();
-                    for index in start..end {
-                        let leaf = s
-                            .audit_node(0, index)?
-                            .map(|h| h.to_vec())
-                            .unwrap_or_default();
-                        entries.push(v1::LogEntry {
-                            index,
-                            record: present.get(&index).cloned().unwrap_or_default(),
-                            leaf_hash: leaf,
-                        });
-                    }
-                    Ok::<_, crate::storage::StorageError>((entries, end))
-                })
-                .await;
-                match page {
-                    Ok((entries, end)) => {
+                let end = (next + STREAM_PAGE as u64).min(size);
+                match store.audit_entries(next, end).await {
+                    Ok(entries) => {
                         next = end;
+                        let entries = entries
+                            .into_iter()
+                            .map(|e| v1::LogEntry {
+                                index: e.index,
+                                record: e.record.unwrap_or_default(),
+                                leaf_hash: e.leaf_hash.to_vec(),
+                            })
+                            .collect();
                         if tx.send(Ok(v1::ReadLogResponse { entries })).await.is_err() {
                             return;
                         }
                     }
-                    Err(status) => {
-                        let _ = tx.send(Err(status.into())).await;
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::internal(e).into())).await;
                         return;
                     }
                 }
@@ -440,9 +398,12 @@ impl NodeService {
             0 => MAX_HEADS_PAGE,
             n => n.min(MAX_HEADS_PAGE),
         };
-        let store = self.audit.store().clone();
-        let mut heads =
-            read_blocking(move || store.audit_heads_after(after_size, limit + 1)).await?;
+        let mut heads = self
+            .audit
+            .store()
+            .audit_heads_after(after_size, limit + 1)
+            .await
+            .map_err(Error::internal)?;
         let more = heads.len() > limit;
         heads.truncate(limit);
         Ok(Response::new(v1::ListTreeHeadsResponse {
@@ -464,8 +425,11 @@ impl NodeService {
         let head = if req.get_ref().sign_now {
             self.audit.sign_head().await.map_err(Error::internal)?
         } else {
-            let store = self.audit.store().clone();
-            read_blocking(move || store.audit_latest_head()).await?
+            self.audit
+                .store()
+                .audit_latest_head()
+                .await
+                .map_err(Error::internal)?
         };
         let head =
             head.ok_or_else(|| Error::precondition("the audit log has no signed tree head yet"))?;
@@ -485,22 +449,24 @@ impl NodeService {
         self.require_role(&req, Role::Auditor)?;
         let v1::GetInclusionProofRequest { index, tree_size } = req.into_inner();
         entry.detail = Some(format!("inclusion proof of {index} in {tree_size}"));
-        let size = self.audit.size();
+        let size = self.audit.size().await.map_err(Error::internal)?.size;
         if tree_size == 0 || tree_size > size || index >= tree_size {
             return Err(Error::out_of_range(format!(
                 "need index < tree_size <= {size} (the log's size); got index {index}, tree_size {tree_size}"
             )));
         }
-        let store = self.audit.store().clone();
-        let (record, leaf, proof) = read_blocking(move || {
-            let tree = StoredTree(&store);
-            let proof = pil_transparency::inclusion_proof(&tree, index, tree_size)
-                .map_err(|e| e.to_string())?;
-            let leaf = tree.node(0, index).map_err(|e| e.to_string())?;
-            let record = store.audit_record(index).map_err(|e| e.to_string())?;
-            Ok::<_, String>((record.unwrap_or_default(), leaf, proof))
-        })
-        .await?;
+        let store = self.audit.store();
+        let proof = store
+            .audit_inclusion_proof(index, tree_size)
+            .await
+            .map_err(Error::internal)?;
+        let entry_read = store
+            .audit_entries(index, index + 1)
+            .await
+            .map_err(Error::internal)?
+            .pop()
+            .ok_or_else(|| Error::internal(StoreError::Tree(format!("no record {index}"))))?;
+        let (record, leaf) = (entry_read.record.unwrap_or_default(), entry_read.leaf_hash);
         Ok(Response::new(v1::GetInclusionProofResponse {
             record,
             leaf_hash: leaf.to_vec(),
@@ -516,17 +482,18 @@ impl NodeService {
         self.require_role(&req, Role::Auditor)?;
         let v1::GetConsistencyProofRequest { old_size, new_size } = req.into_inner();
         entry.detail = Some(format!("consistency proof {old_size} to {new_size}"));
-        let size = self.audit.size();
+        let size = self.audit.size().await.map_err(Error::internal)?.size;
         if old_size == 0 || old_size > new_size || new_size > size {
             return Err(Error::out_of_range(format!(
                 "need 1 <= old_size <= new_size <= {size} (the log's size); got {old_size}, {new_size}"
             )));
         }
-        let store = self.audit.store().clone();
-        let proof = read_blocking(move || {
-            pil_transparency::consistency_proof(&StoredTree(&store), old_size, new_size)
-        })
-        .await?;
+        let proof = self
+            .audit
+            .store()
+            .audit_consistency_proof(old_size, new_size)
+            .await
+            .map_err(Error::internal)?;
         Ok(Response::new(v1::GetConsistencyProofResponse {
             proof: proof.into_iter().map(|h| h.to_vec()).collect(),
         }))

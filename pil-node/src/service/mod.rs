@@ -312,7 +312,7 @@ fn invalid(e: FieldError) -> Error {
 
 fn internal(e: RegistryError) -> Error {
     match e {
-        RegistryError::Write(crate::writer::WriteError::Closed) => {
+        RegistryError::Storage(crate::store::StoreError::Closed) => {
             Error::unavailable("the node is shutting down; retry against another instance")
         }
         e => Error::internal(e),

@@ -4,14 +4,13 @@
 //! threads and RocksDB) inserting and then updating it. Their sum is the least CPU a
 //! bulk sync can spend per pointer, whatever the transport and the scheduling.
 
-use std::{path::Path, sync::Arc, time::Instant};
+use std::{path::Path, time::Instant};
 
 use pil_node::{
     patient_keys::PatientKeys,
     pointer::NewPointer,
     registry::{Registry, now_nanos},
-    storage::Store,
-    writer::Op,
+    store::Op,
 };
 use pil_proto::v1;
 use prost::Message;
@@ -52,9 +51,8 @@ pub async fn sync_cost(data: &DataSet, dir: &Path, batch: usize) -> anyhow::Resu
         .collect::<Result<Vec<_>, _>>()?;
     let decode_us = per(started.elapsed().as_secs_f64(), pointers);
 
-    let store = Arc::new(Store::open(&dir.join("sync-cost"))?);
-    let (registry, closer) =
-        Registry::open(store, PatientKeys::from_bytes(&[1; 32], &[2; 32]), "bench");
+    let (store, closer) = pil_node::store::rocks::open(&dir.join("sync-cost")).await?;
+    let registry = Registry::open(store, PatientKeys::from_bytes(&[1; 32], &[2; 32]), "bench");
     let started = Instant::now();
     let ops = prepare(&registry, &decoded)?;
     let prepare_us = per(started.elapsed().as_secs_f64(), pointers);
@@ -67,7 +65,7 @@ pub async fn sync_cost(data: &DataSet, dir: &Path, batch: usize) -> anyhow::Resu
     let ops = prepare(&registry, &updates)?;
     let update_us = store_cpu(&registry, ops).await? / updated as f64 * 1e6;
     drop(registry);
-    closer.join();
+    closer.close().await;
     Ok(SyncCostProbe {
         pointers,
         encode_us,

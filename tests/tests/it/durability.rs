@@ -384,7 +384,10 @@ async fn a_node_closes_cleanly_when_a_client_keeps_a_call_open_past_the_grace_pe
         .await
         .expect("the node stops");
     // RocksDB was closed: the data directory opens again in this process.
-    let store = pil_node::storage::Store::open(&config.data_dir).expect("the store was closed");
+    let (store, closer) = pil_node::store::rocks::open(&config.data_dir)
+        .await
+        .expect("the store was closed");
     drop(store);
+    closer.close().await;
     assert!(open.await.unwrap().is_err(), "the open call was cut off");
 }

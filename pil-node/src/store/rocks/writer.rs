@@ -1,5 +1,5 @@
-//! The registry's writer: one planning thread and one committing thread, with group
-//! commit.
+//! The RocksDB engine's pointer writer: one planning thread and one committing thread,
+//! with group commit.
 //!
 //! All writes go through one OS thread, off the async executor: it takes every job
 //! waiting in its queue, works out each operation's effect against the stored state
@@ -22,7 +22,11 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::{Change, PointerKey, Store, StoredPointer};
+use super::db::Db;
+use crate::store::{
+    Change, Op, OpResult, PointerKey, StoreError, StoredPointer,
+    plan::{Current, plan as plan_ops},
+};
 
 /// Most operations committed in one group, to bound memory and latency per fsync.
 const MAX_GROUP_OPS: usize = 50_000;
@@ -31,60 +35,10 @@ const QUEUE_DEPTH: usize = 1024;
 /// Planned groups that may wait for the committer: enough to plan one group while
 /// another is written, without planning far ahead of the disk.
 const PLANNED_DEPTH: usize = 1;
-/// How far a write must move a pointer's lapse before the lapse moves
-/// ([`lapse_moves`]).
-const REFRESH_STEP_NANOS: i64 = 24 * 3600 * 1_000_000_000;
-
-/// One change a caller asks for.
-#[derive(Debug, Clone)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "batches are almost all of the large variant; boxing it would add an allocation per pointer"
-)]
-pub enum Op {
-    /// Insert or replace. When `keep_last_updated` is set the caller did not send a
-    /// `last_updated`: an existing pointer keeps its own, a new one gets `value`'s.
-    Upsert {
-        key: PointerKey,
-        value: StoredPointer,
-        keep_last_updated: bool,
-    },
-    /// Remove if present.
-    Delete { key: PointerKey },
-    /// Remove if present and still expired at `now` (its expiry may have moved).
-    Purge { key: PointerKey, now: i64 },
-}
-
-impl Op {
-    fn key(&self) -> PointerKey {
-        match self {
-            Op::Upsert { key, .. } | Op::Delete { key } | Op::Purge { key, .. } => *key,
-        }
-    }
-}
-
-/// What an operation did, with the pointer as it is now stored.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OpResult {
-    Inserted(Arc<StoredPointer>),
-    Updated(Arc<StoredPointer>),
-    Unchanged(Arc<StoredPointer>),
-    Deleted,
-    Absent,
-}
-
-/// A write failed; nothing of the group it was in was stored.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    #[error("storage write failed: {0}")]
-    Storage(String),
-    #[error("the node is shutting down")]
-    Closed,
-}
 
 struct Job {
     ops: Vec<Op>,
-    reply: oneshot::Sender<Result<Vec<OpResult>, WriteError>>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
 }
 
 /// Handle to the writer thread. Cloneable; the thread ends when every handle is gone.
@@ -96,7 +50,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread over `store`. The returned join handle finishes after
     /// the last `Writer` clone is dropped and the queue is drained.
-    pub fn start(store: Arc<Store>) -> (Self, thread::JoinHandle<()>) {
+    pub fn start(store: Arc<Db>) -> (Self, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let handle = thread::Builder::new()
             .name("pil-writer".into())
@@ -106,7 +60,7 @@ impl Writer {
     }
 
     /// Applies `ops` atomically; returns once they are durable.
-    pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, WriteError> {
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -114,8 +68,8 @@ impl Writer {
         self.tx
             .send(Job { ops, reply })
             .await
-            .map_err(|_| WriteError::Closed)?;
-        rx.await.map_err(|_| WriteError::Closed)?
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -137,10 +91,10 @@ struct Planned {
     failures_seen: u64,
     changes: Vec<Change>,
     results: Vec<Vec<OpResult>>,
-    replies: Vec<oneshot::Sender<Result<Vec<OpResult>, WriteError>>>,
+    replies: Vec<oneshot::Sender<Result<Vec<OpResult>, StoreError>>>,
 }
 
-fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>) {
     let pending = Arc::new(Mutex::new(Pending::default()));
     let (planned_tx, planned_rx) = std_mpsc::sync_channel(PLANNED_DEPTH);
     let committer = {
@@ -199,17 +153,13 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
 }
 
 /// The committing thread: writes planned groups in order and answers their jobs.
-fn commit(store: &Store, pending: &Mutex<Pending>, rx: std_mpsc::Receiver<Planned>) {
+fn commit(store: &Db, pending: &Mutex<Pending>, rx: std_mpsc::Receiver<Planned>) {
     let lock = || pending.lock().unwrap_or_else(|e| e.into_inner());
     for planned in rx {
         let outcome = if lock().failures != planned.failures_seen {
-            Err(WriteError::Storage(
-                "an earlier write it depended on failed; nothing of it was stored".into(),
-            ))
+            Err(StoreError::Aborted)
         } else {
-            store
-                .write(&planned.changes)
-                .map_err(|e| WriteError::Storage(e.to_string()))
+            store.write(&planned.changes).map_err(StoreError::from)
         };
         {
             let mut pending = lock();
@@ -252,19 +202,17 @@ fn commit(store: &Store, pending: &Mutex<Pending>, rx: std_mpsc::Receiver<Planne
 }
 
 type Plan = (Vec<Change>, Vec<Vec<OpResult>>, u64);
-/// What a key holds as the group is planned: stored, or as an earlier operation left it.
-type Current = HashMap<PointerKey, Option<Arc<StoredPointer>>>;
 
 /// Decides every operation's effect against what is stored and what is pending,
 /// reading stored values once for the whole group, and records the group's changes as
 /// pending. Values are shared between the change, the result and later operations on
 /// the same key rather than copied: a bulk sync's groups hold tens of thousands.
 fn plan(
-    store: &Store,
+    store: &Db,
     pending: &Mutex<Pending>,
     group: u64,
     jobs: Vec<Vec<Op>>,
-) -> Result<Plan, WriteError> {
+) -> Result<Plan, StoreError> {
     let lock = || pending.lock().unwrap_or_else(|e| e.into_inner());
     let mut keys: Vec<PointerKey> = jobs.iter().flatten().map(Op::key).collect();
     keys.sort_unstable();
@@ -283,23 +231,13 @@ fn plan(
     };
     // Keys not pending are durable as they are: the planner is the only one who adds
     // to the pending set, and the committer removes a key only once it is stored.
-    let stored = store
-        .get_many(&keys)
-        .map_err(|e| WriteError::Storage(e.to_string()))?;
+    let stored = store.get_many(&keys)?;
     current.extend(
         keys.into_iter()
             .zip(stored.into_iter().map(|v| v.map(Arc::new))),
     );
 
-    let mut changes = Vec::with_capacity(current.len());
-    let mut results = Vec::with_capacity(jobs.len());
-    for ops in jobs {
-        let job_results = ops
-            .into_iter()
-            .map(|op| apply_op(op, &mut current, &mut changes))
-            .collect();
-        results.push(job_results);
-    }
+    let (changes, results) = plan_ops(jobs, &mut current);
 
     let mut pending = lock();
     // After a failure the committer refuses this group; its changes must not become
@@ -314,91 +252,10 @@ fn plan(
     Ok((changes, results, failures_seen))
 }
 
-fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResult {
-    match op {
-        Op::Upsert {
-            key,
-            mut value,
-            keep_last_updated,
-        } => {
-            let slot = current.entry(key).or_default();
-            let Some(prev) = slot.take() else {
-                return OpResult::Inserted(put(key, value, None, slot, changes));
-            };
-            if keep_last_updated {
-                value.last_updated = prev.last_updated;
-            }
-            let lapse_moves = lapse_moves(prev.lapses_at, value.lapses_at);
-            if !prev.same_content(&value) {
-                if !lapse_moves {
-                    value.lapses_at = prev.lapses_at;
-                }
-                return OpResult::Updated(put(key, value, Some(prev), slot, changes));
-            }
-            // Unchanged content still counts as a refresh; repeating a sync within a
-            // day costs no writes.
-            if !lapse_moves {
-                *slot = Some(prev.clone());
-                return OpResult::Unchanged(prev);
-            }
-            let mut kept = StoredPointer::clone(&prev);
-            kept.lapses_at = value.lapses_at;
-            OpResult::Unchanged(put(key, kept, Some(prev), slot, changes))
-        }
-        Op::Delete { key } | Op::Purge { key, .. } => {
-            let slot = current.entry(key).or_default();
-            let still_due = match (&op, slot.as_ref()) {
-                (Op::Purge { now, .. }, Some(prev)) => {
-                    prev.effective_expiry().is_some_and(|at| at <= *now)
-                }
-                (_, Some(_)) => true,
-                (_, None) => false,
-            };
-            if !still_due {
-                return OpResult::Absent;
-            }
-            let previous = slot.take().expect("checked above");
-            changes.push(Change::Delete { key, previous });
-            OpResult::Deleted
-        }
-    }
-}
-
-/// Stores `value` at `key` in the plan: a change to write, and what later operations
-/// in the group see there. Returns the value, shared.
-fn put(
-    key: PointerKey,
-    value: StoredPointer,
-    previous: Option<Arc<StoredPointer>>,
-    slot: &mut Option<Arc<StoredPointer>>,
-    changes: &mut Vec<Change>,
-) -> Arc<StoredPointer> {
-    let value = Arc::new(value);
-    changes.push(Change::Put {
-        key,
-        value: value.clone(),
-        previous,
-    });
-    *slot = Some(value.clone());
-    value
-}
-
-/// Whether a write moves a pointer's lapse from `stored` to `offered`. Every write
-/// refreshes the pointer, but its lapse moves only in steps of at least a day: a
-/// holder syncing the same data twice in a day writes once, and an update within a day
-/// of the last write keeps its place in the expiry index (rewriting it was two of an
-/// update's three index entries).
-fn lapse_moves(stored: Option<i64>, offered: Option<i64>) -> bool {
-    match (stored, offered) {
-        (Some(old), Some(new)) => new - old >= REFRESH_STEP_NANOS,
-        (old, new) => old != new,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{patient_keys::PSEUDONYM_LEN, storage::IDENT_LEN};
+    use crate::{patient_keys::PSEUDONYM_LEN, store::IDENT_LEN};
 
     fn key(p: u8) -> PointerKey {
         PointerKey {
@@ -421,72 +278,13 @@ mod tests {
         }
     }
 
-    fn with_lapse(op: Op, lapses_at: i64) -> Op {
-        match op {
-            Op::Upsert {
-                key,
-                mut value,
-                keep_last_updated,
-            } => {
-                value.lapses_at = Some(lapses_at);
-                Op::Upsert {
-                    key,
-                    value,
-                    keep_last_updated,
-                }
-            }
-            other => other,
-        }
-    }
-
-    /// An update refreshes the pointer, but its lapse (and so its place in the expiry
-    /// index) moves only when it would move by a day or more.
-    #[tokio::test]
-    async fn updates_move_the_lapse_in_steps_of_a_day() {
-        const HOUR: i64 = 3600 * 1_000_000_000;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let (writer, thread) = Writer::start(store.clone());
-        let k = key(1);
-        let lapse = |result: &[OpResult]| match &result[0] {
-            OpResult::Inserted(v) | OpResult::Updated(v) | OpResult::Unchanged(v) => v.lapses_at,
-            other => panic!("unexpected {other:?}"),
-        };
-        let t0 = 1_000 * 24 * HOUR;
-        let r = writer
-            .apply(vec![with_lapse(upsert(k, 1), t0)])
-            .await
-            .unwrap();
-        assert_eq!(lapse(&r), Some(t0));
-        // Changed content an hour later: updated, the lapse stays.
-        let r = writer
-            .apply(vec![with_lapse(upsert(k, 2), t0 + HOUR)])
-            .await
-            .unwrap();
-        assert!(matches!(r[0], OpResult::Updated(_)));
-        assert_eq!(lapse(&r), Some(t0));
-        // Changed content two days later: the lapse moves with it.
-        let r = writer
-            .apply(vec![with_lapse(upsert(k, 3), t0 + 48 * HOUR)])
-            .await
-            .unwrap();
-        assert!(matches!(r[0], OpResult::Updated(_)));
-        assert_eq!(lapse(&r), Some(t0 + 48 * HOUR));
-        let stored = store.get_many(&[k]).unwrap().pop().unwrap().unwrap();
-        assert_eq!(stored.lapses_at, Some(t0 + 48 * HOUR));
-        assert_eq!(stored.last_updated, 3);
-
-        drop(writer);
-        thread.join().unwrap();
-    }
-
     /// Groups are planned while earlier ones are still being written. Each must see
     /// the ones before it: outcomes stay exact, and the store ends as the last write
     /// left it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn outcomes_stay_exact_while_groups_are_in_flight() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Db::open(dir.path()).unwrap());
         let (writer, thread) = Writer::start(store.clone());
         let keys: Vec<PointerKey> = (0..10).map(key).collect();
 

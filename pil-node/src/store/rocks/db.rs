@@ -1,4 +1,6 @@
-//! The registry's on-disk layout. The only module that knows RocksDB.
+//! The RocksDB layout of a region's store: column families, keys, and synchronous
+//! reads and writes. Only the RocksDB engine calls these, from its own threads or the
+//! blocking pool.
 //!
 //! Column families (all keys fixed-width binary, so byte order is key order):
 //!
@@ -28,7 +30,7 @@
 //! (level 0 = leaf hashes, kept when retention drops a record's contents), so proofs
 //! need O(log² n) reads. `audit_heads` keeps every signed tree head.
 
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
 use prost::Message;
 use rocksdb::{
@@ -36,7 +38,13 @@ use rocksdb::{
     MemtableFactory, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions,
 };
 
-use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
+use crate::{
+    patient_keys::{PSEUDONYM_LEN, Pseudonym},
+    store::{
+        Change, KEY_LEN, ORG_LEN, PointerKey, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+        tree::Group,
+    },
+};
 
 const CF_POINTERS: &str = "pointers";
 const CF_BY_ORG: &str = "pointers_by_org";
@@ -45,7 +53,7 @@ const CF_META: &str = "meta";
 const CF_BLOCKS: &str = "blocks";
 const CF_OPT_OUTS: &str = "opt_outs";
 /// Audit record contents, by index.
-pub const CF_AUDIT_RECORDS: &str = "audit_records";
+const CF_AUDIT_RECORDS: &str = "audit_records";
 const CF_AUDIT_NODES: &str = "audit_nodes";
 const CF_AUDIT_HEADS: &str = "audit_heads";
 const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
@@ -65,16 +73,9 @@ const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_VERSION: &[u8] = b"2";
 const FORMAT_1: &[u8] = b"1";
 
-/// Bytes of an organization number in keys.
-pub const ORG_LEN: usize = 9;
-/// Bytes of the endpoint identity hash in keys.
-pub const IDENT_LEN: usize = 16;
-/// Bytes of an encoded [`PointerKey`].
-pub const KEY_LEN: usize = PSEUDONYM_LEN + ORG_LEN + IDENT_LEN;
-
-/// The storage error, with RocksDB's message.
+/// What a RocksDB call can fail with.
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub enum DbError {
     #[error("database error: {0}")]
     Db(#[from] rocksdb::Error),
     #[error("corrupt record in {cf}: {detail}")]
@@ -86,13 +87,29 @@ pub enum StorageError {
     NotCached,
 }
 
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Db(e) => StoreError::engine(e),
+            DbError::Corrupt { cf, detail } => StoreError::Corrupt { what: cf, detail },
+            DbError::Format { found } => StoreError::Format {
+                found,
+                expected: "2",
+            },
+            DbError::NotCached => StoreError::engine(std::io::Error::other(
+                "a cache-only read missed where a full read was meant",
+            )),
+        }
+    }
+}
+
 /// How far a read may go for its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
     /// Anywhere, disk included: may block, so call it from a blocking context.
     Any,
     /// Memtables and the block cache only: never waits for the disk, so it can run on
-    /// the async executor; fails with [`StorageError::NotCached`] instead.
+    /// the async executor; fails with [`DbError::NotCached`] instead.
     Cached,
 }
 
@@ -106,68 +123,41 @@ impl Tier {
     }
 }
 
-/// RocksDB's error, or [`StorageError::NotCached`] for a cache-only read that missed.
-fn read_error(e: rocksdb::Error) -> StorageError {
+/// RocksDB's error, or [`DbError::NotCached`] for a cache-only read that missed.
+fn read_error(e: rocksdb::Error) -> DbError {
     if e.kind() == rocksdb::ErrorKind::Incomplete {
-        StorageError::NotCached
+        DbError::NotCached
     } else {
-        StorageError::Db(e)
+        DbError::Db(e)
     }
 }
 
-/// Where one pointer lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PointerKey {
-    pub patient: Pseudonym,
-    pub org: [u8; ORG_LEN],
-    pub ident: [u8; IDENT_LEN],
+/// A key's entry in `pointers_by_org`: organization first.
+fn by_org(key: &PointerKey) -> [u8; KEY_LEN] {
+    let mut k = [0u8; KEY_LEN];
+    k[..ORG_LEN].copy_from_slice(&key.org);
+    k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].copy_from_slice(&key.patient);
+    k[ORG_LEN + PSEUDONYM_LEN..].copy_from_slice(&key.ident);
+    k
 }
 
-impl PointerKey {
-    pub fn encode(&self) -> [u8; KEY_LEN] {
-        let mut k = [0u8; KEY_LEN];
-        k[..PSEUDONYM_LEN].copy_from_slice(&self.patient);
-        k[PSEUDONYM_LEN..PSEUDONYM_LEN + ORG_LEN].copy_from_slice(&self.org);
-        k[PSEUDONYM_LEN + ORG_LEN..].copy_from_slice(&self.ident);
-        k
+fn from_by_org(k: &[u8]) -> Option<PointerKey> {
+    if k.len() != KEY_LEN {
+        return None;
     }
+    Some(PointerKey {
+        org: k[..ORG_LEN].try_into().ok()?,
+        patient: k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].try_into().ok()?,
+        ident: k[ORG_LEN + PSEUDONYM_LEN..].try_into().ok()?,
+    })
+}
 
-    pub fn decode(k: &[u8]) -> Option<Self> {
-        if k.len() != KEY_LEN {
-            return None;
-        }
-        Some(Self {
-            patient: k[..PSEUDONYM_LEN].try_into().ok()?,
-            org: k[PSEUDONYM_LEN..PSEUDONYM_LEN + ORG_LEN].try_into().ok()?,
-            ident: k[PSEUDONYM_LEN + ORG_LEN..].try_into().ok()?,
-        })
-    }
-
-    fn by_org(&self) -> [u8; KEY_LEN] {
-        let mut k = [0u8; KEY_LEN];
-        k[..ORG_LEN].copy_from_slice(&self.org);
-        k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].copy_from_slice(&self.patient);
-        k[ORG_LEN + PSEUDONYM_LEN..].copy_from_slice(&self.ident);
-        k
-    }
-
-    fn from_by_org(k: &[u8]) -> Option<Self> {
-        if k.len() != KEY_LEN {
-            return None;
-        }
-        Some(Self {
-            org: k[..ORG_LEN].try_into().ok()?,
-            patient: k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].try_into().ok()?,
-            ident: k[ORG_LEN + PSEUDONYM_LEN..].try_into().ok()?,
-        })
-    }
-
-    fn expiry(&self, expires_at: i64) -> [u8; 8 + KEY_LEN] {
-        let mut k = [0u8; 8 + KEY_LEN];
-        k[..8].copy_from_slice(&sortable(expires_at));
-        k[8..].copy_from_slice(&self.encode());
-        k
-    }
+/// A key's entry in `pointer_expiry`: the expiry first, so the index is in time order.
+fn expiry_key(key: &PointerKey, expires_at: i64) -> [u8; 8 + KEY_LEN] {
+    let mut k = [0u8; 8 + KEY_LEN];
+    k[..8].copy_from_slice(&sortable(expires_at));
+    k[8..].copy_from_slice(&key.encode());
+    k
 }
 
 /// One entry of a pointer write. The key is inline (the longest is an expiry key):
@@ -202,98 +192,14 @@ fn sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-/// A stored pointer. The patient identifier is only here, sealed; the organization
-/// number is in the key.
-#[derive(Clone, PartialEq, Message)]
-pub struct StoredPointer {
-    /// The identifier as storage format 1 sealed it (`PatientKeys::open_format1`);
-    /// empty in pointers written since.
-    #[prost(bytes = "vec", tag = "1")]
-    pub sealed_patient_format1: Vec<u8>,
-    #[prost(string, tag = "2")]
-    pub sub_unit: String,
-    #[prost(string, tag = "3")]
-    pub base_url: String,
-    #[prost(int32, tag = "4")]
-    pub api_kind: i32,
-    #[prost(string, repeated, tag = "5")]
-    pub categories: Vec<String>,
-    #[prost(int64, optional, tag = "6")]
-    pub period_start: Option<i64>,
-    #[prost(int64, optional, tag = "7")]
-    pub period_end: Option<i64>,
-    #[prost(int64, tag = "8")]
-    pub last_updated: i64,
-    #[prost(int64, optional, tag = "9")]
-    pub expires_at: Option<i64>,
-    #[prost(string, tag = "10")]
-    pub holder_name: String,
-    /// When the pointer lapses unless its holder refreshes it: receipt time plus the
-    /// node's pointer lifetime. Moved forward by refreshes, not part of the content.
-    #[prost(int64, optional, tag = "11")]
-    pub lapses_at: Option<i64>,
-    /// `PatientKeys::seal` of the identifier, for export.
-    #[prost(bytes = "vec", tag = "12")]
-    pub sealed_patient: Vec<u8>,
-}
-
-impl StoredPointer {
-    /// Equal in everything a holder can change (how the identifier is sealed is not
-    /// content: format 1 seals carry a random nonce).
-    pub fn same_content(&self, other: &Self) -> bool {
-        self.sub_unit == other.sub_unit
-            && self.base_url == other.base_url
-            && self.api_kind == other.api_kind
-            && self.categories == other.categories
-            && self.period_start == other.period_start
-            && self.period_end == other.period_end
-            && self.last_updated == other.last_updated
-            && self.expires_at == other.expires_at
-            && self.holder_name == other.holder_name
-    }
-
-    /// When the pointer stops being shown: its holder's expiry or its lapse, whichever
-    /// comes first.
-    pub fn effective_expiry(&self) -> Option<i64> {
-        match (self.expires_at, self.lapses_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-}
-
-/// One change in an atomic write.
-#[derive(Debug, Clone)]
-pub enum Change {
-    /// Store `value` at `key`; `previous` is what was there (to keep indexes exact).
-    Put {
-        key: PointerKey,
-        value: Arc<StoredPointer>,
-        previous: Option<Arc<StoredPointer>>,
-    },
-    /// Remove `key`, whose current value is `previous`.
-    Delete {
-        key: PointerKey,
-        previous: Arc<StoredPointer>,
-    },
-}
-
-impl Change {
-    pub fn key(&self) -> &PointerKey {
-        match self {
-            Change::Put { key, .. } | Change::Delete { key, .. } => key,
-        }
-    }
-}
-
 /// The open database.
-pub struct Store {
+pub struct Db {
     db: DB,
 }
 
-impl Store {
+impl Db {
     /// Opens (or creates) the database in `path`.
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
         let cache = Cache::new_lru_cache(256 * 1024 * 1024);
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -353,7 +259,7 @@ impl Store {
         Ok(store)
     }
 
-    fn check_format(&self) -> Result<(), StorageError> {
+    fn check_format(&self) -> Result<(), DbError> {
         let meta = self.cf(CF_META);
         match self.db.get_cf(meta, FORMAT_KEY)? {
             None => {
@@ -369,7 +275,7 @@ impl Store {
                 self.db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VERSION, &w)?;
                 Ok(())
             }
-            Some(v) => Err(StorageError::Format {
+            Some(v) => Err(DbError::Format {
                 found: String::from_utf8_lossy(&v).into_owned(),
             }),
         }
@@ -382,10 +288,7 @@ impl Store {
     }
 
     /// Reads the current values of `keys`, in order.
-    pub fn get_many(
-        &self,
-        keys: &[PointerKey],
-    ) -> Result<Vec<Option<StoredPointer>>, StorageError> {
+    pub fn get_many(&self, keys: &[PointerKey]) -> Result<Vec<Option<StoredPointer>>, DbError> {
         let cf = self.cf(CF_POINTERS);
         let encoded: Vec<[u8; KEY_LEN]> = keys.iter().map(PointerKey::encode).collect();
         self.db
@@ -403,7 +306,7 @@ impl Store {
         &self,
         patient: &Pseudonym,
         tier: Tier,
-    ) -> Result<Vec<(PointerKey, StoredPointer)>, StorageError> {
+    ) -> Result<Vec<(PointerKey, StoredPointer)>, DbError> {
         let mut out = Vec::new();
         for item in self.prefix_scan_in(CF_POINTERS, patient, tier) {
             let (k, v) = item?;
@@ -418,7 +321,7 @@ impl Store {
         &self,
         patient: &Pseudonym,
         org: &[u8; ORG_LEN],
-    ) -> Result<Vec<PointerKey>, StorageError> {
+    ) -> Result<Vec<PointerKey>, DbError> {
         let mut prefix = [0u8; PSEUDONYM_LEN + ORG_LEN];
         prefix[..PSEUDONYM_LEN].copy_from_slice(patient);
         prefix[PSEUDONYM_LEN..].copy_from_slice(org);
@@ -436,12 +339,12 @@ impl Store {
         org: &[u8; ORG_LEN],
         after: Option<&PointerKey>,
         limit: usize,
-    ) -> Result<Vec<PointerKey>, StorageError> {
+    ) -> Result<Vec<PointerKey>, DbError> {
         let cf = self.cf(CF_BY_ORG);
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(upper_bound(org));
         opts.set_prefix_same_as_start(true);
-        let start = after.map(|k| k.by_org()).map(|k| k.to_vec());
+        let start = after.map(by_org).map(|k| k.to_vec());
         let mode = match &start {
             Some(s) => IteratorMode::From(s, rocksdb::Direction::Forward),
             None => IteratorMode::From(org, rocksdb::Direction::Forward),
@@ -449,7 +352,7 @@ impl Store {
         let mut out = Vec::with_capacity(limit.min(4096));
         for item in self.db.iterator_cf_opt(cf, opts, mode) {
             let (k, _) = item?;
-            let key = PointerKey::from_by_org(&k).ok_or_else(|| corrupt(CF_BY_ORG, "bad key"))?;
+            let key = from_by_org(&k).ok_or_else(|| corrupt(CF_BY_ORG, "bad key"))?;
             if Some(&key) == after {
                 continue;
             }
@@ -462,7 +365,7 @@ impl Store {
     }
 
     /// Up to `limit` pointers whose expiry is at or before `now` (ns since the epoch).
-    pub fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StorageError> {
+    pub fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, DbError> {
         let cf = self.cf(CF_EXPIRY);
         let mut opts = ReadOptions::default();
         let mut bound = sortable(now).to_vec();
@@ -481,7 +384,7 @@ impl Store {
     }
 
     /// Applies `changes` atomically and durably (the WAL is synced before returning).
-    pub fn write(&self, changes: &[Change]) -> Result<(), StorageError> {
+    pub fn write(&self, changes: &[Change]) -> Result<(), DbError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -507,24 +410,28 @@ impl Store {
                         Some(value.encode_to_vec()),
                     ));
                     if previous.is_none() {
-                        entries.push(Entry::new(BY_ORG, &key.by_org(), Some(Vec::new())));
+                        entries.push(Entry::new(BY_ORG, &by_org(key), Some(Vec::new())));
                     }
                     let before = previous.as_ref().and_then(|p| p.effective_expiry());
                     let after = value.effective_expiry();
                     if before != after {
                         if let Some(at) = before {
-                            entries.push(Entry::new(EXPIRY, &key.expiry(at), None));
+                            entries.push(Entry::new(EXPIRY, &expiry_key(key, at), None));
                         }
                         if let Some(at) = after {
-                            entries.push(Entry::new(EXPIRY, &key.expiry(at), Some(Vec::new())));
+                            entries.push(Entry::new(
+                                EXPIRY,
+                                &expiry_key(key, at),
+                                Some(Vec::new()),
+                            ));
                         }
                     }
                 }
                 Change::Delete { key, previous } => {
                     entries.push(Entry::new(POINTERS, &key.encode(), None));
-                    entries.push(Entry::new(BY_ORG, &key.by_org(), None));
+                    entries.push(Entry::new(BY_ORG, &by_org(key), None));
                     if let Some(at) = previous.effective_expiry() {
-                        entries.push(Entry::new(EXPIRY, &key.expiry(at), None));
+                        entries.push(Entry::new(EXPIRY, &expiry_key(key, at), None));
                     }
                 }
             }
@@ -547,7 +454,7 @@ impl Store {
 
     /// Flushes memtables to SST files, e.g. before a backup or in tests that inspect
     /// the files.
-    pub fn flush(&self) -> Result<(), StorageError> {
+    pub fn flush(&self) -> Result<(), DbError> {
         for name in [
             CF_POINTERS,
             CF_BY_ORG,
@@ -569,7 +476,7 @@ impl Store {
         &'a self,
         cf: &'static str,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + 'a {
+    ) -> impl Iterator<Item = Result<KeyValue, DbError>> + 'a {
         self.prefix_scan_in(cf, prefix, Tier::Any)
     }
 
@@ -578,7 +485,7 @@ impl Store {
         cf: &'static str,
         prefix: &'a [u8],
         tier: Tier,
-    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + 'a {
+    ) -> impl Iterator<Item = Result<KeyValue, DbError>> + 'a {
         let mut opts = tier.options();
         opts.set_iterate_upper_bound(upper_bound(prefix));
         opts.set_prefix_same_as_start(true);
@@ -595,33 +502,8 @@ impl Store {
 /// A raw key and value from an iterator.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
 
-/// A patient's block (sperring). Keyed by the patient's pseudonym.
-#[derive(Clone, PartialEq, Message)]
-pub struct StoredBlock {
-    /// 1 = HPR number, 2 = profession code, 3 = organization number.
-    #[prost(int32, tag = "1")]
-    pub target_kind: i32,
-    #[prost(string, tag = "2")]
-    pub target: String,
-    #[prost(string, tag = "3")]
-    pub holder: String,
-    #[prost(string, tag = "4")]
-    pub reason: String,
-    #[prost(int64, tag = "5")]
-    pub created_at: i64,
-}
-
-/// A patient's opt-out (reservasjon).
-#[derive(Clone, PartialEq, Message)]
-pub struct StoredOptOut {
-    #[prost(int64, tag = "1")]
-    pub since: i64,
-    #[prost(string, tag = "2")]
-    pub reason: String,
-}
-
-impl Store {
-    fn put_synced(&self, cf: &str, key: &[u8], value: Option<Vec<u8>>) -> Result<(), StorageError> {
+impl Db {
+    fn put_synced(&self, cf: &str, key: &[u8], value: Option<Vec<u8>>) -> Result<(), DbError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         match value {
@@ -637,13 +519,13 @@ impl Store {
         patient: &Pseudonym,
         id: &[u8; 16],
         block: &StoredBlock,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), DbError> {
         let key = [patient.as_slice(), id].concat();
         self.put_synced(CF_BLOCKS, &key, Some(block.encode_to_vec()))
     }
 
     /// Removes a block; true when it existed.
-    pub fn delete_block(&self, patient: &Pseudonym, id: &[u8; 16]) -> Result<bool, StorageError> {
+    pub fn delete_block(&self, patient: &Pseudonym, id: &[u8; 16]) -> Result<bool, DbError> {
         let key = [patient.as_slice(), id].concat();
         let existed = self.db.get_cf(self.cf(CF_BLOCKS), &key)?.is_some();
         if existed {
@@ -657,7 +539,7 @@ impl Store {
         &self,
         patient: &Pseudonym,
         tier: Tier,
-    ) -> Result<Vec<([u8; 16], StoredBlock)>, StorageError> {
+    ) -> Result<Vec<([u8; 16], StoredBlock)>, DbError> {
         self.prefix_scan_in(CF_BLOCKS, patient, tier)
             .map(|item| {
                 let (k, v) = item?;
@@ -677,7 +559,7 @@ impl Store {
         &self,
         patient: &Pseudonym,
         opt_out: Option<&StoredOptOut>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), DbError> {
         self.put_synced(CF_OPT_OUTS, patient, opt_out.map(|o| o.encode_to_vec()))
     }
 
@@ -686,20 +568,13 @@ impl Store {
         &self,
         patient: &Pseudonym,
         tier: Tier,
-    ) -> Result<Option<StoredOptOut>, StorageError> {
+    ) -> Result<Option<StoredOptOut>, DbError> {
         self.db
             .get_cf_opt(self.cf(CF_OPT_OUTS), patient, &tier.options())
             .map_err(read_error)?
             .map(|v| StoredOptOut::decode(&*v).map_err(|e| corrupt(CF_OPT_OUTS, &e.to_string())))
             .transpose()
     }
-}
-
-/// One record appended to the audit log.
-pub struct AuditAppend<'a> {
-    pub index: u64,
-    pub record: &'a [u8],
-    pub patient: Option<Pseudonym>,
 }
 
 fn audit_node_key(level: u8, index: u64) -> [u8; 9] {
@@ -709,7 +584,7 @@ fn audit_node_key(level: u8, index: u64) -> [u8; 9] {
     k
 }
 
-fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, StorageError> {
+fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, DbError> {
     k.get(k.len().saturating_sub(8)..)
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .map(u64::from_be_bytes)
@@ -717,39 +592,34 @@ fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, StorageError> {
 }
 
 /// The audit log's storage: append-only records, tree nodes and signed heads.
-impl Store {
-    /// Appends records with the tree nodes they complete (and optionally a signed
-    /// head) in one durable write.
-    pub fn audit_append(
-        &self,
-        records: &[AuditAppend<'_>],
-        nodes: &[(u8, u64, [u8; 32])],
-        heads: &[(u64, String)],
-    ) -> Result<(), StorageError> {
+impl Db {
+    /// Stores one group of the log (records, the subtrees they complete, signed
+    /// heads) in one durable write.
+    pub fn audit_append(&self, group: &Group) -> Result<(), DbError> {
+        if group.is_empty() {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
-        for r in records {
-            batch.put_cf(self.cf(CF_AUDIT_RECORDS), r.index.to_be_bytes(), r.record);
+        for r in &group.records {
+            batch.put_cf(self.cf(CF_AUDIT_RECORDS), r.index.to_be_bytes(), &r.bytes);
             if let Some(p) = &r.patient {
                 let key = [p.as_slice(), &r.index.to_be_bytes()].concat();
                 batch.put_cf(self.cf(CF_AUDIT_BY_PATIENT), key, []);
             }
         }
-        for (level, index, hash) in nodes {
+        for (level, index, hash) in &group.nodes {
             batch.put_cf(
                 self.cf(CF_AUDIT_NODES),
                 audit_node_key(*level, *index),
                 hash,
             );
         }
-        for (size, note) in heads {
+        for (size, note) in &group.heads {
             batch.put_cf(self.cf(CF_AUDIT_HEADS), size.to_be_bytes(), note.as_bytes());
         }
-        if let Some((size, note)) = heads.last() {
+        if let Some((size, note)) = group.heads.last() {
             let value = [size.to_be_bytes().as_slice(), note.as_bytes()].concat();
             batch.put_cf(self.cf(CF_META), AUDIT_NEWEST_HEAD, value);
-        }
-        if records.is_empty() && nodes.is_empty() && heads.is_empty() {
-            return Ok(());
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -758,7 +628,7 @@ impl Store {
     }
 
     /// Number of leaves in the audit tree.
-    pub fn audit_size(&self) -> Result<u64, StorageError> {
+    pub fn audit_size(&self) -> Result<u64, DbError> {
         let mut it = self.db.iterator_cf(
             self.cf(CF_AUDIT_NODES),
             IteratorMode::From(&audit_node_key(0, u64::MAX), rocksdb::Direction::Reverse),
@@ -777,7 +647,7 @@ impl Store {
     }
 
     /// A stored complete subtree's hash.
-    pub fn audit_node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StorageError> {
+    pub fn audit_node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, DbError> {
         self.db
             .get_cf(self.cf(CF_AUDIT_NODES), audit_node_key(level, index))?
             .map(|v| {
@@ -787,7 +657,7 @@ impl Store {
     }
 
     /// One record's bytes, if its contents are kept.
-    pub fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+    pub fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, DbError> {
         Ok(self
             .db
             .get_cf(self.cf(CF_AUDIT_RECORDS), index.to_be_bytes())?)
@@ -800,7 +670,7 @@ impl Store {
         from: u64,
         ascending: bool,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
         let start = from.to_be_bytes();
         let mode = if ascending {
             IteratorMode::From(&start, rocksdb::Direction::Forward)
@@ -828,7 +698,7 @@ impl Store {
         patient: &Pseudonym,
         before: u64,
         limit: usize,
-    ) -> Result<Vec<u64>, StorageError> {
+    ) -> Result<Vec<u64>, DbError> {
         let start = [patient.as_slice(), &before.to_be_bytes()].concat();
         let mut opts = ReadOptions::default();
         opts.set_prefix_same_as_start(true);
@@ -854,13 +724,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Every signed tree head, oldest first, as `(size, note)`.
-    pub fn audit_heads(&self) -> Result<Vec<(u64, String)>, StorageError> {
-        self.audit_heads_after(0, usize::MAX)
-    }
-
     /// The newest signed tree head.
-    pub fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+    pub fn audit_latest_head(&self) -> Result<Option<(u64, String)>, DbError> {
         let mut it = self
             .db
             .iterator_cf(self.cf(CF_AUDIT_HEADS), IteratorMode::End);
@@ -868,7 +733,7 @@ impl Store {
     }
 
     /// The newest signed head as remembered apart from the heads' family.
-    pub fn audit_remembered_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+    pub fn audit_remembered_head(&self) -> Result<Option<(u64, String)>, DbError> {
         let Some(v) = self.db.get_cf(self.cf(CF_META), AUDIT_NEWEST_HEAD)? else {
             return Ok(None);
         };
@@ -883,7 +748,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, String)>, StorageError> {
+    ) -> Result<Vec<(u64, String)>, DbError> {
         let start = after.saturating_add(1).to_be_bytes();
         self.db
             .iterator_cf(
@@ -896,7 +761,7 @@ impl Store {
     }
 
     /// The first index whose record contents are kept.
-    pub fn audit_retained_from(&self) -> Result<u64, StorageError> {
+    pub fn audit_retained_from(&self) -> Result<u64, DbError> {
         match self.db.get_cf(self.cf(CF_META), AUDIT_RETAINED_FROM)? {
             Some(v) => be_u64(&v, CF_META),
             None => Ok(0),
@@ -910,7 +775,7 @@ impl Store {
         &self,
         upto: u64,
         patients: &[(u64, Pseudonym)],
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), DbError> {
         let from = self.audit_retained_from()?;
         if upto <= from {
             return Ok(());
@@ -947,7 +812,7 @@ fn upper_bound(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// A signed tree head as stored: tree size (big-endian key) and the signed note.
-fn decode_head(item: Result<KeyValue, rocksdb::Error>) -> Result<(u64, String), StorageError> {
+fn decode_head(item: Result<KeyValue, rocksdb::Error>) -> Result<(u64, String), DbError> {
     let (k, v) = item?;
     Ok((
         be_u64(&k, CF_AUDIT_HEADS)?,
@@ -955,12 +820,12 @@ fn decode_head(item: Result<KeyValue, rocksdb::Error>) -> Result<(u64, String), 
     ))
 }
 
-fn decode(v: &[u8]) -> Result<StoredPointer, StorageError> {
+fn decode(v: &[u8]) -> Result<StoredPointer, DbError> {
     StoredPointer::decode(v).map_err(|e| corrupt(CF_POINTERS, &e.to_string()))
 }
 
-fn corrupt(cf: &'static str, detail: &str) -> StorageError {
-    StorageError::Corrupt {
+fn corrupt(cf: &'static str, detail: &str) -> DbError {
+    DbError::Corrupt {
         cf,
         detail: detail.to_string(),
     }
@@ -969,6 +834,7 @@ fn corrupt(cf: &'static str, detail: &str) -> StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::IDENT_LEN;
 
     fn key(p: u8, org: &[u8; 9], i: u8) -> PointerKey {
         PointerKey {
@@ -993,7 +859,7 @@ mod tests {
     fn keys_round_trip_and_sort_numerically() {
         let k = key(1, b"974760673", 2);
         assert_eq!(PointerKey::decode(&k.encode()), Some(k));
-        assert_eq!(PointerKey::from_by_org(&k.by_org()), Some(k));
+        assert_eq!(from_by_org(&by_org(&k)), Some(k));
         assert!(sortable(-5) < sortable(3));
         assert!(sortable(i64::MIN) < sortable(-1));
         assert!(sortable(0) < sortable(i64::MAX));
@@ -1006,7 +872,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = key(1, b"974760673", 1);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Db::open(dir.path()).unwrap();
             let meta = store.cf(CF_META);
             store.db.put_cf(meta, FORMAT_KEY, FORMAT_1).unwrap();
             let mut v = value(None);
@@ -1020,7 +886,7 @@ mod tests {
                 .unwrap();
         }
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Db::open(dir.path()).unwrap();
             let meta = store.cf(CF_META);
             assert_eq!(
                 store.db.get_cf(meta, FORMAT_KEY).unwrap().as_deref(),
@@ -1033,8 +899,8 @@ mod tests {
             store.db.put_cf(meta, FORMAT_KEY, b"3").unwrap();
         }
         assert!(matches!(
-            Store::open(dir.path()),
-            Err(StorageError::Format { found }) if found == "3"
+            Db::open(dir.path()),
+            Err(DbError::Format { found }) if found == "3"
         ));
     }
 
@@ -1045,7 +911,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = key(1, b"974760673", 1);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Db::open(dir.path()).unwrap();
             store
                 .write(&[Change::Put {
                     key: a,
@@ -1063,10 +929,10 @@ mod tests {
             );
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Db::open(dir.path()).unwrap();
         assert!(matches!(
             store.patient_pointers(&[1; 16], Tier::Cached),
-            Err(StorageError::NotCached)
+            Err(DbError::NotCached)
         ));
         assert_eq!(
             store.patient_pointers(&[1; 16], Tier::Any).unwrap().len(),
@@ -1092,7 +958,7 @@ mod tests {
     #[test]
     fn writes_keep_indexes_in_step() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Db::open(dir.path()).unwrap();
         let (a, b) = (key(1, b"974760673", 1), key(1, b"983044778", 1));
         let c = key(2, b"974760673", 3);
         store
@@ -1140,7 +1006,7 @@ mod tests {
         assert_eq!(store.expired(25, 10).unwrap(), []);
         assert_eq!(store.org_keys(b"974760673", None, 10).unwrap(), [a]);
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = Db::open(dir.path()).unwrap();
         assert_eq!(store.get_many(&[a, c]).unwrap()[0], Some(value(Some(30))));
     }
 }

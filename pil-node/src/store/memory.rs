@@ -1,0 +1,381 @@
+//! An engine that keeps everything in memory, under one lock. It forgets everything
+//! when dropped, so it is for tests: the registry's and the audit log's tests run on
+//! it and on RocksDB alike, which keeps [`Store`] an interface rather than RocksDB's
+//! shape.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    AuditEntry, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords, PointerKey,
+    Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    model::Change,
+    plan::{Current, plan},
+    tree::{self, Group, Sequencer, TreeReader},
+};
+use crate::patient_keys::Pseudonym;
+
+/// A new, empty store.
+pub fn open() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::default())
+}
+
+#[derive(Default)]
+struct MemoryStore {
+    state: Mutex<State>,
+}
+
+struct State {
+    pointers: BTreeMap<PointerKey, Arc<StoredPointer>>,
+    blocks: BTreeMap<(Pseudonym, [u8; 16]), StoredBlock>,
+    opt_outs: HashMap<Pseudonym, StoredOptOut>,
+    records: BTreeMap<u64, Vec<u8>>,
+    by_patient: BTreeSet<(Pseudonym, u64)>,
+    nodes: HashMap<(u8, u64), [u8; 32]>,
+    heads: BTreeMap<u64, String>,
+    retained_from: u64,
+    sequencer: Sequencer,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            pointers: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            opt_outs: HashMap::new(),
+            records: BTreeMap::new(),
+            by_patient: BTreeSet::new(),
+            nodes: HashMap::new(),
+            heads: BTreeMap::new(),
+            retained_from: 0,
+            sequencer: Sequencer::new(),
+        }
+    }
+}
+
+impl TreeReader for State {
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(self.nodes.get(&(level, index)).copied())
+    }
+
+    fn latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.heads.last_key_value().map(|(s, n)| (*s, n.clone())))
+    }
+
+    fn remembered_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.latest_head()
+    }
+}
+
+impl State {
+    fn write(&mut self, group: Group) {
+        for r in group.records {
+            if let Some(p) = r.patient {
+                self.by_patient.insert((p, r.index));
+            }
+            self.records.insert(r.index, r.bytes);
+        }
+        for (level, index, hash) in group.nodes {
+            self.nodes.insert((level, index), hash);
+        }
+        self.heads.extend(group.heads);
+    }
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    fn engine(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+        let mut state = self.lock();
+        let mut current: Current = ops
+            .iter()
+            .map(|op| (op.key(), state.pointers.get(&op.key()).cloned()))
+            .collect();
+        let (changes, mut results) = plan(vec![ops], &mut current);
+        for change in changes {
+            match change {
+                Change::Put { key, value, .. } => {
+                    state.pointers.insert(key, value);
+                }
+                Change::Delete { key, .. } => {
+                    state.pointers.remove(&key);
+                }
+            }
+        }
+        Ok(results.pop().unwrap_or_default())
+    }
+
+    async fn patient(&self, patient: Pseudonym) -> Result<PatientRecords, StoreError> {
+        let state = self.lock();
+        if let Some(o) = state.opt_outs.get(&patient) {
+            return Ok(PatientRecords {
+                opt_out: Some(o.clone()),
+                ..Default::default()
+            });
+        }
+        Ok(PatientRecords {
+            opt_out: None,
+            blocks: state
+                .blocks
+                .range((patient, [0; 16])..=(patient, [0xff; 16]))
+                .map(|(_, b)| b.clone())
+                .collect(),
+            pointers: state
+                .pointers
+                .iter()
+                .filter(|(k, _)| k.patient == patient)
+                .map(|(k, v)| (*k, StoredPointer::clone(v)))
+                .collect(),
+        })
+    }
+
+    async fn get_many(
+        &self,
+        keys: Vec<PointerKey>,
+    ) -> Result<Vec<Option<StoredPointer>>, StoreError> {
+        let state = self.lock();
+        Ok(keys
+            .iter()
+            .map(|k| state.pointers.get(k).map(|v| StoredPointer::clone(v)))
+            .collect())
+    }
+
+    async fn patient_org_keys(
+        &self,
+        patient: Pseudonym,
+        org: [u8; ORG_LEN],
+    ) -> Result<Vec<PointerKey>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .pointers
+            .keys()
+            .filter(|k| k.patient == patient && k.org == org)
+            .copied()
+            .collect())
+    }
+
+    async fn org_keys(
+        &self,
+        org: [u8; ORG_LEN],
+        after: Option<PointerKey>,
+        limit: usize,
+    ) -> Result<Vec<PointerKey>, StoreError> {
+        let order = |k: &PointerKey| (k.org, k.patient, k.ident);
+        let state = self.lock();
+        let mut keys: Vec<PointerKey> = state
+            .pointers
+            .keys()
+            .filter(|k| k.org == org && after.is_none_or(|a| order(k) > order(&a)))
+            .copied()
+            .collect();
+        keys.sort_by_key(order);
+        keys.truncate(limit);
+        Ok(keys)
+    }
+
+    async fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StoreError> {
+        let state = self.lock();
+        let mut due: Vec<(i64, PointerKey)> = state
+            .pointers
+            .iter()
+            .filter_map(|(k, v)| {
+                v.effective_expiry()
+                    .filter(|at| *at <= now)
+                    .map(|at| (at, *k))
+            })
+            .collect();
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, k)| k).collect())
+    }
+
+    async fn put_block(
+        &self,
+        patient: Pseudonym,
+        id: [u8; 16],
+        block: StoredBlock,
+    ) -> Result<(), StoreError> {
+        self.lock().blocks.insert((patient, id), block);
+        Ok(())
+    }
+
+    async fn delete_block(&self, patient: Pseudonym, id: [u8; 16]) -> Result<bool, StoreError> {
+        Ok(self.lock().blocks.remove(&(patient, id)).is_some())
+    }
+
+    async fn blocks(&self, patient: Pseudonym) -> Result<Vec<([u8; 16], StoredBlock)>, StoreError> {
+        Ok(self
+            .lock()
+            .blocks
+            .range((patient, [0; 16])..=(patient, [0xff; 16]))
+            .map(|((_, id), b)| (*id, b.clone()))
+            .collect())
+    }
+
+    async fn set_opt_out(
+        &self,
+        patient: Pseudonym,
+        opt_out: Option<StoredOptOut>,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.lock();
+        Ok(match opt_out {
+            Some(o) => state.opt_outs.insert(patient, o),
+            None => state.opt_outs.remove(&patient),
+        }
+        .is_some())
+    }
+
+    async fn opt_out(&self, patient: Pseudonym) -> Result<Option<StoredOptOut>, StoreError> {
+        Ok(self.lock().opt_outs.get(&patient).cloned())
+    }
+
+    async fn audit_append(&self, mut entry: Box<dyn AuditEntry>) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut group = Group::default();
+        let index = state.sequencer.append(&mut *entry, &mut group)?;
+        state.write(group);
+        Ok(index)
+    }
+
+    async fn audit_sign(
+        &self,
+        signer: Arc<dyn HeadSigning>,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        let mut state = self.lock();
+        let mut group = Group::default();
+        state.sequencer.sign(&*signer, &mut group)?;
+        state.write(group);
+        state.latest_head()
+    }
+
+    async fn audit_size(&self) -> Result<LogSize, StoreError> {
+        let state = self.lock();
+        Ok(LogSize {
+            size: state.sequencer.size(),
+            signed: state.sequencer.signed(),
+        })
+    }
+
+    async fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().records.get(&index).cloned())
+    }
+
+    async fn audit_records(
+        &self,
+        from: u64,
+        ascending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let state = self.lock();
+        let pick = |(i, b): (&u64, &Vec<u8>)| (*i, b.clone());
+        Ok(if ascending {
+            state.records.range(from..).take(limit).map(pick).collect()
+        } else {
+            state
+                .records
+                .range(..from)
+                .rev()
+                .take(limit)
+                .map(pick)
+                .collect()
+        })
+    }
+
+    async fn audit_patient_indexes(
+        &self,
+        patient: Pseudonym,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .lock()
+            .by_patient
+            .range((patient, 0)..(patient, before))
+            .rev()
+            .take(limit)
+            .map(|(_, i)| *i)
+            .collect())
+    }
+
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<LogEntry>, StoreError> {
+        let state = self.lock();
+        (start..end)
+            .map(|index| {
+                let leaf_hash = state.node(0, index)?.ok_or_else(|| {
+                    StoreError::Tree(format!("no leaf hash stored for record {index}"))
+                })?;
+                Ok(LogEntry {
+                    index,
+                    record: state.records.get(&index).cloned(),
+                    leaf_hash,
+                })
+            })
+            .collect()
+    }
+
+    async fn audit_heads_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self
+            .lock()
+            .heads
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(s, n)| (*s, n.clone()))
+            .collect())
+    }
+
+    async fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.lock().latest_head()
+    }
+
+    async fn audit_inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        tree::inclusion_proof(&*self.lock(), index, size)
+    }
+
+    async fn audit_consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        tree::consistency_proof(&*self.lock(), old, new)
+    }
+
+    async fn audit_retained_from(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().retained_from)
+    }
+
+    async fn audit_drop_contents(
+        &self,
+        upto: u64,
+        patients: Vec<(u64, Pseudonym)>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if upto <= state.retained_from {
+            return Ok(());
+        }
+        let kept = state.records.split_off(&upto);
+        state.records = kept;
+        for (index, p) in patients {
+            state.by_patient.remove(&(p, index));
+        }
+        state.retained_from = upto;
+        Ok(())
+    }
+}

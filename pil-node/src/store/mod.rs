@@ -1,0 +1,214 @@
+//! The storage boundary: everything a region holds, behind one interface that names
+//! capabilities — pointers, protections (blocks and opt-outs), the audit log — and not
+//! an engine.
+//!
+//! [`Store`] is what the rest of the node sees. Its methods are async and never block
+//! the executor: an engine that blocks (RocksDB) runs its calls on its own threads or
+//! the blocking pool, inside the engine. Writes are planned by one set of rules
+//! ([`plan`]) and the audit tree is extended by one piece of arithmetic ([`tree`]),
+//! so every engine means the same by an insert or a signed head.
+//!
+//! Engines: [`rocks`] (embedded RocksDB, the default) and [`memory`] (for tests; it
+//! proves the boundary is real by running the same tests as RocksDB).
+
+pub mod memory;
+mod model;
+mod plan;
+pub mod rocks;
+mod tree;
+
+use std::sync::Arc;
+
+use crate::patient_keys::Pseudonym;
+pub use model::{
+    AuditEntry, Change, HeadSigning, IDENT_LEN, KEY_LEN, LogEntry, LogSize, ORG_LEN, Op, OpResult,
+    PatientRecords, PointerKey, StoredBlock, StoredOptOut, StoredPointer,
+};
+
+/// Why the store could not do what was asked. Cloneable: one failed group write
+/// fails every request in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed (I/O, the database, a connection).
+    #[error("storage engine: {0}")]
+    Engine(Arc<dyn std::error::Error + Send + Sync>),
+    #[error("corrupt record in {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("the store has format {found:?}; this node understands {expected:?}")]
+    Format {
+        found: String,
+        expected: &'static str,
+    },
+    /// Planned on top of a write that failed; nothing of it was stored.
+    #[error("an earlier write it depended on failed; nothing of it was stored")]
+    Aborted,
+    /// The node is stopping.
+    #[error("the store is closed")]
+    Closed,
+    /// A record could not be encoded, or a head signed.
+    #[error("audit record: {0}")]
+    Record(String),
+    /// The stored tree is incomplete or a proof was asked outside it.
+    #[error("audit log: {0}")]
+    Tree(String),
+    /// The stored log disagrees with a head it signed: records were removed or
+    /// rewritten while the node was stopped.
+    #[error(
+        "the audit log does not match the newest tree head this node signed ({0}); it was \
+         cut or rewritten while the node was stopped. Restore the data directory from a \
+         backup, or keep it as evidence; the node will not append to it"
+    )]
+    Cut(String),
+}
+
+impl StoreError {
+    pub fn engine(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Engine(Arc::new(e))
+    }
+}
+
+/// A region's storage. Cheap to share (`Arc<dyn Store>`); the engine stops when the
+/// last handle is dropped and its [`Closer`] is joined.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// The engine's name, for logs.
+    fn engine(&self) -> &'static str;
+
+    // Pointers.
+
+    /// Applies `ops` atomically; returns once they are durable. Concurrent calls may
+    /// share one durable write, but each sees the ones before it.
+    async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError>;
+    /// What a lookup reads about a patient.
+    async fn patient(&self, patient: Pseudonym) -> Result<PatientRecords, StoreError>;
+    /// The current values of `keys`, in order.
+    async fn get_many(
+        &self,
+        keys: Vec<PointerKey>,
+    ) -> Result<Vec<Option<StoredPointer>>, StoreError>;
+    /// Keys of one organization's pointers for one patient.
+    async fn patient_org_keys(
+        &self,
+        patient: Pseudonym,
+        org: [u8; ORG_LEN],
+    ) -> Result<Vec<PointerKey>, StoreError>;
+    /// Up to `limit` keys of an organization's pointers in key order, after `after`.
+    async fn org_keys(
+        &self,
+        org: [u8; ORG_LEN],
+        after: Option<PointerKey>,
+        limit: usize,
+    ) -> Result<Vec<PointerKey>, StoreError>;
+    /// Up to `limit` pointers whose expiry is at or before `now` (ns since the epoch).
+    async fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StoreError>;
+
+    // Protections.
+
+    /// Stores a block, durably.
+    async fn put_block(
+        &self,
+        patient: Pseudonym,
+        id: [u8; 16],
+        block: StoredBlock,
+    ) -> Result<(), StoreError>;
+    /// Removes a block; true when it existed.
+    async fn delete_block(&self, patient: Pseudonym, id: [u8; 16]) -> Result<bool, StoreError>;
+    /// A patient's blocks with their ids.
+    async fn blocks(&self, patient: Pseudonym) -> Result<Vec<([u8; 16], StoredBlock)>, StoreError>;
+    /// Records (`Some`) or lifts (`None`) an opt-out, durably; returns whether one
+    /// existed before.
+    async fn set_opt_out(
+        &self,
+        patient: Pseudonym,
+        opt_out: Option<StoredOptOut>,
+    ) -> Result<bool, StoreError>;
+    /// The patient's opt-out, if any.
+    async fn opt_out(&self, patient: Pseudonym) -> Result<Option<StoredOptOut>, StoreError>;
+
+    // The audit log.
+
+    /// Appends `entry` with the next index; returns the index once it is durable.
+    async fn audit_append(&self, entry: Box<dyn AuditEntry>) -> Result<u64, StoreError>;
+    /// Signs the tree unless its size is signed already; returns the newest head.
+    async fn audit_sign(
+        &self,
+        signer: Arc<dyn HeadSigning>,
+    ) -> Result<Option<(u64, String)>, StoreError>;
+    /// How many records the log holds and how many its newest head covers.
+    async fn audit_size(&self) -> Result<LogSize, StoreError>;
+    /// One record's bytes, if its contents are kept.
+    async fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` kept records from `from` on (ascending) or before `from`
+    /// (descending), as `(index, bytes)`.
+    async fn audit_records(
+        &self,
+        from: u64,
+        ascending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Indexes of records about a patient before `before`, newest first.
+    async fn audit_patient_indexes(
+        &self,
+        patient: Pseudonym,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError>;
+    /// Entries `[start, end)` with their leaf hashes, contents where kept.
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<LogEntry>, StoreError>;
+    /// Up to `limit` signed heads of trees larger than `after`, oldest first.
+    async fn audit_heads_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError>;
+    /// The newest signed head.
+    async fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// Leaf `index`'s audit path in the tree of `size`.
+    async fn audit_inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// The proof that the tree of `old` is a prefix of the tree of `new`.
+    async fn audit_consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// The first index whose record contents are kept.
+    async fn audit_retained_from(&self) -> Result<u64, StoreError>;
+    /// Drops the contents of records before `upto`, keeping their leaf hashes;
+    /// `patients` are the dropped records' pseudonyms, to drop them from the index.
+    async fn audit_drop_contents(
+        &self,
+        upto: u64,
+        patients: Vec<(u64, Pseudonym)>,
+    ) -> Result<(), StoreError>;
+}
+
+/// Waits for an engine's threads once every [`Store`] handle is gone.
+pub struct Closer(Option<Box<dyn FnOnce() + Send>>);
+
+impl Closer {
+    pub(crate) fn new(close: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(close)))
+    }
+
+    /// Nothing to wait for.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Waits until queued writes are durable and the engine has closed. Call after
+    /// every handle is dropped.
+    pub async fn close(mut self) {
+        if let Some(close) = self.0.take()
+            && tokio::task::spawn_blocking(close).await.is_err()
+        {
+            tracing::error!("closing the store failed");
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

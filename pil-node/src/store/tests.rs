@@ -1,0 +1,360 @@
+//! Tests every engine passes alike: each runs against the in-memory engine and
+//! RocksDB, so the interface, not one engine's shape, is what the node relies on.
+
+use std::sync::Arc;
+
+use pil_transparency::{leaf_hash, verify_consistency, verify_inclusion};
+
+use super::{
+    AuditEntry, HeadSigning, IDENT_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock,
+    StoredOptOut, StoredPointer,
+};
+use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
+
+/// Runs `test` on a fresh store of every engine, closing each cleanly afterwards.
+pub(crate) async fn on_every_engine(test: impl AsyncFn(Arc<dyn Store>)) {
+    test(super::memory::open()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = super::rocks::open(dir.path()).await.unwrap();
+    test(store.clone()).await;
+    drop(store);
+    closer.close().await;
+}
+
+const ORG_A: [u8; 9] = *b"974760673";
+const ORG_B: [u8; 9] = *b"983044778";
+const HOUR: i64 = 3600 * 1_000_000_000;
+
+fn key(patient: u8, org: [u8; 9], ident: u8) -> PointerKey {
+    PointerKey {
+        patient: [patient; PSEUDONYM_LEN],
+        org,
+        ident: [ident; IDENT_LEN],
+    }
+}
+
+fn pointer(last_updated: i64) -> StoredPointer {
+    StoredPointer {
+        base_url: "https://x.no".into(),
+        api_kind: 1,
+        categories: vec!["medications".into()],
+        last_updated,
+        ..Default::default()
+    }
+}
+
+fn upsert(key: PointerKey, value: StoredPointer) -> Op {
+    Op::Upsert {
+        key,
+        value,
+        keep_last_updated: false,
+    }
+}
+
+fn stored(result: &OpResult) -> &StoredPointer {
+    match result {
+        OpResult::Inserted(v) | OpResult::Updated(v) | OpResult::Unchanged(v) => v,
+        other => panic!("no pointer in {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn writes_report_exactly_what_they_did() {
+    on_every_engine(async |store| {
+        let k = key(1, ORG_A, 1);
+        let r = store.apply(vec![upsert(k, pointer(5))]).await.unwrap();
+        assert!(matches!(r[..], [OpResult::Inserted(_)]));
+        let r = store.apply(vec![upsert(k, pointer(5))]).await.unwrap();
+        assert!(matches!(r[..], [OpResult::Unchanged(_)]));
+        let r = store.apply(vec![upsert(k, pointer(6))]).await.unwrap();
+        assert!(matches!(r[..], [OpResult::Updated(_)]));
+        // Without a `last_updated` of its own, a write keeps the stored one.
+        let mut changed = pointer(99);
+        changed.categories = vec!["imaging".into()];
+        let r = store
+            .apply(vec![Op::Upsert {
+                key: k,
+                value: changed,
+                keep_last_updated: true,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(stored(&r[0]).last_updated, 6);
+        // Two operations on one key in one call: the second sees the first.
+        let r = store
+            .apply(vec![Op::Delete { key: k }, Op::Delete { key: k }])
+            .await
+            .unwrap();
+        assert!(matches!(r[..], [OpResult::Deleted, OpResult::Absent]));
+        assert_eq!(store.get_many(vec![k]).await.unwrap(), vec![None]);
+    })
+    .await;
+}
+
+/// An update refreshes the pointer, but its lapse (and so its place in the expiry
+/// index) moves only when it would move by a day or more.
+#[tokio::test]
+async fn the_lapse_moves_in_steps_of_a_day() {
+    on_every_engine(async |store| {
+        let k = key(1, ORG_A, 1);
+        let with_lapse = |n, lapses_at| {
+            let mut p = pointer(n);
+            p.lapses_at = Some(lapses_at);
+            upsert(k, p)
+        };
+        let t0 = 1_000 * 24 * HOUR;
+        let r = store.apply(vec![with_lapse(1, t0)]).await.unwrap();
+        assert_eq!(stored(&r[0]).lapses_at, Some(t0));
+        let r = store.apply(vec![with_lapse(2, t0 + HOUR)]).await.unwrap();
+        assert!(matches!(r[0], OpResult::Updated(_)));
+        assert_eq!(
+            stored(&r[0]).lapses_at,
+            Some(t0),
+            "an hour does not move it"
+        );
+        let r = store
+            .apply(vec![with_lapse(3, t0 + 48 * HOUR)])
+            .await
+            .unwrap();
+        assert_eq!(stored(&r[0]).lapses_at, Some(t0 + 48 * HOUR));
+        // Unchanged content a day later is a refresh that moves only the lapse.
+        let r = store
+            .apply(vec![with_lapse(3, t0 + 96 * HOUR)])
+            .await
+            .unwrap();
+        assert!(matches!(r[0], OpResult::Unchanged(_)));
+        let now = store
+            .get_many(vec![k])
+            .await
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
+        assert_eq!((now.last_updated, now.lapses_at), (3, Some(t0 + 96 * HOUR)));
+        assert_eq!(store.expired(t0 + 95 * HOUR, 10).await.unwrap(), []);
+        assert_eq!(store.expired(t0 + 96 * HOUR, 10).await.unwrap(), [k]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reads_find_pointers_by_patient_by_organization_and_by_expiry() {
+    on_every_engine(async |store| {
+        let (a, b, c) = (key(1, ORG_A, 1), key(1, ORG_B, 1), key(2, ORG_A, 3));
+        let expiring = |at| {
+            let mut p = pointer(1);
+            p.expires_at = Some(at);
+            p
+        };
+        store
+            .apply(vec![
+                upsert(a, expiring(10)),
+                upsert(b, pointer(1)),
+                upsert(c, expiring(20)),
+            ])
+            .await
+            .unwrap();
+        let mut found: Vec<PointerKey> = store
+            .patient([1; PSEUDONYM_LEN])
+            .await
+            .unwrap()
+            .pointers
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        found.sort();
+        assert_eq!(found, [a, b]);
+        assert_eq!(
+            store
+                .patient_org_keys([1; PSEUDONYM_LEN], ORG_A)
+                .await
+                .unwrap(),
+            [a]
+        );
+        assert_eq!(store.org_keys(ORG_A, None, 10).await.unwrap(), [a, c]);
+        assert_eq!(store.org_keys(ORG_A, None, 1).await.unwrap(), [a]);
+        assert_eq!(store.org_keys(ORG_A, Some(a), 10).await.unwrap(), [c]);
+        assert_eq!(store.expired(15, 10).await.unwrap(), [a]);
+        assert_eq!(store.expired(25, 10).await.unwrap(), [a, c]);
+        // A purge removes only what is still due: `a`'s expiry moved meanwhile.
+        store.apply(vec![upsert(a, expiring(30))]).await.unwrap();
+        let r = store
+            .apply(vec![
+                Op::Purge { key: a, now: 25 },
+                Op::Purge { key: c, now: 25 },
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(r[..], [OpResult::Absent, OpResult::Deleted]));
+        assert_eq!(store.expired(25, 10).await.unwrap(), []);
+        assert_eq!(store.org_keys(ORG_A, None, 10).await.unwrap(), [a]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_opt_out_hides_everything_and_blocks_are_kept_per_patient() {
+    on_every_engine(async |store| {
+        let p: Pseudonym = [1; PSEUDONYM_LEN];
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(1))])
+            .await
+            .unwrap();
+        let block = StoredBlock {
+            target_kind: 1,
+            target: "565501872".into(),
+            ..Default::default()
+        };
+        store.put_block(p, [7; 16], block.clone()).await.unwrap();
+        store
+            .put_block([2; PSEUDONYM_LEN], [8; 16], block.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.blocks(p).await.unwrap(),
+            vec![([7; 16], block.clone())]
+        );
+        let seen = store.patient(p).await.unwrap();
+        assert_eq!((seen.blocks.len(), seen.pointers.len()), (1, 1));
+
+        let opt_out = StoredOptOut {
+            since: 3,
+            reason: "asked".into(),
+        };
+        assert!(!store.set_opt_out(p, Some(opt_out.clone())).await.unwrap());
+        assert!(store.set_opt_out(p, Some(opt_out.clone())).await.unwrap());
+        let seen = store.patient(p).await.unwrap();
+        assert_eq!(seen.opt_out, Some(opt_out));
+        assert!(seen.blocks.is_empty() && seen.pointers.is_empty());
+        assert!(store.set_opt_out(p, None).await.unwrap());
+        assert_eq!(store.opt_out(p).await.unwrap(), None);
+
+        assert!(store.delete_block(p, [7; 16]).await.unwrap());
+        assert!(!store.delete_block(p, [7; 16]).await.unwrap());
+        assert!(store.blocks(p).await.unwrap().is_empty());
+        assert_eq!(store.blocks([2; PSEUDONYM_LEN]).await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// A record whose bytes name its index, about one patient.
+struct Entry(Option<Pseudonym>);
+
+impl AuditEntry for Entry {
+    fn encode_at(&mut self, index: u64) -> Result<Vec<u8>, StoreError> {
+        Ok(format!("record {index}").into_bytes())
+    }
+
+    fn patient(&self) -> Option<Pseudonym> {
+        self.0
+    }
+}
+
+/// Signs a head as its size and root, so a test can read the root back.
+struct PlainSigner;
+
+impl HeadSigning for PlainSigner {
+    fn sign(&self, size: u64, root: [u8; 32]) -> Result<String, StoreError> {
+        Ok(format!("{size} {}", hex::encode(root)))
+    }
+}
+
+fn root_of(note: &str) -> [u8; 32] {
+    let hex_root = note.split_once(' ').unwrap().1;
+    hex::decode(hex_root).unwrap().try_into().unwrap()
+}
+
+#[tokio::test]
+async fn the_audit_log_appends_in_order_and_proves_what_it_holds() {
+    on_every_engine(async |store| {
+        let signer: Arc<dyn HeadSigning> = Arc::new(PlainSigner);
+        assert_eq!(store.audit_sign(signer.clone()).await.unwrap(), None);
+        let patient = [3; PSEUDONYM_LEN];
+        let appends = (0..10).map(|i| {
+            let store = store.clone();
+            async move {
+                let about = (i % 3 == 0).then_some(patient);
+                store.audit_append(Box::new(Entry(about))).await.unwrap()
+            }
+        });
+        let mut indexes = futures::future::join_all(appends).await;
+        indexes.sort();
+        assert_eq!(
+            indexes,
+            (0..10).collect::<Vec<u64>>(),
+            "consecutive, none twice"
+        );
+        let (size, old_note) = store.audit_sign(signer.clone()).await.unwrap().unwrap();
+        assert_eq!(size, 10);
+        let size = store.audit_size().await.unwrap();
+        assert_eq!((size.size, size.signed), (10, 10));
+        // Signing again without new records signs nothing new.
+        assert_eq!(
+            store.audit_sign(signer.clone()).await.unwrap().unwrap().0,
+            10
+        );
+
+        for _ in 0..7 {
+            store.audit_append(Box::new(Entry(None))).await.unwrap();
+        }
+        let (_, new_note) = store.audit_sign(signer.clone()).await.unwrap().unwrap();
+        let heads = store.audit_heads_after(0, 10).await.unwrap();
+        assert_eq!(heads.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10, 17]);
+        assert_eq!(store.audit_heads_after(10, 10).await.unwrap().len(), 1);
+        assert_eq!(store.audit_latest_head().await.unwrap().unwrap().0, 17);
+
+        let (old_root, new_root) = (root_of(&old_note), root_of(&new_note));
+        let proof = store.audit_consistency_proof(10, 17).await.unwrap();
+        verify_consistency(10, 17, &old_root, &new_root, &proof).unwrap();
+        let entries = store.audit_entries(0, 17).await.unwrap();
+        assert_eq!(entries.len(), 17);
+        for e in &entries {
+            let bytes = e.record.clone().unwrap();
+            assert_eq!(bytes, format!("record {}", e.index).into_bytes());
+            assert_eq!(e.leaf_hash, leaf_hash(&bytes));
+            let proof = store.audit_inclusion_proof(e.index, 17).await.unwrap();
+            verify_inclusion(&e.leaf_hash, e.index, 17, &proof, &new_root).unwrap();
+        }
+        assert!(store.audit_inclusion_proof(17, 17).await.is_err());
+
+        assert_eq!(
+            store
+                .audit_patient_indexes(patient, u64::MAX, 10)
+                .await
+                .unwrap(),
+            [9, 6, 3, 0]
+        );
+        assert_eq!(
+            store.audit_patient_indexes(patient, 6, 1).await.unwrap(),
+            [3]
+        );
+        let newest: Vec<u64> = store
+            .audit_records(17, false, 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(newest, [16, 15]);
+        assert_eq!(store.audit_records(15, true, 10).await.unwrap().len(), 2);
+
+        // Retention drops contents, never the tree: proofs still verify.
+        let dropped = vec![(0, patient), (3, patient)];
+        store.audit_drop_contents(5, dropped).await.unwrap();
+        assert_eq!(store.audit_retained_from().await.unwrap(), 5);
+        assert_eq!(store.audit_record(4).await.unwrap(), None);
+        assert!(store.audit_record(5).await.unwrap().is_some());
+        assert_eq!(
+            store
+                .audit_patient_indexes(patient, u64::MAX, 10)
+                .await
+                .unwrap(),
+            [9, 6]
+        );
+        let kept = store.audit_entries(0, 1).await.unwrap().pop().unwrap();
+        assert_eq!(kept.record, None);
+        let proof = store.audit_inclusion_proof(0, 17).await.unwrap();
+        verify_inclusion(&kept.leaf_hash, 0, 17, &proof, &new_root).unwrap();
+    })
+    .await;
+}
