@@ -259,7 +259,7 @@ pub async fn run(
         } => {
             let resp = client
                 .audit_patient_report(
-                    crate::cli::patient(&patient, system.as_deref()),
+                    crate::records::patient(&patient, system.as_deref()),
                     home_region_only,
                 )
                 .await?;
@@ -281,7 +281,7 @@ impl FilterArgs {
             patient: self
                 .patient
                 .as_deref()
-                .map(|p| crate::cli::patient(p, self.system.as_deref())),
+                .map(|p| crate::records::patient(p, self.system.as_deref())),
             hpr_number: globals.hpr.clone().unwrap_or_default(),
             organization_number: self.organization.clone().unwrap_or_default(),
             purpose_of_use: globals.purpose.clone().unwrap_or_default(),

@@ -12,12 +12,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use pil_proto::{ident, v1};
+use pil_proto::v1;
 
 use crate::{
     Credentials,
     client::{PilClient, SyncOptions},
     profile::Profile,
+    records::patient,
     records::{self, PointerJson},
 };
 
@@ -302,21 +303,6 @@ pub fn main() -> std::process::ExitCode {
 }
 
 /// The identifier system for a number when the user did not name one.
-fn detect_system(value: &str) -> &'static str {
-    match value.trim().as_bytes().first() {
-        Some(b'4'..=b'7') => ident::SYSTEM_DNR,
-        Some(b'8' | b'9') => ident::SYSTEM_FHN,
-        _ => ident::SYSTEM_FNR,
-    }
-}
-
-pub(crate) fn patient(value: &str, system: Option<&str>) -> v1::PatientIdentifier {
-    v1::PatientIdentifier {
-        system: system.unwrap_or_else(|| detect_system(value)).to_string(),
-        value: value.trim().to_string(),
-    }
-}
-
 async fn connect(cli: &Cli) -> anyhow::Result<PilClient> {
     let path = cli
         .profile

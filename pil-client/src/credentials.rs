@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pil_auth::dev_issuer::{DevIssuer, DpopKey};
 
-use crate::{client::ClientError, profile::DevTokenProfile};
+use crate::{error::ClientError, profile::DevTokenProfile};
 
 /// What a development token says about the requester.
 #[derive(Debug, Clone)]

@@ -10,12 +10,14 @@ pub mod audit_verify;
 pub mod cli;
 pub mod client;
 pub mod credentials;
+pub mod error;
 pub mod peers_cli;
 pub mod profile;
 pub mod records;
 
 pub use audit_verify::{LogProblem, LogVerifier, VerifyReport, verify_log};
-pub use client::{ClientError, PilClient, Refusal, SyncOptions};
+pub use client::{PilClient, SyncOptions};
 pub use credentials::{Credentials, DevTokenParams};
+pub use error::{ClientError, Refusal};
 pub use pil_proto::v1;
 pub use profile::Profile;

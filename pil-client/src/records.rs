@@ -6,7 +6,7 @@
 //! categories` (separated by `;`), `period_start, period_end, last_updated,
 //! expires_at`. Empty cells are absent values.
 
-use pil_proto::v1;
+use pil_proto::{ident, v1};
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -251,6 +251,23 @@ pub fn parse_csv_record(r: &csv::StringRecord) -> Result<v1::Pointer, String> {
         ..Default::default()
     }
     .to_wire()
+}
+
+fn detect_system(value: &str) -> &'static str {
+    match value.trim().as_bytes().first() {
+        Some(b'4'..=b'7') => ident::SYSTEM_DNR,
+        Some(b'8' | b'9') => ident::SYSTEM_FHN,
+        _ => ident::SYSTEM_FNR,
+    }
+}
+
+/// A patient identifier as typed on the command line: its system is given, or
+/// told by the first digit (D-nummer 4–7, felles hjelpenummer 8–9, else fødselsnummer).
+pub fn patient(value: &str, system: Option<&str>) -> v1::PatientIdentifier {
+    v1::PatientIdentifier {
+        system: system.unwrap_or_else(|| detect_system(value)).to_string(),
+        value: value.trim().to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let cfg = NodeConfig::load(&config)?;
-            match crate::preflight::check(&cfg, cfg.listen.port()) {
+            match crate::server::preflight::check(&cfg, cfg.listen.port()) {
                 Ok(checked) => println!(
                     "{} is valid: region {}, {} policies in force, {} peers",
                     config.display(),

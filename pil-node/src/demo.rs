@@ -270,7 +270,7 @@ pub fn prepare_regions(
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(j, region)| crate::federation::PeerConfig {
+            .map(|(j, region)| crate::config::PeerConfig {
                 region: region.to_string(),
                 address: listen(j).to_string(),
                 server_name: "localhost".into(),

@@ -13,7 +13,6 @@ mod identity;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;
-mod preflight;
 pub mod registry;
 mod reload;
 mod secret_file;

@@ -1,7 +1,10 @@
 //! The boundaries the code map in docs/ARCHITECTURE.md promises, checked on the
 //! sources, so a change that crosses one fails here instead of in review.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 fn crate_dir() -> PathBuf {
     // Read at run time: cargo may reuse a test binary across checkouts.
@@ -102,4 +105,138 @@ fn only_the_store_blocks() {
             file.display()
         );
     }
+}
+
+/// Which top-level modules each top-level module of a crate names (`crate::x`),
+/// tests left out.
+fn module_imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in rust_files(src) {
+        let rel = file
+            .strip_prefix(src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let top = rel
+            .split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".rs")
+            .to_string();
+        if top == "lib" || top == "bin" || top == "main" || top == "tests" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).expect("readable");
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let uses = graph.entry(top.clone()).or_default();
+        for (i, _) in code.match_indices("crate::") {
+            let rest = &code[i + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                uses.extend(group_heads(group));
+            } else {
+                uses.insert(leading_ident(rest));
+            }
+        }
+        uses.remove(&top);
+        uses.remove("");
+    }
+    graph
+}
+
+fn leading_ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The first path segment of each item in `a::b, c, d::{e, f}}`, up to the group's end.
+fn group_heads(group: &str) -> Vec<String> {
+    let (mut depth, mut start, mut heads) = (0usize, true, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => start = true,
+            c if start && !c.is_whitespace() => {
+                heads.push(leading_ident(&group[i..]));
+                start = false;
+            }
+            _ => {}
+        }
+    }
+    heads
+}
+
+/// A cycle in `graph`, if there is one, as the modules along it.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        done: &mut BTreeSet<String>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if graph.contains_key(next)
+                && let Some(cycle) = visit(next, graph, done, path)
+            {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut done, &mut Vec::new()))
+}
+
+/// Modules depend on each other in one direction: the code map's layers hold only
+/// while no module reaches back up.
+#[test]
+fn no_module_cycles_in_the_node_or_the_client() {
+    for krate in [
+        crate_dir().join("src"),
+        crate_dir().join("../pil-client/src"),
+    ] {
+        let graph = module_imports(&krate);
+        assert!(graph.len() > 5, "read the modules of {}", krate.display());
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "modules of {} import each other in a circle: {}",
+                krate.display(),
+                cycle.join(" -> ")
+            );
+        }
+    }
+}
+
+/// The check above finds cycles it should: a made-up graph with one.
+#[test]
+fn the_cycle_check_sees_a_cycle() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [
+        ("a", vec!["b"]),
+        ("b", vec!["c"]),
+        ("c", vec!["a"]),
+        ("d", vec![]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
+    assert_eq!(
+        group_heads(" audit::{AuditLog, x}, config::NodeConfig,\n store::Op };"),
+        ["audit", "config", "store"]
+    );
 }

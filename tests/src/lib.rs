@@ -323,8 +323,8 @@ pub fn write_private(path: &Path, contents: &str) {
 }
 
 /// A peer entry for a node of `region` listening on `addr`.
-pub fn peer(region: &str, addr: SocketAddr) -> pil_node::federation::PeerConfig {
-    pil_node::federation::PeerConfig {
+pub fn peer(region: &str, addr: SocketAddr) -> pil_node::config::PeerConfig {
+    pil_node::config::PeerConfig {
         region: region.into(),
         address: addr.to_string(),
         server_name: "localhost".into(),

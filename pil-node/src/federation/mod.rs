@@ -13,62 +13,14 @@ use std::{
 };
 
 use pil_proto::v1::{self, federation_service_client::FederationServiceClient};
-use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 pub use breaker::{Breaker, BreakerState};
 
-use crate::config::TlsConfig;
-
-/// Federation settings of a node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FederationConfig {
-    /// The other regions' nodes.
-    pub peers: Vec<PeerConfig>,
-    /// Longest a lookup waits for peers, in milliseconds; a client's shorter gRPC
-    /// deadline wins.
-    pub deadline_ms: u64,
-    /// Forwarded lookups served at once; more are refused with RESOURCE_EXHAUSTED.
-    pub max_concurrent_forwarded: usize,
-    /// Consecutive failures that open a peer's circuit.
-    pub breaker_failures: u32,
-    /// How long an open circuit stays open before one trial call, in milliseconds
-    /// (doubling while the peer stays down, up to 60 s).
-    pub breaker_cooldown_ms: u64,
-}
-
-impl Default for FederationConfig {
-    fn default() -> Self {
-        Self {
-            peers: Vec::new(),
-            deadline_ms: 2000,
-            max_concurrent_forwarded: 64,
-            breaker_failures: 3,
-            breaker_cooldown_ms: 1000,
-        }
-    }
-}
-
-/// One peer region's node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerConfig {
-    /// The peer's region id; its node certificate must carry `urn:pil:node:<region>`.
-    pub region: String,
-    /// `host:port` of the peer's listener.
-    pub address: String,
-    /// The DNS name its TLS certificate is checked against.
-    #[serde(default = "default_server_name")]
-    pub server_name: String,
-    /// Purposes of use (e.g. "TREAT", "ETREAT") forwarded to this peer. Empty: all.
-    #[serde(default)]
-    pub purposes: Vec<String>,
-}
-
-fn default_server_name() -> String {
-    "localhost".into()
-}
+use crate::{
+    config::{FederationConfig, PeerConfig, TlsConfig},
+    error::status_name,
+};
 
 /// Opens TCP and TLS to one peer, checking its node certificate.
 #[derive(Clone)]
@@ -312,7 +264,7 @@ impl Federation {
                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                 Ok(Err(status)) => Err(format!(
                     "{}: {}",
-                    crate::service::status_name(status.code()),
+                    status_name(status.code()),
                     status.message()
                 )),
                 Ok(Ok(resp)) if resp.get_ref().region != peer.config.region => {
@@ -358,7 +310,7 @@ impl Federation {
                             Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
                             Ok(Err(status)) => Err(format!(
                                 "{}: {}",
-                                crate::service::status_name(status.code()),
+                                status_name(status.code()),
                                 status.message()
                             )),
                             Ok(Ok(resp)) => Ok(resp.into_inner().records),
@@ -445,7 +397,7 @@ impl Federation {
                         }
                         _ => PeerOutcome::Unavailable(format!(
                             "{}: {}",
-                            crate::service::status_name(status.code()),
+                            status_name(status.code()),
                             status.message()
                         )),
                     },

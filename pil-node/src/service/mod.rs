@@ -161,7 +161,7 @@ impl NodeService {
         match &result {
             Ok(_) => entry.outcome.status = "OK".into(),
             Err(e) => {
-                entry.outcome.status = status_name(e.grpc_code()).into();
+                entry.outcome.status = crate::error::status_name(e.grpc_code()).into();
                 entry.outcome.error_code = e.code().into();
                 tracing::info!(
                     code = e.code(), action = ?entry.action, query_id = %entry.query_id,
@@ -570,29 +570,5 @@ fn sync_status(e: SyncError) -> Error {
     match e {
         SyncError::Invalid(msg) => Error::invalid(msg),
         SyncError::Registry(e) => internal(e),
-    }
-}
-
-/// The canonical gRPC name of a status code, as recorded.
-pub fn status_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -135,7 +135,7 @@ where
                 &layer.region,
                 Action::Refused,
                 caller,
-                super::status_name(status.code()),
+                crate::error::status_name(status.code()),
                 status.message().to_string(),
             );
             record.detail = Some(method);

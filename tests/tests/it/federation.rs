@@ -573,7 +573,7 @@ async fn reload_with_peers(
     admin: &mut v1::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
     config: &mut pil_node::config::NodeConfig,
     dir: &std::path::Path,
-    peers: Vec<pil_node::federation::PeerConfig>,
+    peers: Vec<pil_node::config::PeerConfig>,
 ) -> Result<v1::ReloadLegalConfigResponse, tonic::Status> {
     config.federation.peers = peers;
     std::fs::write(

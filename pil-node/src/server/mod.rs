@@ -2,6 +2,8 @@
 //! the TLS listener together, and tears them down in order on shutdown so in-flight
 //! requests finish and the store closes cleanly.
 
+pub(crate) mod preflight;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use pil_proto::v1::{
@@ -160,7 +162,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let port = listener
         .as_ref()
         .map_or(config.listen.port(), |(_, addr)| addr.port());
-    let checked = crate::preflight::check(&config, port);
+    let checked = preflight::check(&config, port);
     let (listener, addr, checked) = match (listener, checked) {
         (Ok((listener, addr)), Ok(checked)) => (listener, addr, checked),
         (listener, checked) => {
@@ -169,7 +171,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             return Err(NodeError::all(problems));
         }
     };
-    let crate::preflight::Checked {
+    let preflight::Checked {
         keys,
         tls: tls_config,
         signer,
