@@ -1,11 +1,12 @@
 //! The audit log: every request the node answers, recorded before the answer leaves.
 //!
 //! [`record`] is what is kept, [`log`] appends it durably into an RFC 6962 hash tree
-//! with signed tree heads, [`fhir`] presents it as FHIR AuditEvents, and
+//! with signed tree heads, [`fhir`] presents it as FHIR AuditEvents, [`query`] searches it, and
 //! [`retention`] drops old contents while keeping the tree verifiable.
 
 pub mod fhir;
 pub mod log;
+pub mod query;
 pub mod record;
 pub mod retention;
 

@@ -14,6 +14,7 @@ use crate::{
     audit::{
         AuditRecord,
         fhir::{self, NodeInfo},
+        query::{self, Filter, parse_record},
         record::Action,
     },
     error::Error,
@@ -24,10 +25,8 @@ use crate::{
 /// Records a search returns by default, and at most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
-/// Records read per storage call while scanning.
+/// Records read per storage call while exporting.
 const SCAN_CHUNK: usize = 1000;
-/// Records one search call scans at most before returning a page token.
-const MAX_SCAN: usize = 200_000;
 /// Signed heads per ListTreeHeads page.
 const MAX_HEADS_PAGE: usize = 10_000;
 /// Lines per message of an export or log stream.
@@ -35,67 +34,6 @@ const STREAM_PAGE: usize = 500;
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<v1::ExportAuditResponse, Status>> + Send>>;
 type ReadLogStream = Pin<Box<dyn Stream<Item = Result<v1::ReadLogResponse, Status>> + Send>>;
-
-/// A parsed search filter.
-#[derive(Clone, Default)]
-struct Filter {
-    patient: Option<String>,
-    hpr: Option<String>,
-    organization: Option<String>,
-    purpose: Option<String>,
-    decision: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
-    actions: Vec<String>,
-    emergency_only: bool,
-    /// Only lookups (patient reports).
-    lookups_only: bool,
-}
-
-impl Filter {
-    fn matches(&self, r: &AuditRecord) -> bool {
-        let req = r.requester.as_ref();
-        self.patient
-            .as_ref()
-            .is_none_or(|p| r.patient.as_ref() == Some(p))
-            && self
-                .hpr
-                .as_ref()
-                .is_none_or(|h| req.and_then(|q| q.hpr_number.as_ref()) == Some(h))
-            && self.organization.as_ref().is_none_or(|o| {
-                r.caller.organization.as_ref() == Some(o)
-                    || req.is_some_and(|q| {
-                        &q.organization == o || q.child_organization.as_ref() == Some(o)
-                    })
-            })
-            && self
-                .purpose
-                .as_ref()
-                .is_none_or(|p| req.is_some_and(|q| q.purpose_of_use.code.eq_ignore_ascii_case(p)))
-            && self
-                .decision
-                .as_ref()
-                .is_none_or(|d| &r.decision.outcome == d)
-            && self
-                .from
-                .as_ref()
-                .is_none_or(|f| r.time.as_str() >= f.as_str())
-            && self
-                .to
-                .as_ref()
-                .is_none_or(|t| r.time.as_str() < t.as_str())
-            && (self.actions.is_empty() || self.actions.iter().any(|a| action_name(r.action) == *a))
-            && (!self.emergency_only || r.decision.emergency)
-            && (!self.lookups_only || matches!(r.action, Action::Lookup | Action::FederatedLookup))
-    }
-}
-
-fn action_name(a: Action) -> String {
-    serde_json::to_value(a)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
 
 /// RFC 3339 UTC with milliseconds, comparable as text with recorded times.
 fn timestamp_text(t: &prost_types::Timestamp) -> String {
@@ -106,10 +44,6 @@ fn timestamp_text(t: &prost_types::Timestamp) -> String {
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
     at.format(&format).unwrap_or_default()
-}
-
-fn parse_record(bytes: &[u8]) -> Option<AuditRecord> {
-    serde_json::from_slice(bytes).ok()
 }
 
 impl NodeService {
@@ -176,65 +110,6 @@ impl NodeService {
         Ok(filter)
     }
 
-    /// Newest-first matching records before index `before`, at most `limit`; returns
-    /// them and where to continue.
-    async fn search_records(
-        &self,
-        filter: Filter,
-        before: u64,
-        limit: usize,
-    ) -> Result<(Vec<Vec<u8>>, Option<u64>), Error> {
-        let store = self.audit.store();
-        let pseudonym = filter
-            .patient
-            .as_ref()
-            .and_then(|p| hex::decode(p).ok())
-            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
-        let mut out = Vec::new();
-        let mut cursor = before;
-        let mut scanned = 0usize;
-        loop {
-            let chunk: Vec<(u64, Vec<u8>)> = match pseudonym {
-                Some(p) => {
-                    let indexes = store
-                        .audit_patient_indexes(p, cursor, SCAN_CHUNK)
-                        .await
-                        .map_err(Error::internal)?;
-                    let mut chunk = Vec::with_capacity(indexes.len());
-                    for i in indexes {
-                        if let Some(b) = store.audit_record(i).await.map_err(Error::internal)? {
-                            chunk.push((i, b));
-                        }
-                    }
-                    chunk
-                }
-                None => store
-                    .audit_records(cursor, false, SCAN_CHUNK)
-                    .await
-                    .map_err(Error::internal)?,
-            };
-            if chunk.is_empty() {
-                return Ok((out, None));
-            }
-            for (index, bytes) in chunk {
-                cursor = index;
-                scanned += 1;
-                if parse_record(&bytes).is_some_and(|r| filter.matches(&r)) {
-                    out.push(bytes);
-                    if out.len() >= limit {
-                        return Ok((out, (index > 0).then_some(index)));
-                    }
-                }
-            }
-            if cursor == 0 {
-                return Ok((out, None));
-            }
-            if scanned >= MAX_SCAN {
-                return Ok((out, Some(cursor)));
-            }
-        }
-    }
-
     fn node_info(&self) -> NodeInfo {
         NodeInfo {
             region: self.registry.region().to_string(),
@@ -265,7 +140,9 @@ impl NodeService {
                 .parse()
                 .map_err(|_| Error::invalid("page_token: not from a previous page"))?,
         };
-        let (records, next) = self.search_records(filter, before, limit).await?;
+        let (records, next) = query::search(&**self.audit.store(), &filter, before, limit)
+            .await
+            .map_err(Error::internal)?;
         entry.outcome.pointers = 0;
         Ok(Response::new(v1::SearchAuditResponse {
             records,
@@ -509,9 +386,9 @@ impl NodeService {
         let mut records = Vec::new();
         let mut before = u64::MAX;
         loop {
-            let (page, next) = self
-                .search_records(filter.clone(), before, MAX_PAGE)
-                .await?;
+            let (page, next) = query::search(&**self.audit.store(), &filter, before, MAX_PAGE)
+                .await
+                .map_err(Error::internal)?;
             records.extend(page);
             match next {
                 Some(n) => before = n,

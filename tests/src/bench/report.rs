@@ -90,6 +90,15 @@ pub struct Results {
     /// What one synced pointer costs, stage by stage.
     #[serde(default)]
     pub sync_cost: Option<SyncCostProbe>,
+    /// Which other build was measured beside this one.
+    #[serde(default)]
+    pub baseline_label: Option<String>,
+    /// That build's lookups, each run right after this build's at the same concurrency.
+    #[serde(default)]
+    pub baseline_local: Vec<LoadResult>,
+    /// That build's loading sync.
+    #[serde(default)]
+    pub baseline_sync: Vec<SyncResult>,
 }
 
 /// What one synced pointer costs at each stage, measured on its own in one process
@@ -441,6 +450,57 @@ impl Results {
                  other two.",
                 count(self.federated_pointers as f64)
             );
+        }
+        if let Some(label) = &self.baseline_label {
+            let _ = writeln!(s, "\n### This build beside {label}\n");
+            let _ = writeln!(
+                s,
+                "Both nodes loaded with the same data in the same run; each lookup run of \
+                 the other build right after this build's, at the same concurrency.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| measure | {label} | this build | change |\n|---|---:|---:|---:|"
+            );
+            let change =
+                |before: f64, after: f64| format!("{:+.1} %", 100.0 * (after / before - 1.0));
+            for b in &self.baseline_local {
+                let Some(l) = at(&self.local, b.concurrency) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| lookups/s, c = {} | {} | {} | {} |",
+                    b.concurrency,
+                    count(b.throughput),
+                    count(l.throughput),
+                    change(b.throughput, l.throughput)
+                );
+                if let (Some(bc), Some(lc)) = (b.server_cpu_us, l.server_cpu_us) {
+                    let _ = writeln!(
+                        s,
+                        "| node CPU µs per lookup, c = {} | {bc:.0} | {lc:.0} | {} |",
+                        b.concurrency,
+                        change(bc, lc)
+                    );
+                }
+            }
+            if let (Some(b), Some(l)) = (self.baseline_sync.first(), self.sync.first()) {
+                let _ = writeln!(
+                    s,
+                    "| loading sync, pointers/s | {} | {} | {} |",
+                    count(b.per_second),
+                    count(l.per_second),
+                    change(b.per_second, l.per_second)
+                );
+                if let (Some(bc), Some(lc)) = (b.server_cpu_us, l.server_cpu_us) {
+                    let _ = writeln!(
+                        s,
+                        "| loading sync, node CPU µs per pointer | {bc:.1} | {lc:.1} | {} |",
+                        change(bc, lc)
+                    );
+                }
+            }
         }
         if !self.sync.is_empty() {
             let _ = writeln!(s, "\n### Bulk sync\n");

@@ -3,7 +3,11 @@
 //! Lookup runs are interleaved per concurrency (floor, PIL, PostgreSQL, then the next
 //! concurrency) so that the ratios compare runs made minutes apart, not an hour apart.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use pil_tests::World;
@@ -41,6 +45,8 @@ pub struct Plan {
     pub pg: Option<Pg>,
     pub node_log_filter: String,
     pub command: String,
+    /// Another build's node, measured beside this one: `(binary, label)`.
+    pub baseline: Option<(PathBuf, String)>,
 }
 
 impl Plan {
@@ -350,6 +356,28 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         main = Some(node);
     }
 
+    // Another build's node, loaded the same way and asked the same lookups right after
+    // this one's: a before/after comparison measured side by side.
+    let baseline_dir = world.path().join("baseline");
+    let mut baseline = None;
+    if let (Some((baseline_bin, label)), true) = (&plan.baseline, needs_main) {
+        let config = node_config(
+            &world,
+            None,
+            baseline_dir.join("data"),
+            &plan.node_log_filter,
+            &data,
+            "127.0.0.1:0".parse()?,
+        );
+        let node = NodeProc::start(baseline_bin, &config, &baseline_dir, "baseline")?;
+        let mut load = load_all(&world, &node, &data, plan, "merge, empty node (inserts)").await?;
+        load.name = format!("{label}: {}", load.name);
+        results.baseline_label = Some(label.clone());
+        results.baseline_sync.push(load);
+        node.truncate_log();
+        baseline = Some(node);
+    }
+
     // Lookups: floor, local and PostgreSQL per concurrency.
     let floor = if plan.wants("floor") {
         Some(FloorProc::start(&tls_of(world.path()))?)
@@ -369,6 +397,12 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
             results.local.push(r);
             node.truncate_log();
         }
+        if let Some(node) = &baseline {
+            let r = lookups(&world, node.addr, &data, &spec, 1, &Pids(vec![node.pid()])).await?;
+            describe("baseline", &r);
+            results.baseline_local.push(r);
+            node.truncate_log();
+        }
         if let Some(pg) = pg {
             let r = tokio::task::block_in_place(|| {
                 pg.bench(&data, c, plan.warmup, plan.duration, &pg_work)
@@ -379,6 +413,10 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         save(&results);
     }
     drop(floor);
+    if let Some(node) = baseline.take() {
+        node.stop()?;
+    }
+    let _ = std::fs::remove_dir_all(&baseline_dir);
 
     if let Some(node) = main.take() {
         if let (Some(f), Some((rss, hwm))) = (results.footprint.as_mut(), proc::memory(node.pid()))

@@ -118,6 +118,13 @@ struct RunArgs {
     /// The command that reproduces this run, for the report.
     #[arg(long)]
     command: Option<String>,
+    /// Another build's `pil-test-node`, measured beside this build's (local lookups
+    /// and the loading sync), e.g. the last release's.
+    #[arg(long)]
+    baseline_node: Option<PathBuf>,
+    /// What to call that build in the report.
+    #[arg(long, default_value = "baseline")]
+    baseline_label: String,
 }
 
 impl RunArgs {
@@ -160,6 +167,10 @@ impl RunArgs {
                 .command
                 .clone()
                 .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" ")),
+            baseline: self
+                .baseline_node
+                .clone()
+                .map(|bin| (bin, self.baseline_label.clone())),
         }
     }
 }
