@@ -10,6 +10,7 @@ pub mod demo;
 mod error;
 pub mod federation;
 mod identity;
+mod lookup;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;

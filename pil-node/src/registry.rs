@@ -9,15 +9,12 @@ use std::sync::{
     atomic::{AtomicU32, Ordering},
 };
 
-use pil_proto::{
-    ident::{OrgNumber, PatientId},
-    v1,
-};
+use pil_proto::ident::{OrgNumber, PatientId};
 use sha2::{Digest, Sha256};
 
 use crate::{
     patient_keys::{KeyError, PatientKeys, Pseudonym},
-    pointer::{EndpointRef, NewPointer, to_timestamp},
+    pointer::{EndpointRef, NewPointer},
     store::{
         IDENT_LEN, ORG_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock, StoredOptOut,
         StoredPointer,
@@ -69,6 +66,24 @@ pub struct LookupFilter {
     pub organizations: Vec<String>,
 }
 
+/// A pointer as the registry holds it, with the patient it is about in the clear.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pointer {
+    pub key: PointerKey,
+    pub value: StoredPointer,
+    /// The patient identifier's FHIR system and value.
+    pub patient: (String, String),
+    /// The region holding it.
+    pub region: String,
+}
+
+impl Pointer {
+    /// The holder's organization number.
+    pub fn holder(&self) -> String {
+        String::from_utf8_lossy(&self.key.org).into_owned()
+    }
+}
+
 /// A patient as a lookup sees them.
 pub enum PatientView {
     /// The patient has opted out of PIL: nothing is shown.
@@ -76,7 +91,7 @@ pub enum PatientView {
     /// The patient's blocks, and the live pointers matching the filter.
     Visible {
         blocks: Vec<StoredBlock>,
-        pointers: Vec<v1::Pointer>,
+        pointers: Vec<Pointer>,
     },
 }
 
@@ -163,7 +178,7 @@ impl Registry {
     }
 
     /// Inserts or replaces one pointer; returns what happened and the stored pointer.
-    pub async fn upsert(&self, p: NewPointer) -> Result<(Outcome, v1::Pointer), RegistryError> {
+    pub async fn upsert(&self, p: NewPointer) -> Result<(Outcome, Pointer), RegistryError> {
         let op = self.prepare(&p, now_nanos());
         let key = match &op {
             Op::Upsert { key, .. } => *key,
@@ -180,11 +195,14 @@ impl Registry {
                 )));
             }
         };
-        let patient = v1::PatientIdentifier {
-            system: p.patient.system().to_string(),
-            value: p.patient.value().to_string(),
-        };
-        Ok((outcome, self.to_wire(&key, &stored, patient)))
+        let patient = (
+            p.patient.system().to_string(),
+            p.patient.value().to_string(),
+        );
+        Ok((
+            outcome,
+            self.pointer(key, StoredPointer::clone(&stored), patient),
+        ))
     }
 
     /// Removes one pointer; true when it existed.
@@ -238,11 +256,8 @@ impl Registry {
         stored: Vec<(PointerKey, StoredPointer)>,
         patient: &PatientId,
         filter: &LookupFilter,
-    ) -> Vec<v1::Pointer> {
-        let wire_patient = v1::PatientIdentifier {
-            system: patient.system().to_string(),
-            value: patient.value().to_string(),
-        };
+    ) -> Vec<Pointer> {
+        let patient = (patient.system().to_string(), patient.value().to_string());
         let now = now_nanos();
         let mut found: Vec<(PointerKey, StoredPointer)> = stored
             .into_iter()
@@ -260,8 +275,8 @@ impl Registry {
                 .then_with(|| a.0.cmp(&b.0))
         });
         found
-            .iter()
-            .map(|(k, p)| self.to_wire(k, p, wire_patient.clone()))
+            .into_iter()
+            .map(|(k, p)| self.pointer(k, p, patient.clone()))
             .collect()
     }
 
@@ -299,7 +314,7 @@ impl Registry {
         org: OrgNumber,
         after: Option<PointerKey>,
         limit: usize,
-    ) -> Result<(Vec<v1::Pointer>, Option<PointerKey>), RegistryError> {
+    ) -> Result<(Vec<Pointer>, Option<PointerKey>), RegistryError> {
         let store = &self.inner.store;
         let keys = store.org_keys(org_bytes(&org), after, limit).await?;
         let values = store.get_many(keys.clone()).await?;
@@ -314,11 +329,7 @@ impl Registry {
             } else {
                 self.inner.keys.open(&value.sealed_patient, &key.patient)?
             };
-            let patient = v1::PatientIdentifier {
-                system,
-                value: value_id,
-            };
-            out.push(self.to_wire(key, &value, patient));
+            out.push(self.pointer(*key, value, (system, value_id)));
         }
         Ok((out, keys.last().copied()))
     }
@@ -413,33 +424,12 @@ impl Registry {
         Ok((opt_out, blocks))
     }
 
-    /// Converts a stored pointer to its wire form.
-    pub fn to_wire(
-        &self,
-        key: &PointerKey,
-        p: &StoredPointer,
-        patient: v1::PatientIdentifier,
-    ) -> v1::Pointer {
-        v1::Pointer {
-            patient: Some(patient),
-            holder: Some(v1::Organization {
-                organization_number: String::from_utf8_lossy(&key.org).into_owned(),
-                sub_unit_organization_number: p.sub_unit.clone(),
-                name: p.holder_name.clone(),
-            }),
-            endpoint: Some(v1::Endpoint {
-                base_url: p.base_url.clone(),
-                api_kind: p.api_kind,
-            }),
-            categories: p.categories.clone(),
-            period: (p.period_start.is_some() || p.period_end.is_some()).then(|| v1::Period {
-                start: p.period_start.map(to_timestamp),
-                end: p.period_end.map(to_timestamp),
-            }),
-            last_updated: Some(to_timestamp(p.last_updated)),
-            expires_at: p.expires_at.map(to_timestamp),
+    fn pointer(&self, key: PointerKey, value: StoredPointer, patient: (String, String)) -> Pointer {
+        Pointer {
+            key,
+            value,
+            patient,
             region: self.inner.region.clone(),
-            pointer_id: pointer_id(key),
         }
     }
 }
@@ -469,15 +459,6 @@ fn endpoint_ident(e: &EndpointRef) -> [u8; IDENT_LEN] {
     let mut out = [0u8; IDENT_LEN];
     out.copy_from_slice(&digest[..IDENT_LEN]);
     out
-}
-
-/// A stable opaque id: a hash of the key, so it reveals nothing about the patient.
-fn pointer_id(key: &PointerKey) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"pil-pointer-id\0")
-        .chain_update(key.encode())
-        .finalize();
-    hex::encode(&digest[..12])
 }
 
 #[cfg(test)]
@@ -516,7 +497,7 @@ mod tests {
         }
     }
 
-    fn visible(view: PatientView) -> (Vec<StoredBlock>, Vec<v1::Pointer>) {
+    fn visible(view: PatientView) -> (Vec<StoredBlock>, Vec<Pointer>) {
         match view {
             PatientView::Visible { blocks, pointers } => (blocks, pointers),
             PatientView::OptedOut => panic!("the patient has not opted out"),
@@ -528,16 +509,15 @@ mod tests {
         on_every_engine(async |store| {
             let registry = registry(store);
             let p = patient("13097248022");
-            let (outcome, wire) = registry
+            let (outcome, stored) = registry
                 .upsert(new_pointer(&p, ORG_A, "medications"))
                 .await
                 .unwrap();
             assert_eq!(outcome, Outcome::Inserted);
-            assert_eq!(wire.region, "test");
-            assert_eq!(wire.holder.as_ref().unwrap().organization_number, ORG_A);
-            let patient_wire = wire.patient.as_ref().unwrap();
+            assert_eq!(stored.region, "test");
+            assert_eq!(stored.holder(), ORG_A);
             assert_eq!(
-                (patient_wire.system.as_str(), patient_wire.value.as_str()),
+                (stored.patient.0.as_str(), stored.patient.1.as_str()),
                 (SYSTEM_FNR, "13097248022")
             );
             let again = registry
@@ -545,7 +525,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(again.0, Outcome::Unchanged);
-            assert_eq!(again.1.pointer_id, wire.pointer_id, "the id is stable");
+            assert_eq!(again.1.key, stored.key, "the same pointer");
             let changed = registry
                 .upsert(new_pointer(&p, ORG_A, "imaging"))
                 .await
@@ -569,13 +549,13 @@ mod tests {
             };
             let (_, found) = visible(registry.patient_view(&p, &by_category).await.unwrap());
             assert_eq!(found.len(), 1);
-            assert_eq!(found[0].holder.as_ref().unwrap().organization_number, ORG_B);
+            assert_eq!(found[0].holder(), ORG_B);
             let by_org = LookupFilter {
                 categories: vec![],
                 organizations: vec![ORG_A.into()],
             };
             let (_, found) = visible(registry.patient_view(&p, &by_org).await.unwrap());
-            assert_eq!(found[0].categories, ["imaging"]);
+            assert_eq!(found[0].value.categories, ["imaging"]);
             // Another patient sees none of it.
             let (_, none) = visible(
                 registry
@@ -626,7 +606,7 @@ mod tests {
                     .unwrap(),
             );
             assert_eq!(shown.len(), 1);
-            assert_eq!(shown[0].categories, ["allergies"]);
+            assert_eq!(shown[0].value.categories, ["allergies"]);
             assert_eq!(registry.purge_expired().await.unwrap(), 2);
             assert_eq!(registry.purge_expired().await.unwrap(), 0);
         })
@@ -654,7 +634,7 @@ mod tests {
             let mut values: Vec<String> = first
                 .iter()
                 .chain(&rest)
-                .map(|p| p.patient.as_ref().unwrap().value.clone())
+                .map(|p| p.patient.1.clone())
                 .collect();
             values.sort();
             assert_eq!(values, ["13097248022", "29020075838", "29029648784"]);

@@ -240,3 +240,16 @@ fn the_cycle_check_sees_a_cycle() {
         ["audit", "config", "store"]
     );
 }
+
+/// The domain core decides without the wire: gRPC and protobuf types stay in
+/// `service/` (and the store's own encodings).
+#[test]
+fn the_domain_core_names_no_wire_types() {
+    let src = crate_dir().join("src");
+    for name in ["lookup.rs", "registry.rs", "audit/query.rs"] {
+        let text = std::fs::read_to_string(src.join(name)).expect("readable");
+        for wire in ["tonic", "prost", "v1::", "pil_proto::v1"] {
+            assert!(!text.contains(wire), "{name} names {wire}");
+        }
+    }
+}

@@ -28,23 +28,6 @@ fn reason(text: &str) -> Result<String, Error> {
     Ok(text.to_string())
 }
 
-fn block_to_wire(id: [u8; 16], b: &StoredBlock) -> v1::Block {
-    use v1::block_target::Target;
-    let target = match b.target_kind {
-        BLOCK_HPR => Some(Target::HprNumber(b.target.clone())),
-        BLOCK_PROFESSION => Some(Target::Profession(b.target.clone())),
-        BLOCK_ORGANIZATION => Some(Target::OrganizationNumber(b.target.clone())),
-        _ => None,
-    };
-    v1::Block {
-        block_id: hex::encode(id),
-        target: Some(v1::BlockTarget { target }),
-        holder_organization_number: b.holder.clone(),
-        reason: b.reason.clone(),
-        created_at: Some(pointer::to_timestamp(b.created_at)),
-    }
-}
-
 impl NodeService {
     /// The request's patient, validated and noted (pseudonymized) in its audit record.
     fn patient_of(
@@ -140,7 +123,7 @@ impl NodeService {
         tracing::info!(caller = %caller, kind = target_kind, "block created");
         entry.detail = Some(format!("block {} {what}", hex::encode(id)));
         Ok(Response::new(v1::CreateBlockResponse {
-            block: Some(block_to_wire(id, &stored)),
+            block: Some(super::convert::block(id, &stored)),
         }))
     }
 
@@ -176,7 +159,10 @@ impl NodeService {
         let mut blocks = self.registry.blocks(&patient).await.map_err(internal)?;
         blocks.sort_by_key(|(_, b)| b.created_at);
         Ok(Response::new(v1::ListBlocksResponse {
-            blocks: blocks.iter().map(|(id, b)| block_to_wire(*id, b)).collect(),
+            blocks: blocks
+                .iter()
+                .map(|(id, b)| super::convert::block(*id, b))
+                .collect(),
         }))
     }
 

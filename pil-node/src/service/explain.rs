@@ -4,7 +4,7 @@
 use pil_proto::{categories, v1};
 use tonic::{Request, Response, Status};
 
-use super::{NodeService, applied_rules, internal, invalid};
+use super::{NodeService, convert::applied_rules, internal, invalid};
 use crate::{
     audit::{
         AuditRecord,

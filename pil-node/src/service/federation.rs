@@ -5,7 +5,7 @@
 use pil_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::{NodeService, applied_rules, invalid};
+use super::{NodeService, convert::applied_rules, invalid};
 use crate::{
     audit::{
         AuditRecord,

@@ -5,7 +5,11 @@ use std::time::Duration;
 use pil_proto::{ident::PatientId, v1};
 use tonic::{Request, Response, Status};
 
-use super::{NodeService, applied_rules, denied, internal, invalid};
+use super::{
+    NodeService,
+    convert::{self, applied_rules},
+    denied, internal, invalid,
+};
 use crate::{
     access::{Requester, ShutOut},
     audit::{
@@ -15,6 +19,7 @@ use crate::{
     },
     error::Error,
     federation::PeerOutcome,
+    lookup::{self, Shown},
     patient_keys::Pseudonym,
     pointer,
     registry::{LookupFilter, PatientView},
@@ -73,38 +78,13 @@ impl NodeService {
             }
             PatientView::Visible { blocks, pointers } => (blocks, pointers),
         };
-        let region = self.registry.region().to_string();
-        let mut rules = search.rules.clone();
-        let mut emergency = search.emergency;
-        let mut pointers = Vec::with_capacity(found.len());
         let shut = requester.shut_out(&blocks);
-        for p in found {
-            let holder = p
-                .holder
-                .as_ref()
-                .map(|h| h.organization_number.clone())
-                .unwrap_or_default();
-            if shut.hides(&holder) {
-                continue;
-            }
-            let decision = legal.decide(
-                &requester.facts,
-                &pil_legal::PointerFacts {
-                    holder,
-                    categories: p.categories.clone(),
-                    region: region.clone(),
-                },
-            );
-            for r in &decision.rules {
-                if !rules.iter().any(|k| k.id == r.id) {
-                    rules.push(r.clone());
-                }
-            }
-            if decision.allowed {
-                emergency |= decision.emergency;
-                pointers.push(p);
-            }
-        }
+        let lookup::Visible {
+            pointers,
+            rules,
+            emergency,
+        } = lookup::decide_each(&legal, &requester.facts, &search, found, &shut);
+        let pointers: Vec<v1::Pointer> = pointers.iter().map(convert::pointer).collect();
         entry.decision.rules = rule_infos(&rules);
         entry.decision.emergency = emergency;
         record_returned(entry, &pointers);
@@ -245,14 +225,9 @@ impl NodeService {
                 pointer_count: 0,
             });
         }
-        if opted_out {
-            // Opted out anywhere means out of PIL altogether.
-            pointers.clear();
-        }
-        pointers.retain(|p| {
-            let holder = p.holder.as_ref().map(|h| h.organization_number.as_str());
-            !shut.hides(holder.unwrap_or_default())
-        });
+        // Opted out anywhere means out of PIL altogether; a block anywhere hides its
+        // holders' pointers from every region.
+        lookup::protect(&mut pointers, opted_out, &shut);
         let mut withheld = String::new();
         if !unchecked.is_empty() && !pointers.is_empty() {
             let legal = self.access.legal();
@@ -290,7 +265,7 @@ impl NodeService {
                 .filter(|p| p.region == status.region)
                 .count() as u32;
         }
-        let pointers = merge(pointers);
+        let pointers = lookup::merge(pointers);
         record_returned(entry, &pointers);
         entry.decision.emergency = emergency;
         tracing::info!(
@@ -380,39 +355,9 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 
 /// Records in the audit entry what an answer returns: how many pointers, from which
 /// holder organizations.
-fn record_returned(entry: &mut AuditRecord, pointers: &[v1::Pointer]) {
+fn record_returned(entry: &mut AuditRecord, pointers: &[impl Shown]) {
     entry.outcome.pointers = pointers.len() as u32;
-    let mut orgs: Vec<String> = pointers
-        .iter()
-        .filter_map(|p| p.holder.as_ref().map(|h| h.organization_number.clone()))
-        .collect();
-    orgs.sort();
-    orgs.dedup();
-    entry.outcome.organizations = orgs;
-}
-
-/// Newest first, one pointer per endpoint: the same endpoint registered in two
-/// regions shows once, as its newest registration.
-fn merge(mut pointers: Vec<v1::Pointer>) -> Vec<v1::Pointer> {
-    let millis = |p: &v1::Pointer| {
-        p.last_updated
-            .as_ref()
-            .map(|t| (t.seconds, t.nanos))
-            .unwrap_or_default()
-    };
-    pointers.sort_by_key(|p| std::cmp::Reverse(millis(p)));
-    let mut seen = std::collections::HashSet::new();
-    pointers.retain(|p| {
-        let holder = p.holder.as_ref();
-        let endpoint = p.endpoint.as_ref();
-        seen.insert((
-            holder.map(|h| h.organization_number.clone()),
-            holder.map(|h| h.sub_unit_organization_number.clone()),
-            endpoint.map(|e| e.base_url.clone()),
-            endpoint.map(|e| e.api_kind),
-        ))
-    });
-    pointers
+    entry.outcome.organizations = lookup::holders(pointers);
 }
 
 #[tonic::async_trait]

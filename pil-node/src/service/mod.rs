@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 mod admin;
 mod audit;
+mod convert;
 mod explain;
 mod federation;
 mod lookup;
@@ -65,24 +66,6 @@ pub fn remember_origin(
     );
     req.extensions_mut().insert(ArrivedOn(origin));
     req
-}
-
-/// The rules of a decision in their wire form.
-pub fn applied_rules<'a>(
-    rules: impl IntoIterator<Item = &'a pil_legal::RuleRef>,
-) -> Vec<v1::AppliedRule> {
-    rules
-        .into_iter()
-        .map(|r| v1::AppliedRule {
-            id: r.id.clone(),
-            legal_basis: r.legal_basis.clone(),
-            explanation: r.explanation.clone(),
-            effect: match r.effect {
-                pil_legal::RuleEffect::Permit => v1::RuleEffect::Permit as i32,
-                pil_legal::RuleEffect::Forbid => v1::RuleEffect::Forbid as i32,
-            },
-        })
-        .collect()
 }
 
 /// A refusal naming the deciding rules and their legal bases.
@@ -345,7 +328,7 @@ impl NodeService {
         };
         Ok(Response::new(v1::UpsertPointerResponse {
             outcome: outcome as i32,
-            pointer: Some(stored),
+            pointer: Some(convert::pointer(&stored)),
         }))
     }
 
@@ -499,7 +482,9 @@ impl NodeService {
                     Ok((pointers, last)) => {
                         let Some(last) = last else { return };
                         after = Some(last);
-                        let msg = v1::ExportPointersResponse { pointers };
+                        let msg = v1::ExportPointersResponse {
+                            pointers: pointers.iter().map(convert::pointer).collect(),
+                        };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }
