@@ -345,7 +345,49 @@ pub fn federate(nodes: &[(&str, &TestNode)]) {
     }
 }
 
-/// An in-process node.
+/// Several regions' in-process nodes, federated every one with every other.
+pub struct Regions {
+    nodes: Vec<(String, TestNode)>,
+}
+
+impl Regions {
+    /// Starts a node for each of `regions` with `world`'s configuration for it, as
+    /// `adjust` changes it, and federates them.
+    pub async fn start(
+        world: &World,
+        regions: &[&str],
+        mut adjust: impl FnMut(&str, &mut NodeConfig),
+    ) -> Self {
+        let mut nodes = Vec::with_capacity(regions.len());
+        for region in regions {
+            let mut config = world.region_config(region);
+            adjust(region, &mut config);
+            nodes.push((region.to_string(), TestNode::start(config).await));
+        }
+        let pairs: Vec<(&str, &TestNode)> = nodes.iter().map(|(r, n)| (r.as_str(), n)).collect();
+        federate(&pairs);
+        Self { nodes }
+    }
+
+    /// The node of `region`.
+    pub fn node(&self, region: &str) -> &TestNode {
+        self.nodes
+            .iter()
+            .find(|(r, _)| r == region)
+            .map(|(_, n)| n)
+            .unwrap_or_else(|| panic!("no node for {region}"))
+    }
+
+    /// Stops every node cleanly.
+    pub async fn stop(self) {
+        for (_, node) in self.nodes {
+            node.stop().await;
+        }
+    }
+}
+
+/// An in-process node. Dropping it (a test that fails before stopping it) drops its
+/// stop signal: the node stops accepting and shuts down on the test's runtime.
 pub struct TestNode {
     pub node: RunningNode,
 }

@@ -391,3 +391,26 @@ async fn a_node_closes_cleanly_when_a_client_keeps_a_call_open_past_the_grace_pe
     closer.close().await;
     assert!(open.await.unwrap().is_err(), "the open call was cut off");
 }
+
+/// A node a test drops without stopping (it failed first) stops accepting: the
+/// harness never leaves a listener behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_test_node_stops_listening() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let addr = node.addr();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    drop(node);
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "the dropped node still accepts connections on {addr}"
+    );
+}

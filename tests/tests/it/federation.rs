@@ -426,11 +426,13 @@ async fn forwarded_lookups_are_not_forwarded_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_sheds_forwarded_lookups_beyond_its_limit() {
     let world = World::new();
-    let vest = TestNode::start(world.region_config(VEST)).await;
-    let mut midt_config = world.region_config(MIDT);
-    midt_config.federation.max_concurrent_forwarded = 1;
-    let midt = TestNode::start(midt_config).await;
-    federate(&[(VEST, &vest), (MIDT, &midt)]);
+    let nodes = Regions::start(&world, &[VEST, MIDT], |region, config| {
+        if region == MIDT {
+            config.federation.max_concurrent_forwarded = 1;
+        }
+    })
+    .await;
+    let midt = nodes.node(MIDT);
     let patient = patient_id(902);
     let regions = world.path().join("regions");
     let channel = world
@@ -461,8 +463,7 @@ async fn a_node_sheds_forwarded_lookups_beyond_its_limit() {
     let ok = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(ok + shed, results.len(), "only OK or shed: {results:?}");
     assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}");
-    vest.stop().await;
-    midt.stop().await;
+    nodes.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
