@@ -8,12 +8,14 @@
 //! ([`plan`]) and the audit tree is extended by one piece of arithmetic ([`tree`]),
 //! so every engine means the same by an insert or a signed head.
 //!
-//! Engines: [`rocks`] (embedded RocksDB, the default) and [`memory`] (for tests; it
-//! proves the boundary is real by running the same tests as RocksDB).
+//! Engines: [`rocks`] (embedded RocksDB, the default), [`postgres`] (several nodes of
+//! a region on one replicated database) and [`memory`] (for tests). The same store
+//! tests run on every engine.
 
 pub mod memory;
 mod model;
 mod plan;
+pub mod postgres;
 pub mod rocks;
 mod tree;
 

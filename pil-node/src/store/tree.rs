@@ -23,6 +23,20 @@ pub trait TreeReader {
     fn remembered_head(&self) -> Result<Option<(u64, String)>, StoreError>;
 }
 
+impl<T: TreeReader + ?Sized> TreeReader for &T {
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        (**self).node(level, index)
+    }
+
+    fn latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        (**self).latest_head()
+    }
+
+    fn remembered_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        (**self).remembered_head()
+    }
+}
+
 /// One record as appended.
 pub struct Appended {
     pub index: u64,
@@ -68,6 +82,18 @@ impl Sequencer {
         let frontier = restore_frontier(reader, size)?;
         let signed = check_against_newest_head(reader, size)?;
         Ok(Self { frontier, signed })
+    }
+
+    /// The log as a coordinator row keeps it: size, peaks and the signed size.
+    pub fn from_parts(size: u64, peaks: Vec<[u8; 32]>, signed: u64) -> Result<Self, StoreError> {
+        let frontier =
+            Frontier::from_parts(size, peaks).map_err(|e| StoreError::Tree(e.to_string()))?;
+        Ok(Self { frontier, signed })
+    }
+
+    /// The frontier's peaks, largest first.
+    pub fn peaks(&self) -> &[[u8; 32]] {
+        self.frontier.peaks()
     }
 
     pub fn size(&self) -> u64 {
@@ -201,5 +227,68 @@ fn proof_error(e: pil_transparency::ProofError<StoreError>) -> StoreError {
     match e {
         pil_transparency::ProofError::Source(e) => e,
         other => StoreError::Tree(other.to_string()),
+    }
+}
+
+/// A reader that answers every node with zeros and remembers which it was asked for:
+/// a proof or a check reads the same nodes whatever their hashes, so an engine that
+/// reads asynchronously runs the computation once with this, fetches those nodes in
+/// one query, and runs it again on them.
+#[derive(Default)]
+pub struct NodeRecorder {
+    asked: std::cell::RefCell<Vec<(u8, u64)>>,
+    heads: Option<(u64, String)>,
+}
+
+impl NodeRecorder {
+    /// A recorder whose newest head (both copies) is `head`.
+    pub fn with_head(head: Option<(u64, String)>) -> Self {
+        Self {
+            asked: Default::default(),
+            heads: head,
+        }
+    }
+
+    /// The nodes asked for, each once.
+    pub fn asked(self) -> Vec<(u8, u64)> {
+        let mut asked = self.asked.into_inner();
+        asked.sort_unstable();
+        asked.dedup();
+        asked
+    }
+}
+
+impl TreeReader for NodeRecorder {
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        self.asked.borrow_mut().push((level, index));
+        Ok(Some([0; 32]))
+    }
+
+    fn latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.heads.clone())
+    }
+
+    fn remembered_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.heads.clone())
+    }
+}
+
+/// Nodes fetched for one computation, with the newest head.
+pub struct FetchedNodes {
+    pub nodes: std::collections::HashMap<(u8, u64), [u8; 32]>,
+    pub head: Option<(u64, String)>,
+}
+
+impl TreeReader for FetchedNodes {
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(self.nodes.get(&(level, index)).copied())
+    }
+
+    fn latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.head.clone())
+    }
+
+    fn remembered_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.head.clone())
     }
 }

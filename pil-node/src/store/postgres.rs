@@ -1,0 +1,997 @@
+//! The PostgreSQL engine, for regions that run several nodes on one replicated
+//! database. Everything the region holds is in the database, so any node of the
+//! region can answer any request and a node keeps nothing another one needs.
+//!
+//! Writes are grouped as on RocksDB: one task per node takes what is queued and commits
+//! it in one transaction. Groups from different nodes are ordered by row locks taken
+//! at the start of their transaction (`SELECT … FOR UPDATE` on a one-row coordinator),
+//! not by a leader: the pointer writers of a region take turns, so outcomes
+//! (inserted, updated, unchanged) stay exact, and the audit appenders take turns on the
+//! tree's row, so two nodes can never give out the same index. Only plain SQL is used
+//! (no advisory locks, no server-side functions), which PostgreSQL-compatible
+//! distributed engines also support.
+
+use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
+    PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    plan::{Current, plan},
+    tree::{self, FetchedNodes, Group, NodeRecorder, Sequencer, TreeReader},
+};
+use crate::patient_keys::Pseudonym;
+
+/// Most write operations or audit records committed in one transaction.
+const MAX_GROUP: usize = 4096;
+const QUEUE_DEPTH: usize = 8192;
+
+/// The schema, one migration per version. A database at a version this node does not
+/// know is refused.
+const MIGRATIONS: &[&str] = &[
+    // 1: pointers, protections and the audit log.
+    "CREATE TABLE pointers (
+         patient bytea NOT NULL,
+         org bytea NOT NULL,
+         ident bytea NOT NULL,
+         value bytea NOT NULL,
+         expiry bigint,
+         PRIMARY KEY (patient, org, ident)
+     );
+     CREATE INDEX pointers_by_org ON pointers (org, patient, ident);
+     CREATE INDEX pointers_by_expiry ON pointers (expiry) WHERE expiry IS NOT NULL;
+     CREATE TABLE blocks (
+         patient bytea NOT NULL,
+         id bytea NOT NULL,
+         value bytea NOT NULL,
+         PRIMARY KEY (patient, id)
+     );
+     CREATE TABLE opt_outs (patient bytea PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE coordinator (name text PRIMARY KEY);
+     INSERT INTO coordinator VALUES ('pointers');
+     CREATE TABLE audit_tree (
+         id integer PRIMARY KEY CHECK (id = 1),
+         size bigint NOT NULL,
+         signed bigint NOT NULL,
+         peaks bytea NOT NULL,
+         retained_from bigint NOT NULL
+     );
+     INSERT INTO audit_tree VALUES (1, 0, 0, '', 0);
+     CREATE TABLE audit_records (
+         idx bigint PRIMARY KEY,
+         record bytea,
+         patient bytea
+     );
+     CREATE INDEX audit_by_patient ON audit_records (patient, idx) WHERE patient IS NOT NULL;
+     CREATE TABLE audit_nodes (
+         level smallint NOT NULL,
+         idx bigint NOT NULL,
+         hash bytea NOT NULL,
+         PRIMARY KEY (level, idx)
+     );
+     CREATE TABLE audit_heads (size bigint PRIMARY KEY, note text NOT NULL);",
+];
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// A libpq connection string or URL (`host=/run/postgresql dbname=pil`,
+    /// `postgres://pil@db.example/pil`).
+    pub url: String,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+}
+
+fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::engine(e)
+}
+
+fn pool(config: &PgConfig) -> Result<Pool, StoreError> {
+    let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(db_error)?;
+    pg.connect_timeout(config.connect_timeout);
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size.max(2))
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(db_error)
+}
+
+async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(db_error)
+}
+
+/// The schema version the database is at (0: none).
+async fn schema_version(c: &impl GenericClient) -> Result<u32, StoreError> {
+    let exists: bool = c
+        .query_one("SELECT to_regclass('pil_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = c
+        .query_opt("SELECT version FROM pil_schema", &[])
+        .await
+        .map_err(db_error)?;
+    Ok(row.map(|r| r.get::<_, i32>(0) as u32).unwrap_or(0))
+}
+
+/// Brings the database's schema to this node's version; returns the version. Safe to
+/// run from several nodes at once: the schema table is locked while migrating.
+pub async fn migrate(config: &PgConfig) -> Result<u32, StoreError> {
+    let pool = pool(config)?;
+    let mut c = client(&pool).await?;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS pil_schema (version integer NOT NULL)")
+        .await
+        .map_err(db_error)?;
+    let tx = c.transaction().await.map_err(db_error)?;
+    tx.batch_execute("LOCK TABLE pil_schema IN EXCLUSIVE MODE")
+        .await
+        .map_err(db_error)?;
+    let at = schema_version(&tx).await?;
+    let known = MIGRATIONS.len() as u32;
+    if at > known {
+        return Err(newer_schema(at));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(at as usize) {
+        tx.batch_execute(step).await.map_err(db_error)?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    tx.execute("DELETE FROM pil_schema", &[])
+        .await
+        .map_err(db_error)?;
+    tx.execute("INSERT INTO pil_schema VALUES ($1)", &[&(known as i32)])
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(known)
+}
+
+fn newer_schema(at: u32) -> StoreError {
+    StoreError::Format {
+        found: format!("schema version {at}"),
+        expected: "schema version 1 (a newer node migrated this database; run that version)",
+    }
+}
+
+/// Connects to the region's database, checks its schema and its audit log, and starts
+/// this node's writer tasks.
+pub async fn open(config: &PgConfig) -> Result<(Arc<dyn Store>, Closer), StoreError> {
+    let pool = pool(config)?;
+    {
+        let c = client(&pool).await?;
+        let at = schema_version(&c).await?;
+        let known = MIGRATIONS.len() as u32;
+        if at > known {
+            return Err(newer_schema(at));
+        }
+        if at < known {
+            return Err(StoreError::Format {
+                found: format!("schema version {at}"),
+                expected: "schema version 1: run `pil-node migrate --config <node.toml>` first",
+            });
+        }
+    }
+    check_log(&pool).await?;
+    let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
+    let (audit_tx, audit_rx) = mpsc::channel(QUEUE_DEPTH);
+    let writer = tokio::spawn(write_loop(pool.clone(), write_rx));
+    let appender = tokio::spawn(audit_loop(pool.clone(), audit_rx));
+    let store = PgStore {
+        pool,
+        writes: write_tx,
+        audit: audit_tx,
+    };
+    let closer = Closer::new(move || {
+        for task in [writer, appender] {
+            if futures::executor::block_on(task).is_err() {
+                tracing::error!("a database writer task failed");
+            }
+        }
+    });
+    Ok((Arc::new(store), closer))
+}
+
+struct PgStore {
+    pool: Pool,
+    writes: mpsc::Sender<WriteJob>,
+    audit: mpsc::Sender<AuditJob>,
+}
+
+struct WriteJob {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+}
+
+type Head = Option<(u64, String)>;
+
+enum AuditJob {
+    Append(
+        Box<dyn AuditEntry>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    Sign(
+        Arc<dyn HeadSigning>,
+        oneshot::Sender<Result<Head, StoreError>>,
+    ),
+}
+
+fn key_of(row: &Row, first: usize) -> Result<PointerKey, StoreError> {
+    let part = |i: usize, what: &'static str| -> Result<Vec<u8>, StoreError> {
+        Ok(row.get::<_, Vec<u8>>(first + i)).and_then(|v| {
+            if v.is_empty() {
+                Err(corrupt(what, "empty key part"))
+            } else {
+                Ok(v)
+            }
+        })
+    };
+    let mut k = Vec::with_capacity(super::KEY_LEN);
+    k.extend(part(0, "pointers.patient")?);
+    k.extend(part(1, "pointers.org")?);
+    k.extend(part(2, "pointers.ident")?);
+    PointerKey::decode(&k).ok_or_else(|| corrupt("pointers", "key of the wrong length"))
+}
+
+fn corrupt(what: &'static str, detail: &str) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| corrupt(what, &e.to_string()))
+}
+
+/// Key columns as three arrays (patient, organization, endpoint), for `unnest`.
+type KeyColumns<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>, Vec<&'a [u8]>);
+
+fn key_arrays(keys: &[PointerKey]) -> KeyColumns<'_> {
+    let mut out = (
+        Vec::with_capacity(keys.len()),
+        Vec::with_capacity(keys.len()),
+        Vec::with_capacity(keys.len()),
+    );
+    for k in keys {
+        out.0.push(k.patient.as_slice());
+        out.1.push(k.org.as_slice());
+        out.2.push(k.ident.as_slice());
+    }
+    out
+}
+
+const SELECT_KEYS: &str = "SELECT p.patient, p.org, p.ident, p.value FROM pointers p
+     JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(patient, org, ident)
+       ON p.patient = k.patient AND p.org = k.org AND p.ident = k.ident";
+
+async fn read_keys(
+    c: &impl GenericClient,
+    keys: &[PointerKey],
+    lock: bool,
+) -> Result<HashMap<PointerKey, StoredPointer>, StoreError> {
+    let (p, o, i) = key_arrays(keys);
+    let sql = if lock {
+        format!("{SELECT_KEYS} FOR UPDATE OF p")
+    } else {
+        SELECT_KEYS.to_string()
+    };
+    let rows = c.query(&sql, &[&p, &o, &i]).await.map_err(db_error)?;
+    rows.iter()
+        .map(|r| Ok((key_of(r, 0)?, decode("pointers", r.get(3))?)))
+        .collect()
+}
+
+/// Takes what is queued and commits it in one transaction, in turn with the other
+/// nodes of the region.
+async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut n = first.ops.len();
+        let mut jobs = vec![first];
+        while n < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => {
+                    n += job.ops.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
+        match write_group(&pool, ops).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write group failed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult>>, StoreError> {
+    let mut c = client(pool).await?;
+    let tx = c.transaction().await.map_err(db_error)?;
+    tx.execute(
+        "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
+        &[],
+    )
+    .await
+    .map_err(db_error)?;
+    let mut keys: Vec<PointerKey> = jobs.iter().flatten().map(Op::key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut stored = read_keys(&tx, &keys, true).await?;
+    let mut current: Current = keys
+        .iter()
+        .map(|k| (*k, stored.remove(k).map(Arc::new)))
+        .collect();
+    let (changes, results) = plan(jobs, &mut current);
+    // What each changed key holds at the end of the group: one row per key.
+    let mut changed: Vec<PointerKey> = changes.iter().map(|c| *c.key()).collect();
+    changed.sort_unstable();
+    changed.dedup();
+    let (mut put_keys, mut values, mut expiries, mut gone) = (vec![], vec![], vec![], vec![]);
+    for key in changed {
+        match current.get(&key).cloned().flatten() {
+            Some(v) => {
+                put_keys.push(key);
+                values.push(v.encode_to_vec());
+                expiries.push(v.effective_expiry());
+            }
+            None => gone.push(key),
+        }
+    }
+    if !put_keys.is_empty() {
+        let (p, o, i) = key_arrays(&put_keys);
+        tx.execute(
+            "INSERT INTO pointers (patient, org, ident, value, expiry)
+             SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int8[])
+             ON CONFLICT (patient, org, ident)
+             DO UPDATE SET value = EXCLUDED.value, expiry = EXCLUDED.expiry",
+            &[&p, &o, &i, &values, &expiries],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !gone.is_empty() {
+        let (p, o, i) = key_arrays(&gone);
+        tx.execute(
+            "DELETE FROM pointers p USING unnest($1::bytea[], $2::bytea[], $3::bytea[])
+                 AS k(patient, org, ident)
+             WHERE p.patient = k.patient AND p.org = k.org AND p.ident = k.ident",
+            &[&p, &o, &i],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(results)
+}
+
+/// The tree's coordinator row, locked for the transaction.
+async fn lock_tree(tx: &deadpool_postgres::Transaction<'_>) -> Result<Sequencer, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT size, signed, peaks FROM audit_tree WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+    let peaks: Vec<u8> = row.get(2);
+    let peaks = peaks
+        .chunks(32)
+        .map(|c| <[u8; 32]>::try_from(c).map_err(|_| corrupt("audit_tree", "peaks")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Sequencer::from_parts(
+        row.get::<_, i64>(0) as u64,
+        peaks,
+        row.get::<_, i64>(1) as u64,
+    )
+}
+
+async fn audit_loop(pool: Pool, mut rx: mpsc::Receiver<AuditJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        audit_group(&pool, jobs).await;
+    }
+}
+
+enum Reply {
+    Appended(oneshot::Sender<Result<u64, StoreError>>, u64),
+    Signed(oneshot::Sender<Result<Head, StoreError>>),
+}
+
+async fn audit_group(pool: &Pool, jobs: Vec<AuditJob>) {
+    let mut replies = Vec::with_capacity(jobs.len());
+    let written = async {
+        let mut c = client(pool).await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        let mut seq = lock_tree(&tx).await?;
+        let mut group = Group::default();
+        let mut failed = None;
+        for job in jobs {
+            match job {
+                AuditJob::Append(mut entry, reply) => match seq.append(&mut *entry, &mut group) {
+                    Ok(index) => replies.push(Reply::Appended(reply, index)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                AuditJob::Sign(signer, reply) => {
+                    if let Err(e) = seq.sign(&*signer, &mut group) {
+                        failed = Some(e);
+                    }
+                    replies.push(Reply::Signed(reply));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        write_tree_group(&tx, &seq, &group).await?;
+        let head = latest_head(&tx).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok::<_, StoreError>(head)
+    }
+    .await;
+    if let Err(e) = &written {
+        tracing::error!(error = %e, "audit records could not be written");
+    }
+    for reply in replies {
+        match (reply, &written) {
+            (Reply::Appended(tx, index), Ok(_)) => {
+                let _ = tx.send(Ok(index));
+            }
+            (Reply::Signed(tx), Ok(head)) => {
+                let _ = tx.send(Ok(head.clone()));
+            }
+            (Reply::Appended(tx, _), Err(e)) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            (Reply::Signed(tx), Err(e)) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+async fn write_tree_group(
+    tx: &deadpool_postgres::Transaction<'_>,
+    seq: &Sequencer,
+    group: &Group,
+) -> Result<(), StoreError> {
+    if !group.records.is_empty() {
+        let idx: Vec<i64> = group.records.iter().map(|r| r.index as i64).collect();
+        let bytes: Vec<&[u8]> = group.records.iter().map(|r| r.bytes.as_slice()).collect();
+        let patients: Vec<Option<&[u8]>> = group
+            .records
+            .iter()
+            .map(|r| r.patient.as_ref().map(|p| p.as_slice()))
+            .collect();
+        tx.execute(
+            "INSERT INTO audit_records (idx, record, patient)
+             SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])",
+            &[&idx, &bytes, &patients],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !group.nodes.is_empty() {
+        let levels: Vec<i16> = group.nodes.iter().map(|n| i16::from(n.0)).collect();
+        let idx: Vec<i64> = group.nodes.iter().map(|n| n.1 as i64).collect();
+        let hashes: Vec<&[u8]> = group.nodes.iter().map(|n| n.2.as_slice()).collect();
+        tx.execute(
+            "INSERT INTO audit_nodes (level, idx, hash)
+             SELECT * FROM unnest($1::int2[], $2::int8[], $3::bytea[])",
+            &[&levels, &idx, &hashes],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    for (size, note) in &group.heads {
+        tx.execute(
+            "INSERT INTO audit_heads (size, note) VALUES ($1, $2)",
+            &[&(*size as i64), note],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !group.is_empty() {
+        tx.execute(
+            "UPDATE audit_tree SET size = $1, signed = $2, peaks = $3 WHERE id = 1",
+            &[
+                &(seq.size() as i64),
+                &(seq.signed() as i64),
+                &seq.peaks().concat(),
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+async fn latest_head(c: &impl GenericClient) -> Result<Head, StoreError> {
+    Ok(c.query_opt(
+        "SELECT size, note FROM audit_heads ORDER BY size DESC LIMIT 1",
+        &[],
+    )
+    .await
+    .map_err(db_error)?
+    .map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
+}
+
+/// Runs `compute` over the tree: once to learn which nodes it reads, then on those
+/// nodes fetched in one query.
+async fn over_tree<T>(
+    c: &impl GenericClient,
+    head: Head,
+    compute: impl Fn(&dyn TreeReader) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let recorder = NodeRecorder::with_head(head.clone());
+    let _ = compute(&recorder);
+    let asked = recorder.asked();
+    let levels: Vec<i16> = asked.iter().map(|(l, _)| i16::from(*l)).collect();
+    let idx: Vec<i64> = asked.iter().map(|(_, i)| *i as i64).collect();
+    let rows = c
+        .query(
+            "SELECT n.level, n.idx, n.hash FROM audit_nodes n
+             JOIN unnest($1::int2[], $2::int8[]) AS k(level, idx)
+               ON n.level = k.level AND n.idx = k.idx",
+            &[&levels, &idx],
+        )
+        .await
+        .map_err(db_error)?;
+    let mut nodes = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let hash: Vec<u8> = r.get(2);
+        let hash = <[u8; 32]>::try_from(hash.as_slice())
+            .map_err(|_| corrupt("audit_nodes", "hash of the wrong length"))?;
+        nodes.insert((r.get::<_, i16>(0) as u8, r.get::<_, i64>(1) as u64), hash);
+    }
+    compute(&FetchedNodes { nodes, head })
+}
+
+/// Checks the stored log against the newest head the region signed, as RocksDB's
+/// engine does at start.
+async fn check_log(pool: &Pool) -> Result<(), StoreError> {
+    let c = client(pool).await?;
+    let row = c
+        .query_one("SELECT size FROM audit_tree WHERE id = 1", &[])
+        .await
+        .map_err(db_error)?;
+    let size = row.get::<_, i64>(0) as u64;
+    let head = latest_head(&c).await?;
+    over_tree(&c, head, |r| Sequencer::restore(&r, size).map(|_| ())).await
+}
+
+impl PgStore {
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        client(&self.pool).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.writes
+            .send(WriteJob { ops, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn patient(&self, patient: Pseudonym) -> Result<PatientRecords, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT 0, value, NULL::bytea, NULL::bytea, NULL::bytea
+                   FROM opt_outs WHERE patient = $1
+                 UNION ALL SELECT 1, value, NULL, NULL, NULL FROM blocks WHERE patient = $1
+                 UNION ALL SELECT 2, value, patient, org, ident FROM pointers WHERE patient = $1",
+                &[&patient.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut out = PatientRecords::default();
+        for r in &rows {
+            let value: &[u8] = r.get(1);
+            match r.get::<_, i32>(0) {
+                0 => out.opt_out = Some(decode("opt_outs", value)?),
+                1 => out.blocks.push(decode("blocks", value)?),
+                _ => out
+                    .pointers
+                    .push((key_of(r, 2)?, decode("pointers", value)?)),
+            }
+        }
+        if out.opt_out.is_some() {
+            out.blocks.clear();
+            out.pointers.clear();
+        }
+        Ok(out)
+    }
+
+    async fn get_many(
+        &self,
+        keys: Vec<PointerKey>,
+    ) -> Result<Vec<Option<StoredPointer>>, StoreError> {
+        let c = self.client().await?;
+        let mut found = read_keys(&c, &keys, false).await?;
+        Ok(keys.iter().map(|k| found.remove(k)).collect())
+    }
+
+    async fn patient_org_keys(
+        &self,
+        patient: Pseudonym,
+        org: [u8; ORG_LEN],
+    ) -> Result<Vec<PointerKey>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT patient, org, ident FROM pointers WHERE patient = $1 AND org = $2
+                 ORDER BY ident",
+                &[&patient.as_slice(), &org.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| key_of(r, 0)).collect()
+    }
+
+    async fn org_keys(
+        &self,
+        org: [u8; ORG_LEN],
+        after: Option<PointerKey>,
+        limit: usize,
+    ) -> Result<Vec<PointerKey>, StoreError> {
+        let c = self.client().await?;
+        let limit = limit as i64;
+        let org = org.as_slice();
+        let rows = match after {
+            None => {
+                c.query(
+                    "SELECT patient, org, ident FROM pointers WHERE org = $1
+                     ORDER BY patient, ident LIMIT $2",
+                    &[&org, &limit],
+                )
+                .await
+            }
+            Some(a) => {
+                let (patient, ident) = (a.patient.as_slice(), a.ident.as_slice());
+                c.query(
+                    "SELECT patient, org, ident FROM pointers
+                     WHERE org = $1 AND (patient, ident) > ($2, $3)
+                     ORDER BY patient, ident LIMIT $4",
+                    &[&org, &patient, &ident, &limit],
+                )
+                .await
+            }
+        }
+        .map_err(db_error)?;
+        rows.iter().map(|r| key_of(r, 0)).collect()
+    }
+
+    async fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT patient, org, ident FROM pointers WHERE expiry <= $1
+                 ORDER BY expiry, patient, org, ident LIMIT $2",
+                &[&now, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| key_of(r, 0)).collect()
+    }
+
+    async fn put_block(
+        &self,
+        patient: Pseudonym,
+        id: [u8; 16],
+        block: StoredBlock,
+    ) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO blocks (patient, id, value) VALUES ($1, $2, $3)
+             ON CONFLICT (patient, id) DO UPDATE SET value = EXCLUDED.value",
+            &[&patient.as_slice(), &id.as_slice(), &block.encode_to_vec()],
+        )
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn delete_block(&self, patient: Pseudonym, id: [u8; 16]) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM blocks WHERE patient = $1 AND id = $2",
+                &[&patient.as_slice(), &id.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n > 0)
+    }
+
+    async fn blocks(&self, patient: Pseudonym) -> Result<Vec<([u8; 16], StoredBlock)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, value FROM blocks WHERE patient = $1 ORDER BY id",
+                &[&patient.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let id = <[u8; 16]>::try_from(r.get::<_, &[u8]>(0))
+                    .map_err(|_| corrupt("blocks", "id of the wrong length"))?;
+                Ok((id, decode("blocks", r.get(1))?))
+            })
+            .collect()
+    }
+
+    async fn set_opt_out(
+        &self,
+        patient: Pseudonym,
+        opt_out: Option<StoredOptOut>,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        let existed = tx
+            .execute(
+                "DELETE FROM opt_outs WHERE patient = $1",
+                &[&patient.as_slice()],
+            )
+            .await
+            .map_err(db_error)?
+            > 0;
+        if let Some(o) = opt_out {
+            tx.execute(
+                "INSERT INTO opt_outs (patient, value) VALUES ($1, $2)",
+                &[&patient.as_slice(), &o.encode_to_vec()],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(existed)
+    }
+
+    async fn opt_out(&self, patient: Pseudonym) -> Result<Option<StoredOptOut>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt(
+            "SELECT value FROM opt_outs WHERE patient = $1",
+            &[&patient.as_slice()],
+        )
+        .await
+        .map_err(db_error)?
+        .map(|r| decode("opt_outs", r.get(0)))
+        .transpose()
+    }
+
+    async fn audit_append(&self, entry: Box<dyn AuditEntry>) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.audit
+            .send(AuditJob::Append(entry, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn audit_sign(&self, signer: Arc<dyn HeadSigning>) -> Result<Head, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.audit
+            .send(AuditJob::Sign(signer, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn audit_size(&self) -> Result<LogSize, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT size, signed FROM audit_tree WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        Ok(LogSize {
+            size: row.get::<_, i64>(0) as u64,
+            signed: row.get::<_, i64>(1) as u64,
+        })
+    }
+
+    async fn audit_record(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            "SELECT record FROM audit_records WHERE idx = $1",
+            &[&(index as i64)],
+        )
+        .await
+        .map_err(db_error)?
+        .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
+    }
+
+    async fn audit_records(
+        &self,
+        from: u64,
+        ascending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let c = self.client().await?;
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        let sql = if ascending {
+            "SELECT idx, record FROM audit_records WHERE idx >= $1 AND record IS NOT NULL
+             ORDER BY idx LIMIT $2"
+        } else {
+            "SELECT idx, record FROM audit_records WHERE idx < $1 AND record IS NOT NULL
+             ORDER BY idx DESC LIMIT $2"
+        };
+        let rows = c
+            .query(sql, &[&from, &(limit as i64)])
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
+            .collect())
+    }
+
+    async fn audit_patient_indexes(
+        &self,
+        patient: Pseudonym,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let c = self.client().await?;
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        let rows = c
+            .query(
+                "SELECT idx FROM audit_records WHERE patient = $1 AND idx < $2
+                 ORDER BY idx DESC LIMIT $3",
+                &[&patient.as_slice(), &before, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+    }
+
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<LogEntry>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT n.idx, r.record, n.hash FROM audit_nodes n
+                 LEFT JOIN audit_records r ON r.idx = n.idx
+                 WHERE n.level = 0 AND n.idx >= $1 AND n.idx < $2 ORDER BY n.idx",
+                &[&(start as i64), &(end as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        if rows.len() as u64 != end.saturating_sub(start) {
+            return Err(StoreError::Tree(format!(
+                "leaf hashes missing between {start} and {end}"
+            )));
+        }
+        rows.iter()
+            .map(|r| {
+                let hash: Vec<u8> = r.get(2);
+                Ok(LogEntry {
+                    index: r.get::<_, i64>(0) as u64,
+                    record: r.get(1),
+                    leaf_hash: <[u8; 32]>::try_from(hash.as_slice())
+                        .map_err(|_| corrupt("audit_nodes", "hash of the wrong length"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn audit_heads_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT size, note FROM audit_heads WHERE size > $1 ORDER BY size LIMIT $2",
+                &[
+                    &i64::try_from(after).unwrap_or(i64::MAX),
+                    &(limit.min(i64::MAX as usize) as i64),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
+            .collect())
+    }
+
+    async fn audit_latest_head(&self) -> Result<Head, StoreError> {
+        latest_head(&self.client().await?).await
+    }
+
+    async fn audit_inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        let c = self.client().await?;
+        over_tree(&c, None, |r| tree::inclusion_proof(&r, index, size)).await
+    }
+
+    async fn audit_consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        let c = self.client().await?;
+        over_tree(&c, None, |r| tree::consistency_proof(&r, old, new)).await
+    }
+
+    async fn audit_retained_from(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        Ok(
+            c.query_one("SELECT retained_from FROM audit_tree WHERE id = 1", &[])
+                .await
+                .map_err(db_error)?
+                .get::<_, i64>(0) as u64,
+        )
+    }
+
+    async fn audit_drop_contents(
+        &self,
+        upto: u64,
+        _patients: Vec<(u64, Pseudonym)>,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        tx.execute(
+            "UPDATE audit_records SET record = NULL, patient = NULL
+             WHERE idx < $1 AND record IS NOT NULL",
+            &[&(upto as i64)],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "UPDATE audit_tree SET retained_from = GREATEST(retained_from, $1) WHERE id = 1",
+            &[&(upto as i64)],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+}
