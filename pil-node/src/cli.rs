@@ -47,6 +47,14 @@ enum Command {
         #[arg(long, env = "PIL_CONFIG")]
         config: PathBuf,
     },
+    /// Create or upgrade the PostgreSQL schema the configuration names (run once per
+    /// region before its nodes start, and after upgrading them). RocksDB needs nothing:
+    /// its data directory is upgraded when opened.
+    Migrate {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
     /// Generate a development PKI: CA, node certificate, organization certificates, and
     /// a development token issuer (signing key and JWKS) for `[auth]`.
     DevPki {
@@ -145,6 +153,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     anyhow::bail!("{}: {} problem(s) found", config.display(), problems.len());
                 }
+            }
+        }
+        Command::Migrate { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            match &cfg.storage.postgres {
+                Some(pg) if cfg.storage.engine == crate::config::Engine::Postgres => {
+                    let version = crate::store::postgres::migrate(&pg.engine_config()).await?;
+                    println!("database schema at version {version}");
+                }
+                _ => println!(
+                    "nothing to migrate: the RocksDB engine upgrades its data directory when \
+                     it opens it"
+                ),
             }
         }
         Command::DevPki { out, region, orgs } => {

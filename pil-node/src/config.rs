@@ -19,8 +19,11 @@ pub struct NodeConfig {
     pub region: String,
     /// Address the mTLS gRPC listener binds, e.g. `127.0.0.1:7443`.
     pub listen: SocketAddr,
-    /// Directory of the RocksDB database.
+    /// Directory of the RocksDB database (the default engine).
     pub data_dir: PathBuf,
+    /// Which storage engine holds the region's data.
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// Accept synthetic test identifiers (month + 80 / + 65). Only for test and demo nodes.
     #[serde(default)]
     pub test_data: bool,
@@ -318,6 +321,20 @@ impl NodeConfig {
                  of a search) must fit in one message"
             ));
         }
+        if self.storage.engine == Engine::Postgres && self.storage.postgres.is_none() {
+            problems.push(
+                "storage.engine = \"postgres\" needs [storage.postgres] with the database's url"
+                    .into(),
+            );
+        }
+        if let Some(pg) = &self.storage.postgres {
+            if let Err(e) = pg.url.parse::<tokio_postgres::Config>() {
+                problems.push(format!("storage.postgres.url: {e}"));
+            }
+            if pg.pool_size < 2 {
+                problems.push("storage.postgres.pool_size must be at least 2".into());
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -439,4 +456,60 @@ pub struct PeerConfig {
 
 fn default_server_name() -> String {
     "localhost".into()
+}
+
+/// Where the region's data is kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub engine: Engine,
+    /// The database, when `engine = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// A storage engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Embedded, in `data_dir`: one node per region, nothing to install.
+    #[default]
+    Rocksdb,
+    /// A PostgreSQL database that several nodes of a region share.
+    Postgres,
+}
+
+/// A PostgreSQL database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq connection string or URL, e.g. `host=/run/postgresql dbname=pil user=pil`.
+    pub url: String,
+    /// Connections this node keeps open.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Longest wait for a connection, in seconds; a database that does not answer
+    /// fails requests after this, never hangs them.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_connect_timeout() -> u64 {
+    5
+}
+
+impl PostgresConfig {
+    /// The engine's own view of these settings.
+    pub fn engine_config(&self) -> crate::store::postgres::PgConfig {
+        crate::store::postgres::PgConfig {
+            url: self.url.clone(),
+            pool_size: self.pool_size,
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs.max(1)),
+        }
+    }
 }

@@ -170,6 +170,7 @@ pub fn prepare(
         region: region.to_string(),
         listen,
         data_dir: dir.join("data"),
+        storage: Default::default(),
         test_data: true,
         legal_config,
         auth: AuthConfig {

@@ -22,4 +22,6 @@ mod service;
 pub mod store;
 mod sync;
 mod telemetry;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod tls;

@@ -37,6 +37,25 @@ pub const HPR: &str = "565501872";
 pub struct World {
     pub dir: tempfile::TempDir,
     pub ca: PathBuf,
+    /// The PostgreSQL server this world's nodes store in, when the suite runs on that
+    /// engine (`PIL_TEST_ENGINE=postgres`); each region gets a database of its own.
+    pub postgres: Option<pil_node::test_support::Throwaway>,
+}
+
+/// For tests about RocksDB's own files: true (and the test returns at once, saying
+/// so) when the suite runs on PostgreSQL.
+pub fn rocksdb_only(what: &str) -> bool {
+    let skip = on_postgres();
+    if skip {
+        eprintln!("on PostgreSQL this test does not apply: it {what}");
+    }
+    skip
+}
+
+/// Whether the suite runs on PostgreSQL (`PIL_TEST_ENGINE=postgres`) rather than the
+/// default RocksDB.
+pub fn on_postgres() -> bool {
+    std::env::var("PIL_TEST_ENGINE").is_ok_and(|e| e == "postgres")
 }
 
 impl World {
@@ -64,6 +83,26 @@ impl World {
         Self {
             ca: files.ca_cert,
             dir,
+            postgres: on_postgres().then(pil_node::test_support::Throwaway::start),
+        }
+    }
+
+    /// Where a node of `region` stores: its own database on this world's server, or
+    /// RocksDB in its data directory.
+    pub fn storage_for(&self, region: &str) -> pil_node::config::StorageConfig {
+        match &self.postgres {
+            None => Default::default(),
+            Some(pg) => {
+                let db = pg.create_migrated_database(region);
+                pil_node::config::StorageConfig {
+                    engine: pil_node::config::Engine::Postgres,
+                    postgres: Some(pil_node::config::PostgresConfig {
+                        url: db.url,
+                        pool_size: 8,
+                        connect_timeout_secs: 5,
+                    }),
+                }
+            }
         }
     }
 
@@ -78,6 +117,7 @@ impl World {
             region: "test".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: self.path().join("data"),
+            storage: self.storage_for("test"),
             test_data,
             legal_config: self.path().join("legal-config"),
             auth: AuthConfig {
@@ -141,6 +181,7 @@ impl World {
         let mut config = self.config(true);
         config.region = region.into();
         config.data_dir = dir.join("data");
+        config.storage = self.storage_for(region);
         config.legal_config = dir.join("legal-config");
         config.tls.cert = dir.join("node.pem");
         config.tls.key = dir.join("node-key.pem");

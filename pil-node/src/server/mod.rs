@@ -179,7 +179,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access,
     } = checked;
 
-    let (store, closer) = crate::store::rocks::open(&config.data_dir).await?;
+    let (store, closer) = open_store(&config).await?;
     let audit = AuditLog::new(store.clone(), &config.region, signer);
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
@@ -312,6 +312,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// Opens the store the configuration names.
+async fn open_store(
+    config: &NodeConfig,
+) -> Result<(Arc<dyn crate::store::Store>, crate::store::Closer), StoreError> {
+    match (&config.storage.engine, &config.storage.postgres) {
+        (crate::config::Engine::Postgres, Some(pg)) => {
+            crate::store::postgres::open(&pg.engine_config()).await
+        }
+        _ => crate::store::rocks::open(&config.data_dir).await,
+    }
 }
 
 /// Signs the audit tree head whenever records were added since the last one.

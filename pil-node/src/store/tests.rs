@@ -21,135 +21,13 @@ pub(crate) async fn on_every_engine(test: impl AsyncFn(Arc<dyn Store>)) {
     drop(store);
     closer.close().await;
 
-    let db = Throwaway::start();
+    let db = crate::test_support::Throwaway::start();
     let config = db.config();
     super::postgres::migrate(&config).await.unwrap();
     let (store, closer) = super::postgres::open(&config).await.unwrap();
     test(store.clone()).await;
     drop(store);
     closer.close().await;
-}
-
-/// A PostgreSQL server of its own in a temp dir, from Debian's `postgresql` programs,
-/// on a Unix socket only; stopped by its PID when dropped.
-pub(crate) struct Throwaway {
-    dir: tempfile::TempDir,
-}
-
-impl Throwaway {
-    pub(crate) fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|d| {
-                let mut versions: Vec<_> = d.flatten().map(|e| e.path().join("bin")).collect();
-                versions.sort();
-                versions.pop()
-            })
-            .filter(|b| b.join("initdb").exists())
-            .expect("PostgreSQL's programs (Debian's postgresql package; .ci/setup installs it)");
-        let dir = tempfile::tempdir().unwrap();
-        let root = nix_is_root();
-        if root {
-            std::process::Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path())
-                .status()
-                .unwrap();
-        }
-        let run = |program: &str, args: &[&str]| {
-            let mut c = if root {
-                let mut c = std::process::Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(bin.join(program));
-                c
-            } else {
-                std::process::Command::new(bin.join(program))
-            };
-            let out = c.args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{program} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let data = dir.path().join("data");
-        let data = data.to_str().unwrap();
-        run(
-            "initdb",
-            &[
-                "-D",
-                data,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        );
-        let options = format!(
-            "-c listen_addresses='' -k {} -p 5432 -c fsync=off",
-            dir.path().display()
-        );
-        let log = dir.path().join("server.log");
-        run(
-            "pg_ctl",
-            &[
-                "-D",
-                data,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-o",
-                &options,
-                "start",
-            ],
-        );
-        Self { dir }
-    }
-
-    pub(crate) fn config(&self) -> super::postgres::PgConfig {
-        super::postgres::PgConfig {
-            url: format!(
-                "host={} port=5432 user=postgres dbname=postgres",
-                self.dir.path().display()
-            ),
-            pool_size: 8,
-            connect_timeout: std::time::Duration::from_secs(10),
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    }
-}
-
-impl Drop for Throwaway {
-    fn drop(&mut self) {
-        let Some(pid) = self.pid() else { return };
-        // SIGQUIT: immediate shutdown; the data directory is thrown away anyway.
-        let _ = std::process::Command::new("kill")
-            .args(["-QUIT", &pid.to_string()])
-            .status();
-        for _ in 0..100 {
-            let alive = std::process::Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !alive {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-}
-
-fn nix_is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 const ORG_A: [u8; 9] = *b"974760673";

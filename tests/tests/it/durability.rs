@@ -280,6 +280,9 @@ async fn no_change_is_stored_without_its_audit_record_even_on_kill_9() {
 
 #[tokio::test]
 async fn a_node_that_cannot_start_leaves_its_data_directory_alone() {
+    if rocksdb_only("compares RocksDB's data directory before and after") {
+        return;
+    }
     let world = World::new();
     // The listen address is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

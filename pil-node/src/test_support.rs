@@ -1,0 +1,169 @@
+//! Helpers for tests of this crate and of the integration suite: a throwaway
+//! PostgreSQL server. Compiled only for tests and with the `test-support` feature.
+
+/// A PostgreSQL server of its own in a temp dir, from Debian's `postgresql` programs,
+/// on a Unix socket only; stopped by its PID when dropped.
+pub struct Throwaway {
+    dir: tempfile::TempDir,
+    created: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Throwaway {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                let mut versions: Vec<_> = d.flatten().map(|e| e.path().join("bin")).collect();
+                versions.sort();
+                versions.pop()
+            })
+            .filter(|b| b.join("initdb").exists())
+            .expect("PostgreSQL's programs (Debian's postgresql package; .ci/setup installs it)");
+        let dir = tempfile::tempdir().unwrap();
+        let root = nix_is_root();
+        if root {
+            std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .unwrap();
+        }
+        let run = |program: &str, args: &[&str]| {
+            let mut c = if root {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+                c
+            } else {
+                std::process::Command::new(bin.join(program))
+            };
+            let out = c.args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{program} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data = dir.path().join("data");
+        let data = data.to_str().unwrap();
+        run(
+            "initdb",
+            &[
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let options = format!(
+            "-c listen_addresses='' -k {} -p 5432 -c fsync=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("server.log");
+        run(
+            "pg_ctl",
+            &[
+                "-D",
+                data,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+        Self {
+            dir,
+            created: Default::default(),
+        }
+    }
+
+    pub fn config(&self) -> crate::store::postgres::PgConfig {
+        crate::store::postgres::PgConfig {
+            url: self.url("postgres"),
+            pool_size: 8,
+            connect_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+
+    /// The connection string of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!(
+            "host={} port=5432 user=postgres dbname={name}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Creates database `name` with this node version's schema, from synchronous code
+    /// (a test's configuration); a name already created is left as it is.
+    pub fn create_migrated_database(&self, name: &str) -> crate::store::postgres::PgConfig {
+        let mut config = self.config();
+        config.url = self.url(name);
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        if created.insert(name.to_string()) {
+            let admin = self.url("postgres");
+            let name = name.to_string();
+            let migrate = config.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let (client, connection) =
+                        tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                            .await
+                            .unwrap();
+                    tokio::spawn(connection);
+                    client
+                        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                        .await
+                        .expect("create database");
+                    crate::store::postgres::migrate(&migrate)
+                        .await
+                        .expect("migrate");
+                });
+            })
+            .join()
+            .expect("creating a database");
+        }
+        config
+    }
+
+    fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid() else { return };
+        // SIGQUIT: immediate shutdown; the data directory is thrown away anyway.
+        let _ = std::process::Command::new("kill")
+            .args(["-QUIT", &pid.to_string()])
+            .status();
+        for _ in 0..100 {
+            let alive = std::process::Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !alive {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
