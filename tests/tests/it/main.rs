@@ -6,6 +6,7 @@ mod audit;
 mod cli;
 mod durability;
 mod federation;
+mod high_availability;
 mod privacy;
 mod registry;
 mod sync;

@@ -1,0 +1,145 @@
+//! Several nodes serving one region from one PostgreSQL database.
+
+use pil_client::v1;
+use pil_node::config::{Engine, PostgresConfig, StorageConfig};
+use pil_tests::*;
+use pil_transparency::HeadVerifier;
+
+const VEST: &str = "helse-vest";
+
+/// Three nodes on one database, driven at once: every acknowledged write is seen by
+/// lookups at every node, concurrent writes of one pointer have exactly one
+/// insertion, a block set through one node applies at the others, and the audit
+/// records of all three form one log with consecutive indexes that verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_of_one_region_share_one_database() {
+    let world = World::new();
+    let server = pil_node::test_support::Throwaway::start();
+    let db = server.create_migrated_database("shared-region");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut config = world.region_config(VEST);
+        config.storage = StorageConfig {
+            engine: Engine::Postgres,
+            postgres: Some(PostgresConfig {
+                url: db.url.clone(),
+                pool_size: 8,
+                connect_timeout_secs: 5,
+            }),
+        };
+        nodes.push(TestNode::start(config).await);
+    }
+
+    // Each node writes its own patients, and all three write one shared pointer.
+    let shared = patient_id(5000);
+    let writes = nodes.iter().enumerate().map(|(n, node)| {
+        let world = &world;
+        let shared = shared.clone();
+        async move {
+            let client = world.client(ORG_A, node.addr()).await;
+            let mut outcomes = Vec::new();
+            for i in 0..20u64 {
+                let patient = patient_id(5001 + n as u64 * 100 + i);
+                client
+                    .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+                    .await
+                    .expect("acknowledged");
+                let r = client
+                    .upsert(pointer(&shared, ORG_A, 1, &["medications"]))
+                    .await
+                    .expect("acknowledged");
+                outcomes.push(r.outcome);
+            }
+            outcomes
+        }
+    });
+    let outcomes: Vec<i32> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let inserted = outcomes
+        .iter()
+        .filter(|o| **o == v1::WriteOutcome::Inserted as i32)
+        .count();
+    assert_eq!(inserted, 1, "one pointer, inserted once: {outcomes:?}");
+
+    // Every node sees every acknowledged write.
+    for node in &nodes {
+        let doctor = world.client(ORG_A, node.addr()).await;
+        for n in 0..3u64 {
+            for i in 0..20u64 {
+                let patient = patient_id(5001 + n * 100 + i);
+                let found = doctor.lookup(lookup(&patient)).await.unwrap();
+                assert_eq!(
+                    found.pointers.len(),
+                    1,
+                    "patient {n}/{i} at {}",
+                    node.addr()
+                );
+            }
+        }
+        let found = doctor.lookup(lookup(&shared)).await.unwrap();
+        assert_eq!(found.pointers.len(), 1);
+    }
+
+    // A block set through the first node holds at the third at once.
+    let mut admin = world.client(OPERATOR, nodes[0].addr()).await.admin();
+    admin
+        .create_block(v1::CreateBlockRequest {
+            patient: Some(shared.clone()),
+            block: Some(v1::Block {
+                target: Some(v1::BlockTarget {
+                    target: Some(v1::block_target::Target::OrganizationNumber(ORG_A.into())),
+                }),
+                reason: "patient's wish".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let seen = world
+        .client(ORG_A, nodes[2].addr())
+        .await
+        .lookup(lookup(&shared))
+        .await
+        .unwrap();
+    assert!(seen.pointers.is_empty(), "blocked at every node: {seen:?}");
+
+    // One log: read through the second node, consecutive indexes, and it verifies
+    // against the heads every node signed.
+    let auditor = world.client(HOST, nodes[1].addr()).await;
+    auditor.audit_tree_head(true).await.unwrap();
+    let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
+        futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
+            e.expect("log entry")
+        }),
+    )
+    .await;
+    assert!(
+        entries.len() >= 3 * 40 + 60,
+        "every request recorded: {}",
+        entries.len()
+    );
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
+    }
+    let heads = auditor.audit_tree_heads().await.unwrap();
+    let key = world
+        .path()
+        .join("regions")
+        .join(VEST)
+        .join("audit")
+        .join("public-key.pem");
+    let report = pil_client::verify_log(&entries, &heads, &HeadVerifier::load(key).unwrap());
+    assert!(report.is_ok(), "{report:?}");
+    // The head was signed before the auditor's own reads were recorded.
+    assert!(
+        report.signed_size + 2 >= entries.len() as u64,
+        "a signed head covers the writes and lookups: {report:?}"
+    );
+
+    for node in nodes {
+        node.stop().await;
+    }
+}
