@@ -334,9 +334,20 @@ impl Registry {
         Ok((out, keys.last().copied()))
     }
 
-    /// Removes pointers whose expiry has passed; returns how many.
+    /// Records a DPoP proof as used for the whole region (see [`Store::claim_once`]);
+    /// false when a node of the region accepted it already.
+    pub async fn claim_proof(&self, key: String, until: i64) -> Result<bool, RegistryError> {
+        Ok(self.inner.store.claim_once(key, until).await?)
+    }
+
+    /// Removes pointers whose expiry has passed, and proofs past their window; returns
+    /// how many pointers.
     pub async fn purge_expired(&self) -> Result<usize, RegistryError> {
         const PAGE: usize = 1000;
+        self.inner
+            .store
+            .forget_claims(now_nanos() / 1_000_000_000)
+            .await?;
         let mut purged = 0;
         loop {
             let now = now_nanos();

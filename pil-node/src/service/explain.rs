@@ -38,7 +38,9 @@ impl NodeService {
         entry: &mut AuditRecord,
         req: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Error> {
-        let requester = self.requester(&req, "/pil.v1.PolicyService/Explain")?;
+        let requester = self
+            .requester_once(&req, "/pil.v1.PolicyService/Explain")
+            .await?;
         entry.requester = Some(RequesterInfo::from(&requester));
         let wanted = pointer::category_list("categories", &req.get_ref().categories, false)
             .map_err(invalid)?;

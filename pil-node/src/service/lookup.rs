@@ -106,7 +106,9 @@ impl NodeService {
             .map_err(invalid)?;
         let pseudonym = self.registry.pseudonym(&patient);
         entry.patient = Some(hex::encode(pseudonym));
-        let requester = self.requester(&req, "/pil.v1.LookupService/Lookup")?;
+        let requester = self
+            .requester_once(&req, "/pil.v1.LookupService/Lookup")
+            .await?;
         let caller = requester.token.org_number.clone();
         let deadline = self.federation_deadline(&req);
         let token = req

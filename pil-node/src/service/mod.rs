@@ -224,6 +224,26 @@ impl NodeService {
             })
     }
 
+    /// [`Self::requester`], and the DPoP proof recorded for every node of the region: a
+    /// proof one node accepted is refused by the others.
+    async fn requester_once<T>(&self, req: &Request<T>, path: &str) -> Result<Requester, Error> {
+        let requester = self.requester(req, path)?;
+        if let Some((key, until)) = requester.token.dpop_replay.clone()
+            && !self
+                .registry
+                .claim_proof(key, until)
+                .await
+                .map_err(internal)?
+        {
+            tracing::info!(caller = %requester.token.org_number, "replayed DPoP proof refused");
+            return Err(Error::unauthenticated(
+                "the DPoP proof was already used (at this or another node of the region); \
+                 make a fresh proof for every call",
+            ));
+        }
+        Ok(requester)
+    }
+
     /// Refuses unless the caller's organization holds `role` in the legal configuration.
     fn require_role<T>(&self, req: &Request<T>, role: pil_legal::Role) -> Result<OrgNumber, Error> {
         let org = self.organization(req)?;

@@ -378,4 +378,12 @@ impl Store for MemoryStore {
         state.retained_from = upto;
         Ok(())
     }
+
+    async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn forget_claims(&self, _now: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -186,6 +186,16 @@ pub trait Store: Send + Sync {
         upto: u64,
         patients: Vec<(u64, Pseudonym)>,
     ) -> Result<(), StoreError>;
+
+    // Checks every node of a region shares.
+
+    /// Records `key` until `until` (unix seconds); false when it is recorded already and
+    /// has not expired. A store one node owns answers true: that node's own replay
+    /// cache has checked already. A store several nodes share makes a DPoP proof
+    /// accepted by one node refused by every other.
+    async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError>;
+    /// Forgets claims that expired before `now`.
+    async fn forget_claims(&self, now: i64) -> Result<(), StoreError>;
 }
 
 /// Waits for an engine's threads once every [`Store`] handle is gone.

@@ -74,7 +74,13 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (level, idx)
      );
      CREATE TABLE audit_heads (size bigint PRIMARY KEY, note text NOT NULL);",
+    // 2: what every node of the region must refuse a second time (DPoP proofs).
+    "CREATE TABLE seen_once (key text PRIMARY KEY, until bigint NOT NULL);
+     CREATE INDEX seen_once_until ON seen_once (until);",
 ];
+
+/// The schema version this node speaks, as the refusals name it.
+const SCHEMA: &str = "schema version 2";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -163,8 +169,8 @@ pub async fn migrate(config: &PgConfig) -> Result<u32, StoreError> {
 
 fn newer_schema(at: u32) -> StoreError {
     StoreError::Format {
-        found: format!("schema version {at}"),
-        expected: "schema version 1 (a newer node migrated this database; run that version)",
+        found: format!("schema version {at}, from a newer node (run that version)"),
+        expected: SCHEMA,
     }
 }
 
@@ -181,8 +187,10 @@ pub async fn open(config: &PgConfig) -> Result<(Arc<dyn Store>, Closer), StoreEr
         }
         if at < known {
             return Err(StoreError::Format {
-                found: format!("schema version {at}"),
-                expected: "schema version 1: run `pil-node migrate --config <node.toml>` first",
+                found: format!(
+                    "schema version {at}; run `pil-node migrate --config <node.toml>` first"
+                ),
+                expected: SCHEMA,
             });
         }
     }
@@ -992,6 +1000,31 @@ impl Store for PgStore {
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let n = c
+            .execute(
+                "INSERT INTO seen_once (key, until) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET until = EXCLUDED.until
+                 WHERE seen_once.until <= $3",
+                &[&key, &until, &now],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+
+    async fn forget_claims(&self, now: i64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM seen_once WHERE until <= $1", &[&now])
+            .await
+            .map_err(db_error)?;
         Ok(())
     }
 }

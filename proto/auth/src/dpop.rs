@@ -266,6 +266,9 @@ pub struct VerifiedProof {
     pub jti: String,
     /// The proof's `iat`.
     pub iat: i64,
+    /// What the replay check remembered (key thumbprint and `jti`), and until when (unix
+    /// seconds) a second use is refused: for checks shared by several processes.
+    pub replay: (String, i64),
 }
 
 #[derive(Deserialize)]
@@ -421,6 +424,7 @@ impl DpopVerifier {
             jkt,
             jti: claims.jti,
             iat: claims.iat,
+            replay: (cache_key, expires_at),
         })
     }
 }

@@ -454,6 +454,10 @@ pub struct VerifiedRequester {
     pub dpop_bound: bool,
     /// The DPoP key thumbprint, when bound.
     pub dpop_jkt: Option<String>,
+    /// The checked proof's replay key and until when (unix seconds) it must not be
+    /// accepted again; nodes that share a region's store record it there, so a proof
+    /// accepted by one is refused by all.
+    pub dpop_replay: Option<(String, i64)>,
     /// All granted scopes.
     pub scopes: Vec<String>,
 }
@@ -693,6 +697,7 @@ impl TokenVerifier {
             .as_ref()
             .and_then(|c| c.jkt.as_deref())
             .filter(|j| !j.is_empty());
+        let mut dpop_replay = None;
         let dpop_jkt = match jkt {
             Some(jkt) if ctx.forwarded => Some(jkt.to_owned()),
             Some(jkt) => {
@@ -707,6 +712,7 @@ impl TokenVerifier {
                     },
                     ctx.now,
                 )?;
+                dpop_replay = Some(verified.replay);
                 Some(verified.jkt)
             }
             None if self.config.require_dpop => return Err(TokenError::DpopRequired),
@@ -731,6 +737,7 @@ impl TokenVerifier {
             expires_at,
             dpop_bound: dpop_jkt.is_some(),
             dpop_jkt,
+            dpop_replay,
             scopes,
         })
     }

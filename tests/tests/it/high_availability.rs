@@ -1,16 +1,20 @@
 //! Several nodes serving one region from one PostgreSQL database.
 
+use pil_auth::dev_issuer::DpopKey;
 use pil_client::v1;
 use pil_node::config::{Engine, PostgresConfig, StorageConfig};
 use pil_tests::*;
 use pil_transparency::HeadVerifier;
 
 const VEST: &str = "helse-vest";
+/// The name a load balancer gives the region's nodes.
+const PUBLIC: &str = "vest.pil.test";
 
 /// Three nodes on one database, driven at once: every acknowledged write is seen by
 /// lookups at every node, concurrent writes of one pointer have exactly one
 /// insertion, a block set through one node applies at the others, and the audit
-/// records of all three form one log with consecutive indexes that verifies.
+/// records of all three form one log with consecutive indexes that verifies, and a
+/// DPoP proof accepted by one node is refused by another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_of_one_region_share_one_database() {
     let world = World::new();
@@ -27,6 +31,7 @@ async fn three_nodes_of_one_region_share_one_database() {
                 connect_timeout_secs: 5,
             }),
         };
+        config.auth.public_url = Some(format!("https://{PUBLIC}"));
         nodes.push(TestNode::start(config).await);
     }
 
@@ -106,10 +111,47 @@ async fn three_nodes_of_one_region_share_one_database() {
         .unwrap();
     assert!(seen.pointers.is_empty(), "blocked at every node: {seen:?}");
 
+    // A proof used at one node is refused at another, as at the same node.
+    let key = DpopKey::generate().unwrap();
+    let token = doctor_token(&world.issuer()).bound_to(&key).sign().unwrap();
+    let proof = key
+        .proof(
+            "POST",
+            &format!("https://{PUBLIC}/pil.v1.LookupService/Lookup"),
+            &token,
+        )
+        .unwrap();
+    let call = || {
+        let mut req = tonic::Request::new(lookup(&patient_id(5001)));
+        let meta = req.metadata_mut();
+        meta.insert("authorization", format!("DPoP {token}").parse().unwrap());
+        meta.insert("dpop", proof.parse().unwrap());
+        req
+    };
+    let at = |n: usize| {
+        let world = &world;
+        let addr = nodes[n].addr();
+        async move {
+            v1::lookup_service_client::LookupServiceClient::new(
+                world.raw_channel_addressed(ORG_A, addr, PUBLIC).await,
+            )
+        }
+    };
+    assert!(at(0).await.lookup(call()).await.is_ok());
+    let replayed = at(1).await.lookup(call()).await.unwrap_err();
+    assert_eq!(
+        replayed.code(),
+        tonic::Code::Unauthenticated,
+        "{replayed:?}"
+    );
+    assert!(replayed.message().contains("already used"), "{replayed:?}");
+
     // One log: read through the second node, consecutive indexes, and it verifies
     // against the heads every node signed.
     let auditor = world.client(HOST, nodes[1].addr()).await;
     auditor.audit_tree_head(true).await.unwrap();
+    // Heads first: the nodes go on signing while the log is read.
+    let heads = auditor.audit_tree_heads().await.unwrap();
     let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
         futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
             e.expect("log entry")
@@ -124,7 +166,6 @@ async fn three_nodes_of_one_region_share_one_database() {
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
     }
-    let heads = auditor.audit_tree_heads().await.unwrap();
     let key = world
         .path()
         .join("regions")
