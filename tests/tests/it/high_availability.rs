@@ -184,3 +184,43 @@ async fn three_nodes_of_one_region_share_one_database() {
         node.stop().await;
     }
 }
+
+/// With its database gone, a node fails requests with a clear status instead of
+/// answering without an audit record, or hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_database_is_gone_fails_closed() {
+    let world = World::new();
+    let server = pil_node::test_support::Throwaway::start();
+    let db = server.create_migrated_database("gone");
+    let mut config = world.config(true);
+    config.storage = StorageConfig {
+        engine: Engine::Postgres,
+        postgres: Some(PostgresConfig {
+            url: db.url.clone(),
+            pool_size: 4,
+            connect_timeout_secs: 2,
+        }),
+    };
+    let node = TestNode::start(config).await;
+    let patient = patient_id(6000);
+    world
+        .client(ORG_A, node.addr())
+        .await
+        .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    drop(server);
+    let doctor = world.client(ORG_A, node.addr()).await;
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        doctor.lookup(lookup(&patient)),
+    )
+    .await
+    .expect("an answer, not a hang");
+    let e = answer.expect_err("no answer without the database");
+    assert!(
+        matches!(code(&e), tonic::Code::Unavailable | tonic::Code::Internal),
+        "{e}"
+    );
+    node.stop().await;
+}
