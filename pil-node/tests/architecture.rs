@@ -123,7 +123,8 @@ fn module_imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             .unwrap()
             .trim_end_matches(".rs")
             .to_string();
-        if top == "lib" || top == "bin" || top == "main" || top == "tests" {
+        let test_module = file.file_name().is_some_and(|n| n == "tests.rs");
+        if top == "lib" || top == "bin" || top == "main" || top == "tests" || test_module {
             continue;
         }
         let text = std::fs::read_to_string(&file).expect("readable");
