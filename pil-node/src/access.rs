@@ -43,6 +43,8 @@ pub enum AccessError {
 pub struct Requester {
     pub token: VerifiedRequester,
     pub facts: pil_legal::Requester,
+    /// The token as presented, for forwarding to peers with the request.
+    pub presented: String,
 }
 
 /// Token verification and the legal configuration in force.
@@ -168,10 +170,14 @@ impl Access {
         self.requester(token.trim(), &RequestContext::forwarded(client_org))
     }
 
-    fn requester(&self, token: &str, ctx: &RequestContext<'_>) -> Result<Requester, AccessError> {
+    fn requester(
+        &self,
+        presented: &str,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Requester, AccessError> {
         let token = self
             .verifier
-            .verify(token, ctx)
+            .verify(presented, ctx)
             .map_err(|e| AccessError::Unauthenticated(format!("access token refused: {e}")))?;
         let facts = pil_legal::Requester {
             organization: token.org_number.clone(),
@@ -187,7 +193,11 @@ impl Access {
             // what asserts a care relationship.
             care_relationship: token.decision_ref.as_ref().is_some_and(|d| d.id.is_some()),
         };
-        Ok(Requester { token, facts })
+        Ok(Requester {
+            token,
+            facts,
+            presented: presented.to_string(),
+        })
     }
 }
 

@@ -22,7 +22,7 @@ pub struct NodeConfig {
     /// Directory of the RocksDB database (the default engine).
     pub data_dir: PathBuf,
     /// Which storage engine holds the region's data.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "StorageConfig::is_default")]
     pub storage: StorageConfig,
     /// Accept synthetic test identifiers (month + 80 / + 65). Only for test and demo nodes.
     #[serde(default)]
@@ -467,6 +467,13 @@ pub struct StorageConfig {
     /// The database, when `engine = "postgres"`.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,
+}
+
+impl StorageConfig {
+    /// The embedded default, left out when a configuration is written.
+    pub fn is_default(&self) -> bool {
+        self.engine == Engine::Rocksdb && self.postgres.is_none()
+    }
 }
 
 /// A storage engine.

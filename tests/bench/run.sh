@@ -9,7 +9,8 @@
 #                                   build; prints the tables, leaves the docs alone
 #
 # Other arguments go to `pil-bench run`, e.g. --growth-pointers 0 (skip the growth run),
-# --scenarios floor,local,postgres, --patients 50000. Everything runs on this machine:
+# --scenarios floor,local,postgres, --patients 50000, or --baseline-node PATH (another
+# build's pil-test-node, measured beside this one). Everything runs on this machine:
 # nodes and PostgreSQL on loopback and Unix sockets under one temporary directory,
 # removed at the end.
 set -euo pipefail

@@ -111,12 +111,6 @@ impl NodeService {
             .await?;
         let caller = requester.token.org_number.clone();
         let deadline = self.federation_deadline(&req);
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim().to_string()))
-            .unwrap_or_default();
         let cert_org = self.organization(&req)?.to_string();
         let req = req.into_inner();
         let filter = lookup_filter(&req)?;
@@ -148,7 +142,7 @@ impl NodeService {
         let mut opted_out = local.opted_out;
         let forward = v1::ForwardedLookupRequest {
             lookup: Some(req.clone()),
-            access_token: token,
+            access_token: requester.presented.clone(),
             query_id: entry.query_id.clone(),
             client_organization_number: cert_org,
             protections_only: false,
