@@ -198,6 +198,28 @@ pub trait Store: Send + Sync {
     async fn forget_claims(&self, now: i64) -> Result<(), StoreError>;
 }
 
+/// `first` and whatever else is queued in `rx`, up to `max` by `weight`: what one
+/// group commit takes.
+pub(crate) fn take_queued<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    first: T,
+    max: usize,
+    weight: impl Fn(&T) -> usize,
+) -> Vec<T> {
+    let mut n = weight(&first);
+    let mut jobs = vec![first];
+    while n < max {
+        match rx.try_recv() {
+            Ok(job) => {
+                n += weight(&job);
+                jobs.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
 /// Waits for an engine's threads once every [`Store`] handle is gone.
 pub struct Closer(Option<Box<dyn FnOnce() + Send>>);
 

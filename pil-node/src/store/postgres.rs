@@ -22,7 +22,10 @@ use super::{
     AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
     PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
     plan::{Current, plan},
-    tree::{self, FetchedNodes, Group, NodeRecorder, Sequencer, TreeReader},
+    take_queued,
+    tree::{
+        self, AuditJob, FetchedNodes, Group, Head, NodeRecorder, Sequencer, TreeReader, sequence,
+    },
 };
 use crate::patient_keys::Pseudonym;
 
@@ -225,19 +228,6 @@ struct WriteJob {
     reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
 }
 
-type Head = Option<(u64, String)>;
-
-enum AuditJob {
-    Append(
-        Box<dyn AuditEntry>,
-        oneshot::Sender<Result<u64, StoreError>>,
-    ),
-    Sign(
-        Arc<dyn HeadSigning>,
-        oneshot::Sender<Result<Head, StoreError>>,
-    ),
-}
-
 fn key_of(row: &Row, first: usize) -> Result<PointerKey, StoreError> {
     let part = |i: usize, what: &'static str| -> Result<Vec<u8>, StoreError> {
         Ok(row.get::<_, Vec<u8>>(first + i)).and_then(|v| {
@@ -308,17 +298,7 @@ async fn read_keys(
 /// nodes of the region.
 async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>) {
     while let Some(first) = rx.recv().await {
-        let mut n = first.ops.len();
-        let mut jobs = vec![first];
-        while n < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => {
-                    n += job.ops.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        let jobs = take_queued(&mut rx, first, MAX_GROUP, |j| j.ops.len());
         let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
         match write_group(&pool, ops).await {
             Ok(results) => {
@@ -419,72 +399,29 @@ async fn lock_tree(tx: &deadpool_postgres::Transaction<'_>) -> Result<Sequencer,
 
 async fn audit_loop(pool: Pool, mut rx: mpsc::Receiver<AuditJob>) {
     while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1);
+        let mut owed = None;
+        let written = async {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(db_error)?;
+            let mut seq = lock_tree(&tx).await?;
+            let mut group = Group::default();
+            let (o, failed) = sequence(&mut seq, jobs, &mut group);
+            owed = Some(o);
+            if let Some(e) = failed {
+                return Err(e);
             }
+            write_tree_group(&tx, &seq, &group).await?;
+            let head = latest_head(&tx).await?;
+            tx.commit().await.map_err(db_error)?;
+            Ok::<_, StoreError>(head)
         }
-        audit_group(&pool, jobs).await;
-    }
-}
-
-enum Reply {
-    Appended(oneshot::Sender<Result<u64, StoreError>>, u64),
-    Signed(oneshot::Sender<Result<Head, StoreError>>),
-}
-
-async fn audit_group(pool: &Pool, jobs: Vec<AuditJob>) {
-    let mut replies = Vec::with_capacity(jobs.len());
-    let written = async {
-        let mut c = client(pool).await?;
-        let tx = c.transaction().await.map_err(db_error)?;
-        let mut seq = lock_tree(&tx).await?;
-        let mut group = Group::default();
-        let mut failed = None;
-        for job in jobs {
-            match job {
-                AuditJob::Append(mut entry, reply) => match seq.append(&mut *entry, &mut group) {
-                    Ok(index) => replies.push(Reply::Appended(reply, index)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                AuditJob::Sign(signer, reply) => {
-                    if let Err(e) = seq.sign(&*signer, &mut group) {
-                        failed = Some(e);
-                    }
-                    replies.push(Reply::Signed(reply));
-                }
-            }
+        .await;
+        if let Err(e) = &written {
+            tracing::error!(error = %e, "audit records could not be written");
         }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        write_tree_group(&tx, &seq, &group).await?;
-        let head = latest_head(&tx).await?;
-        tx.commit().await.map_err(db_error)?;
-        Ok::<_, StoreError>(head)
-    }
-    .await;
-    if let Err(e) = &written {
-        tracing::error!(error = %e, "audit records could not be written");
-    }
-    for reply in replies {
-        match (reply, &written) {
-            (Reply::Appended(tx, index), Ok(_)) => {
-                let _ = tx.send(Ok(index));
-            }
-            (Reply::Signed(tx), Ok(head)) => {
-                let _ = tx.send(Ok(head.clone()));
-            }
-            (Reply::Appended(tx, _), Err(e)) => {
-                let _ = tx.send(Err(e.clone()));
-            }
-            (Reply::Signed(tx), Err(e)) => {
-                let _ = tx.send(Err(e.clone()));
-            }
+        if let Some(owed) = owed {
+            owed.answer(&written);
         }
     }
 }

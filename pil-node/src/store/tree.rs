@@ -3,7 +3,10 @@
 //! over the frontier. An engine supplies reads ([`TreeReader`]) and one atomic write of
 //! a [`Group`]; the arithmetic is here, once.
 
+use std::sync::Arc;
+
 use pil_transparency::{Frontier, TreeHead, leaf_hash};
+use tokio::sync::oneshot;
 
 use super::{
     StoreError,
@@ -134,6 +137,81 @@ impl Sequencer {
         }
         Ok(())
     }
+}
+
+/// The newest signed head, `(size, note)`.
+pub type Head = Option<(u64, String)>;
+
+/// A request to an engine's audit appender.
+pub enum AuditJob {
+    Append(
+        Box<dyn AuditEntry>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    Sign(
+        Arc<dyn HeadSigning>,
+        oneshot::Sender<Result<Head, StoreError>>,
+    ),
+}
+
+enum Reply {
+    Appended(oneshot::Sender<Result<u64, StoreError>>, u64),
+    Signed(oneshot::Sender<Result<Head, StoreError>>),
+}
+
+/// The answers a group owes its requests, sent once it is written (or not).
+pub struct Owed(Vec<Reply>);
+
+impl Owed {
+    /// Answers every request: its index or the newest head when `written` holds that
+    /// head, the error otherwise.
+    pub fn answer(self, written: &Result<Head, StoreError>) {
+        for reply in self.0 {
+            match (reply, written) {
+                (Reply::Appended(tx, index), Ok(_)) => {
+                    let _ = tx.send(Ok(index));
+                }
+                (Reply::Signed(tx), Ok(head)) => {
+                    let _ = tx.send(Ok(head.clone()));
+                }
+                (Reply::Appended(tx, _), Err(e)) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                (Reply::Signed(tx), Err(e)) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Sequences `jobs` into `group`: records get the next indexes, signatures sign the
+/// tree as it then stands. A record that cannot be encoded is refused on its own; a
+/// head that cannot be signed fails the whole group (returned as the error).
+pub fn sequence(
+    seq: &mut Sequencer,
+    jobs: Vec<AuditJob>,
+    group: &mut Group,
+) -> (Owed, Option<StoreError>) {
+    let mut owed = Vec::with_capacity(jobs.len());
+    let mut failed = None;
+    for job in jobs {
+        match job {
+            AuditJob::Append(mut entry, reply) => match seq.append(&mut *entry, group) {
+                Ok(index) => owed.push(Reply::Appended(reply, index)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            AuditJob::Sign(signer, reply) => {
+                if let Err(e) = seq.sign(&*signer, group) {
+                    failed = Some(e);
+                }
+                owed.push(Reply::Signed(reply));
+            }
+        }
+    }
+    (Owed(owed), failed)
 }
 
 /// Rebuilds the frontier of a tree of `size` leaves from its stored peaks.

@@ -10,6 +10,18 @@ const VEST: &str = "helse-vest";
 /// The name a load balancer gives the region's nodes.
 const PUBLIC: &str = "vest.pil.test";
 
+/// Storage in the PostgreSQL database at `url`.
+fn on_database(url: &str, pool_size: usize, connect_timeout_secs: u64) -> StorageConfig {
+    StorageConfig {
+        engine: Engine::Postgres,
+        postgres: Some(PostgresConfig {
+            url: url.to_string(),
+            pool_size,
+            connect_timeout_secs,
+        }),
+    }
+}
+
 /// Three nodes on one database, driven at once: every acknowledged write is seen by
 /// lookups at every node, concurrent writes of one pointer have exactly one
 /// insertion, a block set through one node applies at the others, and the audit
@@ -23,14 +35,7 @@ async fn three_nodes_of_one_region_share_one_database() {
     let mut nodes = Vec::new();
     for _ in 0..3 {
         let mut config = world.region_config(VEST);
-        config.storage = StorageConfig {
-            engine: Engine::Postgres,
-            postgres: Some(PostgresConfig {
-                url: db.url.clone(),
-                pool_size: 8,
-                connect_timeout_secs: 5,
-            }),
-        };
+        config.storage = on_database(&db.url, 8, 5);
         config.auth.public_url = Some(format!("https://{PUBLIC}"));
         nodes.push(TestNode::start(config).await);
     }
@@ -193,14 +198,7 @@ async fn a_node_whose_database_is_gone_fails_closed() {
     let server = pil_node::test_support::Throwaway::start();
     let db = server.create_migrated_database("gone");
     let mut config = world.config(true);
-    config.storage = StorageConfig {
-        engine: Engine::Postgres,
-        postgres: Some(PostgresConfig {
-            url: db.url.clone(),
-            pool_size: 4,
-            connect_timeout_secs: 2,
-        }),
-    };
+    config.storage = on_database(&db.url, 4, 2);
     let node = TestNode::start(config).await;
     let patient = patient_id(6000);
     world

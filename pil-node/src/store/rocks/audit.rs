@@ -14,26 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::db::Db;
 use crate::store::{
-    AuditEntry, HeadSigning, LogSize, StoreError,
-    tree::{Group, Sequencer},
+    AuditEntry, HeadSigning, LogSize, StoreError, take_queued,
+    tree::{AuditJob as Job, Group, Head, Sequencer, sequence},
 };
 
 /// Most records committed in one write.
 const MAX_GROUP: usize = 4096;
 const QUEUE_DEPTH: usize = 8192;
-
-type Head = Option<(u64, String)>;
-
-enum Job {
-    Append(
-        Box<dyn AuditEntry>,
-        oneshot::Sender<Result<u64, StoreError>>,
-    ),
-    Sign(
-        Arc<dyn HeadSigning>,
-        oneshot::Sender<Result<Head, StoreError>>,
-    ),
-}
 
 /// Handle to the appender thread; the thread ends when the handle is dropped.
 pub struct Appender {
@@ -99,21 +86,10 @@ struct AppendThread {
     signed: Arc<AtomicU64>,
 }
 
-enum Reply {
-    Appended(oneshot::Sender<Result<u64, StoreError>>, u64),
-    Signed(oneshot::Sender<Result<Head, StoreError>>),
-}
-
 impl AppendThread {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(first) = rx.blocking_recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1);
             self.commit(jobs);
         }
     }
@@ -121,29 +97,14 @@ impl AppendThread {
     fn commit(&mut self, jobs: Vec<Job>) {
         let before = self.sequencer.clone();
         let mut group = Group::default();
-        let mut replies = Vec::with_capacity(jobs.len());
-        let mut failed: Option<StoreError> = None;
-        for job in jobs {
-            match job {
-                Job::Append(mut entry, reply) => {
-                    match self.sequencer.append(&mut *entry, &mut group) {
-                        Ok(index) => replies.push(Reply::Appended(reply, index)),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                Job::Sign(signer, reply) => {
-                    if let Err(e) = self.sequencer.sign(&*signer, &mut group) {
-                        failed = Some(e);
-                    }
-                    replies.push(Reply::Signed(reply));
-                }
-            }
-        }
+        let (owed, failed) = sequence(&mut self.sequencer, jobs, &mut group);
         let written = match failed {
             Some(e) => Err(e),
-            None => self.db.audit_append(&group).map_err(StoreError::from),
+            None => self
+                .db
+                .audit_append(&group)
+                .and_then(|()| self.db.audit_latest_head())
+                .map_err(StoreError::from),
         };
         if let Err(e) = &written {
             tracing::error!(error = %e, "audit records could not be written");
@@ -153,21 +114,6 @@ impl AppendThread {
         self.size.store(self.sequencer.size(), Ordering::Release);
         self.signed
             .store(self.sequencer.signed(), Ordering::Release);
-        for reply in replies {
-            match (reply, &written) {
-                (Reply::Appended(tx, index), Ok(())) => {
-                    let _ = tx.send(Ok(index));
-                }
-                (Reply::Signed(tx), Ok(())) => {
-                    let _ = tx.send(self.db.audit_latest_head().map_err(StoreError::from));
-                }
-                (Reply::Appended(tx, _), Err(e)) => {
-                    let _ = tx.send(Err(e.clone()));
-                }
-                (Reply::Signed(tx), Err(e)) => {
-                    let _ = tx.send(Err(e.clone()));
-                }
-            }
-        }
+        owed.answer(&written);
     }
 }

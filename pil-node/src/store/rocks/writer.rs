@@ -26,6 +26,7 @@ use super::db::Db;
 use crate::store::{
     Change, Op, OpResult, PointerKey, StoreError, StoredPointer,
     plan::{Current, plan as plan_ops},
+    take_queued,
 };
 
 /// Most operations committed in one group, to bound memory and latency per fsync.
@@ -107,17 +108,7 @@ fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>) {
     };
     let mut group = 0u64;
     while let Some(first) = rx.blocking_recv() {
-        let mut n = first.ops.len();
-        let mut jobs = vec![first];
-        while n < MAX_GROUP_OPS {
-            match rx.try_recv() {
-                Ok(job) => {
-                    n += job.ops.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        let jobs = take_queued(&mut rx, first, MAX_GROUP_OPS, |j| j.ops.len());
         group += 1;
         let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
         match plan(&store, &pending, group, ops) {
