@@ -222,3 +222,36 @@ async fn a_node_whose_database_is_gone_fails_closed() {
     );
     node.stop().await;
 }
+
+/// `pil-node migrate` brings an empty database to the node's schema, a second run
+/// changes nothing, and a node then starts on it; before, it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_prepares_the_database_and_a_node_refuses_one_it_did_not() {
+    let world = World::new();
+    let server = pil_node::test_support::Throwaway::start();
+    let mut config = world.config(true);
+    config.storage = on_database(&server.url("postgres"), 4, 5);
+    let refused = pil_node::server::start(config.clone()).await.err();
+    assert!(
+        refused
+            .as_ref()
+            .is_some_and(|e| e.to_string().contains("pil-node migrate")),
+        "{refused:?}"
+    );
+    let file = world.path().join("pg-node.toml");
+    std::fs::write(&file, toml::to_string_pretty(&config).unwrap()).unwrap();
+    for _ in 0..2 {
+        let out = std::process::Command::new(sibling_binary("pil-test-node"))
+            .args(["migrate", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "database schema at version 2"
+        );
+    }
+    let node = TestNode::start(config).await;
+    node.stop().await;
+}
