@@ -287,6 +287,15 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(ca) = self
+            .storage
+            .postgres
+            .as_mut()
+            .and_then(|pg| pg.ca_file.as_mut())
+            && ca.is_relative()
+        {
+            *ca = base.join(&*ca);
+        }
     }
 
     /// Checks what serde cannot (region syntax, organization numbers, bounds) and
@@ -500,6 +509,11 @@ pub struct PostgresConfig {
     /// fails requests after this, never hangs them.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// CA certificates (PEM) the server's certificate must chain to. With it the node
+    /// speaks TLS to the database; put `sslmode=require` in `url` so that it never
+    /// connects without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_pool_size() -> usize {
@@ -517,6 +531,7 @@ impl PostgresConfig {
             url: self.url.clone(),
             pool_size: self.pool_size,
             connect_timeout: Duration::from_secs(self.connect_timeout_secs.max(1)),
+            ca_file: self.ca_file.clone(),
         }
     }
 }

@@ -5,11 +5,27 @@
 /// on a Unix socket only; stopped by its PID when dropped.
 pub struct Throwaway {
     dir: tempfile::TempDir,
+    port: u16,
     created: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Throwaway {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server that also listens on 127.0.0.1 (port [`Self::port`]) with TLS, presenting
+    /// the certificate and key (PEM) given.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    /// The server's port, on its socket and (with TLS) on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -58,10 +74,37 @@ impl Throwaway {
                 "--no-sync",
             ],
         );
-        let options = format!(
-            "-c listen_addresses='' -k {} -p 5432 -c fsync=off",
-            dir.path().display()
-        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let mut options = format!("-k {} -p {port} -c fsync=off", dir.path().display());
+        match tls {
+            None => options.push_str(" -c listen_addresses=''"),
+            Some((cert, key)) => {
+                let (cert_file, key_file) =
+                    (dir.path().join("server.pem"), dir.path().join("server.key"));
+                std::fs::write(&cert_file, cert).unwrap();
+                std::fs::write(&key_file, key).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+                if root {
+                    for f in [&cert_file, &key_file] {
+                        std::process::Command::new("chown")
+                            .arg("postgres")
+                            .arg(f)
+                            .status()
+                            .unwrap();
+                    }
+                }
+                options.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                    cert_file.display(),
+                    key_file.display()
+                ));
+            }
+        }
         let log = dir.path().join("server.log");
         run(
             "pg_ctl",
@@ -78,6 +121,7 @@ impl Throwaway {
         );
         Self {
             dir,
+            port,
             created: Default::default(),
         }
     }
@@ -87,14 +131,16 @@ impl Throwaway {
             url: self.url("postgres"),
             pool_size: 8,
             connect_timeout: std::time::Duration::from_secs(10),
+            ca_file: None,
         }
     }
 
     /// The connection string of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         format!(
-            "host={} port=5432 user=postgres dbname={name}",
-            self.dir.path().display()
+            "host={} port={} user=postgres dbname={name}",
+            self.dir.path().display(),
+            self.port
         )
     }
 

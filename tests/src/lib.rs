@@ -100,6 +100,7 @@ impl World {
                         url: db.url,
                         pool_size: 8,
                         connect_timeout_secs: 5,
+                        ca_file: None,
                     }),
                 }
             }

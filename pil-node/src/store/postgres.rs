@@ -93,6 +93,10 @@ pub struct PgConfig {
     pub url: String,
     pub pool_size: usize,
     pub connect_timeout: Duration,
+    /// CA certificates (PEM) the database server's certificate must chain to; with it,
+    /// connections use TLS (rustls) as the connection string's `sslmode` asks
+    /// (`require`: never without).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -102,13 +106,13 @@ fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 fn pool(config: &PgConfig) -> Result<Pool, StoreError> {
     let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(db_error)?;
     pg.connect_timeout(config.connect_timeout);
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match &config.ca_file {
+        None => Manager::from_config(pg, NoTls, manager_config),
+        Some(ca) => Manager::from_config(pg, tls(ca)?, manager_config),
+    };
     Pool::builder(manager)
         .max_size(config.pool_size.max(2))
         .wait_timeout(Some(config.connect_timeout))
@@ -116,6 +120,23 @@ fn pool(config: &PgConfig) -> Result<Pool, StoreError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(db_error)
+}
+
+/// TLS to the database, trusting the CAs in `ca`.
+fn tls(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = crate::pki::load_certs(ca).map_err(db_error)?;
+    for cert in certs {
+        roots.add(cert).map_err(db_error)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(db_error)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {

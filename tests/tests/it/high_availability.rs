@@ -18,6 +18,7 @@ fn on_database(url: &str, pool_size: usize, connect_timeout_secs: u64) -> Storag
             url: url.to_string(),
             pool_size,
             connect_timeout_secs,
+            ca_file: None,
         }),
     }
 }
@@ -253,5 +254,48 @@ async fn migrate_prepares_the_database_and_a_node_refuses_one_it_did_not() {
         );
     }
     let node = TestNode::start(config).await;
+    node.stop().await;
+}
+
+/// With `ca_file` the node speaks TLS to its database and checks the server's
+/// certificate; with `sslmode=require` and no CA it does not connect at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_can_be_tls() {
+    let world = World::new();
+    let pki = world.path().join("pki");
+    let ca =
+        pil_node::pki::DevCa::from_pem_files(&pki.join("ca.pem"), &pki.join("ca-key.pem")).unwrap();
+    let cert = ca.issue_node("db", &["localhost", "127.0.0.1"]).unwrap();
+    let server = pil_node::test_support::Throwaway::start_tls(&cert.cert_pem, &cert.key_pem);
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+        server.port()
+    );
+    let mut storage = on_database(&url, 4, 5);
+    let plain = storage.postgres.as_ref().unwrap().engine_config();
+    assert!(
+        pil_node::store::postgres::migrate(&plain).await.is_err(),
+        "sslmode=require without a CA must not connect"
+    );
+    storage.postgres.as_mut().unwrap().ca_file = Some(world.ca.clone());
+    let tls = storage.postgres.as_ref().unwrap().engine_config();
+    pil_node::store::postgres::migrate(&tls).await.unwrap();
+    let mut config = world.config(true);
+    config.storage = storage;
+    let node = TestNode::start(config).await;
+    let patient = patient_id(7000);
+    world
+        .client(ORG_A, node.addr())
+        .await
+        .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    let found = world
+        .client(ORG_A, node.addr())
+        .await
+        .lookup(lookup(&patient))
+        .await
+        .unwrap();
+    assert_eq!(found.pointers.len(), 1);
     node.stop().await;
 }
