@@ -312,6 +312,27 @@ async fn tamper_and_verify(
         tamper(&db);
         db.flush_cf(db.cf_handle("audit_records").unwrap()).unwrap();
     }
+    restart_and_verify(world).await
+}
+
+/// [`tamper_and_verify`] for a node on PostgreSQL: `sql` runs on its database.
+async fn tamper_sql_and_verify(world: &World, sql: &str) -> (String, pil_client::VerifyReport) {
+    let url = world
+        .config(true)
+        .storage
+        .postgres
+        .expect("on PostgreSQL")
+        .url;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the node's database");
+    tokio::spawn(connection);
+    let changed = client.execute(sql, &[]).await.expect("tamper");
+    assert_eq!(changed, 1, "one row tampered with: {sql}");
+    restart_and_verify(world).await
+}
+
+async fn restart_and_verify(world: &World) -> (String, pil_client::VerifyReport) {
     let node = TestNode::start(world.config(true)).await;
     let profile = world.profile(HOST, node.addr());
     let key = public_key(world);
@@ -691,23 +712,29 @@ async fn an_untampered_log_verifies_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_record_is_named() {
-    if rocksdb_only("tampers with the audit log in RocksDB's files") {
-        return;
-    }
     let world = World::new();
     let lookups = stopped_node_with_history(&world).await;
     let k = lookups[2];
-    let (err, report) = tamper_and_verify(&world, |db| {
-        let cf = db.cf_handle("audit_records").unwrap();
-        let old = db.get_cf(cf, record_key(k)).unwrap().expect("record");
-        let text = String::from_utf8(old).unwrap();
-        let from = format!("\"hpr_number\":\"{HPR}\"");
-        assert!(text.contains(&from), "{text}");
-        // Cover the tracks: someone else looked the patient up.
-        let new = text.replace(&from, "\"hpr_number\":\"9144900\"");
-        db.put_cf(cf, record_key(k), new.as_bytes()).unwrap();
-    })
-    .await;
+    let from = format!("\"hpr_number\":\"{HPR}\"");
+    // Cover the tracks: someone else looked the patient up.
+    let to = "\"hpr_number\":\"9144900\"";
+    let (err, report) = if on_postgres() {
+        let sql = format!(
+            "UPDATE audit_records SET record = convert_to(replace(convert_from(record, 'UTF8'), \
+             '{from}', '{to}'), 'UTF8') WHERE idx = {k}"
+        );
+        tamper_sql_and_verify(&world, &sql).await
+    } else {
+        tamper_and_verify(&world, |db| {
+            let cf = db.cf_handle("audit_records").unwrap();
+            let old = db.get_cf(cf, record_key(k)).unwrap().expect("record");
+            let text = String::from_utf8(old).unwrap();
+            assert!(text.contains(&from), "{text}");
+            let new = text.replace(&from, to);
+            db.put_cf(cf, record_key(k), new.as_bytes()).unwrap();
+        })
+        .await
+    };
     assert!(
         err.contains(&format!("record {k} was changed")),
         "names record {k}: {err}"
@@ -717,18 +744,23 @@ async fn a_changed_record_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_record_is_named() {
-    if rocksdb_only("tampers with the audit log in RocksDB's files") {
-        return;
-    }
     let world = World::new();
     let lookups = stopped_node_with_history(&world).await;
     let k = lookups[3];
-    let (err, report) = tamper_and_verify(&world, |db| {
-        let cf = db.cf_handle("audit_records").unwrap();
-        assert!(db.get_cf(cf, record_key(k)).unwrap().is_some());
-        db.delete_cf(cf, record_key(k)).unwrap();
-    })
-    .await;
+    let (err, report) = if on_postgres() {
+        tamper_sql_and_verify(
+            &world,
+            &format!("DELETE FROM audit_records WHERE idx = {k}"),
+        )
+        .await
+    } else {
+        tamper_and_verify(&world, |db| {
+            let cf = db.cf_handle("audit_records").unwrap();
+            assert!(db.get_cf(cf, record_key(k)).unwrap().is_some());
+            db.delete_cf(cf, record_key(k)).unwrap();
+        })
+        .await
+    };
     assert!(
         err.contains(&format!("record {k} is missing")),
         "names record {k}: {err}"
