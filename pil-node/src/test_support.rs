@@ -20,6 +20,11 @@ impl Throwaway {
         Self::start_with(Some((cert_pem, key_pem)))
     }
 
+    /// The server's data directory (its tables, indexes and write-ahead log).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// The server's port, on its socket and (with TLS) on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
