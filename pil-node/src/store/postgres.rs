@@ -549,10 +549,17 @@ async fn over_tree<T>(
 async fn check_log(pool: &Pool) -> Result<(), StoreError> {
     let c = client(pool).await?;
     let row = c
-        .query_one("SELECT size FROM audit_tree WHERE id = 1", &[])
+        .query_one("SELECT size, signed FROM audit_tree WHERE id = 1", &[])
         .await
         .map_err(db_error)?;
-    let size = row.get::<_, i64>(0) as u64;
+    let (size, signed) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+    // The tree's row remembers the signed size apart from the heads' table, so that
+    // cutting the log together with the heads over its end is noticed too.
+    if signed > size {
+        return Err(StoreError::Cut(format!(
+            "the log holds {size} records, a head covered {signed}"
+        )));
+    }
     let head = latest_head(&c).await?;
     over_tree(&c, head, |r| Sequencer::restore(&r, size).map(|_| ())).await
 }
