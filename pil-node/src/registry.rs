@@ -77,13 +77,6 @@ pub struct Pointer {
     pub region: String,
 }
 
-impl Pointer {
-    /// The holder's organization number.
-    pub fn holder(&self) -> String {
-        String::from_utf8_lossy(&self.key.org).into_owned()
-    }
-}
-
 /// A patient as a lookup sees them.
 pub enum PatientView {
     /// The patient has opted out of PIL: nothing is shown.
@@ -477,7 +470,7 @@ mod tests {
     use pil_proto::ident::SYSTEM_FNR;
 
     use super::*;
-    use crate::store::tests::on_every_engine;
+    use crate::{lookup::Shown, store::tests::on_every_engine};
 
     const ORG_A: &str = "974760673";
     const ORG_B: &str = "983044778";

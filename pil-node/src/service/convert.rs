@@ -21,7 +21,7 @@ pub fn pointer(p: &Pointer) -> v1::Pointer {
             value: p.patient.1.clone(),
         }),
         holder: Some(v1::Organization {
-            organization_number: p.holder(),
+            organization_number: p.holder().to_string(),
             sub_unit_organization_number: v.sub_unit.clone(),
             name: v.holder_name.clone(),
         }),

@@ -27,6 +27,7 @@ struct MemoryStore {
     state: Mutex<State>,
 }
 
+#[derive(Default)]
 struct State {
     pointers: BTreeMap<PointerKey, Arc<StoredPointer>>,
     blocks: BTreeMap<(Pseudonym, [u8; 16]), StoredBlock>,
@@ -37,22 +38,6 @@ struct State {
     heads: BTreeMap<u64, String>,
     retained_from: u64,
     sequencer: Sequencer,
-}
-
-impl Default for State {
-    fn default() -> Self {
-        Self {
-            pointers: BTreeMap::new(),
-            blocks: BTreeMap::new(),
-            opt_outs: HashMap::new(),
-            records: BTreeMap::new(),
-            by_patient: BTreeSet::new(),
-            nodes: HashMap::new(),
-            heads: BTreeMap::new(),
-            retained_from: 0,
-            sequencer: Sequencer::new(),
-        }
-    }
 }
 
 impl TreeReader for State {

@@ -250,20 +250,9 @@ struct WriteJob {
 }
 
 fn key_of(row: &Row, first: usize) -> Result<PointerKey, StoreError> {
-    let part = |i: usize, what: &'static str| -> Result<Vec<u8>, StoreError> {
-        Ok(row.get::<_, Vec<u8>>(first + i)).and_then(|v| {
-            if v.is_empty() {
-                Err(corrupt(what, "empty key part"))
-            } else {
-                Ok(v)
-            }
-        })
-    };
-    let mut k = Vec::with_capacity(super::KEY_LEN);
-    k.extend(part(0, "pointers.patient")?);
-    k.extend(part(1, "pointers.org")?);
-    k.extend(part(2, "pointers.ident")?);
-    PointerKey::decode(&k).ok_or_else(|| corrupt("pointers", "key of the wrong length"))
+    let part = |i: usize| row.get::<_, &[u8]>(first + i);
+    PointerKey::decode(&[part(0), part(1), part(2)].concat())
+        .ok_or_else(|| corrupt("pointers", "key of the wrong length"))
 }
 
 fn corrupt(what: &'static str, detail: &str) -> StoreError {
@@ -294,9 +283,13 @@ fn key_arrays(keys: &[PointerKey]) -> KeyColumns<'_> {
     out
 }
 
-const SELECT_KEYS: &str = "SELECT p.patient, p.org, p.ident, p.value FROM pointers p
-     JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(patient, org, ident)
-       ON p.patient = k.patient AND p.org = k.org AND p.ident = k.ident";
+macro_rules! select_keys {
+    () => {
+        "SELECT p.patient, p.org, p.ident, p.value FROM pointers p
+         JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(patient, org, ident)
+           ON p.patient = k.patient AND p.org = k.org AND p.ident = k.ident"
+    };
+}
 
 async fn read_keys(
     c: &impl GenericClient,
@@ -305,11 +298,11 @@ async fn read_keys(
 ) -> Result<HashMap<PointerKey, StoredPointer>, StoreError> {
     let (p, o, i) = key_arrays(keys);
     let sql = if lock {
-        format!("{SELECT_KEYS} FOR UPDATE OF p")
+        concat!(select_keys!(), " FOR UPDATE OF p")
     } else {
-        SELECT_KEYS.to_string()
+        select_keys!()
     };
-    let rows = c.query(&sql, &[&p, &o, &i]).await.map_err(db_error)?;
+    let rows = c.query(sql, &[&p, &o, &i]).await.map_err(db_error)?;
     rows.iter()
         .map(|r| Ok((key_of(r, 0)?, decode("pointers", r.get(3))?)))
         .collect()

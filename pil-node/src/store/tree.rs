@@ -63,23 +63,15 @@ impl Group {
     }
 }
 
-/// The tree's frontier and the size its newest head signs. Clone it before a group
-/// and put the clone back when the group's write fails.
-#[derive(Clone)]
+/// The tree's frontier and the size its newest head signs (an empty log by default).
+/// Clone it before a group and put the clone back when the group's write fails.
+#[derive(Clone, Default)]
 pub struct Sequencer {
     frontier: Frontier,
     signed: u64,
 }
 
 impl Sequencer {
-    /// An empty log.
-    pub fn new() -> Self {
-        Self {
-            frontier: Frontier::new(),
-            signed: 0,
-        }
-    }
-
     /// The stored log of `size` records, checked against the newest head it signed.
     pub fn restore(reader: &impl TreeReader, size: u64) -> Result<Self, StoreError> {
         let frontier = restore_frontier(reader, size)?;
