@@ -299,3 +299,147 @@ async fn the_database_connection_can_be_tls() {
     assert_eq!(found.pointers.len(), 1);
     node.stop().await;
 }
+
+/// Two nodes on a primary with a synchronous standby, under writes and lookups: the
+/// primary's machine fails (`kill -9` of every server process) and the standby is
+/// promoted. The nodes find the new primary on their own, every acknowledged pointer
+/// and every acknowledged request's audit record is there, and the log verifies
+/// across the failover against heads signed before and after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_failover_loses_no_acknowledged_write() {
+    use pil_node::test_support::Throwaway;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    let world = World::new();
+    let primary = Throwaway::start_primary();
+    // The standby first: the primary's commits wait for it.
+    let standby = Throwaway::start_standby_of(&primary);
+    primary.create_migrated_database("failover");
+    let url = Throwaway::url_of_primary(&[&primary, &standby], "failover");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let mut config = world.region_config(VEST);
+        config.storage = on_database(&url, 4, 5);
+        nodes.push(TestNode::start(config).await);
+    }
+
+    let acknowledged = std::sync::Mutex::new(Vec::new());
+    let (answered, refused) = (AtomicU64::new(0), AtomicU64::new(0));
+    let stop = AtomicBool::new(false);
+    let drivers = (0..4u64).map(|d| {
+        let (world, nodes, acknowledged) = (&world, &nodes, &acknowledged);
+        let (answered, refused, stop) = (&answered, &refused, &stop);
+        async move {
+            let client = world.client(ORG_A, nodes[d as usize % 2].addr()).await;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let patient = patient_id(8000 + d * 10_000 + i);
+                i += 1;
+                match client
+                    .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+                    .await
+                {
+                    Ok(_) => acknowledged.lock().unwrap().push(patient.clone()),
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+                // An answered lookup of an acknowledged write finds it, failover or not.
+                match client.lookup(lookup(&patient)).await {
+                    Ok(found) => {
+                        assert_eq!(found.pointers.len(), 1, "acknowledged, then not found");
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(code(&e), tonic::Code::Unavailable | tonic::Code::Internal),
+                            "{e}"
+                        );
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    });
+    let acked = || acknowledged.lock().unwrap().len();
+    let auditor = world.client(HOST, nodes[1].addr()).await;
+    let control = async {
+        let until = |n: usize, what: &'static str| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            async move {
+                while acked() < n {
+                    assert!(Instant::now() < deadline, "{what}: {} of {n}", acked());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        until(60, "writes before the failover").await;
+        auditor.audit_tree_head(true).await.unwrap();
+        let before = auditor.audit_tree_heads().await.unwrap();
+        // A commit seen on the primary reaches the standby within a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::task::block_in_place(|| primary.kill_9());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::block_in_place(|| standby.promote());
+        let at_promotion = acked();
+        until(
+            at_promotion + 60,
+            "writes after the failover, through both nodes",
+        )
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        before
+    };
+    let (heads_before, _) = tokio::join!(control, futures::future::join_all(drivers));
+    assert_eq!(standby.sql("failover", "SELECT pg_is_in_recovery()"), "f");
+
+    // Every acknowledged write, at both nodes.
+    let acknowledged = acknowledged.into_inner().unwrap();
+    for node in &nodes {
+        let doctor = world.client(ORG_A, node.addr()).await;
+        for patient in &acknowledged {
+            let found = doctor.lookup(lookup(patient)).await.unwrap();
+            assert_eq!(found.pointers.len(), 1, "{patient:?} at {}", node.addr());
+        }
+    }
+
+    // One log, consecutive, holding a record of every acknowledged request, and
+    // consistent with every head: those signed before the failover and after it.
+    auditor.audit_tree_head(true).await.unwrap();
+    let mut heads = heads_before.clone();
+    heads.extend(auditor.audit_tree_heads().await.unwrap());
+    let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
+        futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
+            e.expect("log entry")
+        }),
+    )
+    .await;
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
+    }
+    let requests = acknowledged.len() as u64 + answered.load(Ordering::Relaxed);
+    assert!(
+        entries.len() as u64 >= requests,
+        "{} records for {requests} acknowledged requests",
+        entries.len()
+    );
+    let key = world
+        .path()
+        .join("regions")
+        .join(VEST)
+        .join("audit")
+        .join("public-key.pem");
+    let report = pil_client::verify_log(&entries, &heads, &HeadVerifier::load(key).unwrap());
+    assert!(report.is_ok(), "{report:?}");
+    let newest_before = heads_before.iter().map(|h| h.size).max().unwrap();
+    assert!(
+        newest_before > 0 && report.signed_size > newest_before,
+        "{report:?}"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
