@@ -46,6 +46,10 @@ pub struct LoadResult {
     pub server_cpu_us: Option<f64>,
     /// CPU the load generator used per measured request, in microseconds.
     pub client_cpu_us: Option<f64>,
+    /// CPU the database server behind the server used per measured request, in
+    /// microseconds (a node on the PostgreSQL engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_cpu_us: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
 }
@@ -76,6 +80,7 @@ pub async fn run<C, F, Fut>(
     clients: &[C],
     call: F,
     server: &dyn Cpu,
+    database: Option<&dyn Cpu>,
     client: &dyn Cpu,
 ) -> LoadResult
 where
@@ -135,7 +140,9 @@ where
         }));
     }
     tokio::time::sleep(spec.warmup).await;
+    let database_cpu = || database.and_then(|d| d.cpu_seconds());
     let (server_before, client_before) = (server.cpu_seconds(), client.cpu_seconds());
+    let database_before = database_cpu();
     let started = Instant::now();
     state.phase.store(MEASURE, Ordering::SeqCst);
     while state.phase.load(Ordering::SeqCst) != STOP {
@@ -151,6 +158,7 @@ where
         .unwrap()
         .unwrap_or_else(Instant::now);
     let (server_after, client_after) = (server.cpu_seconds(), client.cpu_seconds());
+    let database_after = database_cpu();
     let mut all = Vec::new();
     for w in workers {
         all.extend(w.await.expect("load worker"));
@@ -191,6 +199,7 @@ where
         max_ms: all.last().map(|&l| f64::from(l) / 1000.0).unwrap_or(0.0),
         server_cpu_us: per_request(server_before, server_after),
         client_cpu_us: per_request(client_before, client_after),
+        database_cpu_us: per_request(database_before, database_after),
         first_error,
     }
 }
@@ -244,6 +253,7 @@ mod tests {
                 Ok(())
             },
             &NoCpu,
+            None,
             &NoCpu,
         )
         .await;

@@ -304,6 +304,9 @@ pub struct SyncResult {
     pub removed: u64,
     pub rejected: u64,
     pub server_cpu_us: Option<f64>,
+    /// CPU per pointer of the database server behind the node (PostgreSQL engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_cpu_us: Option<f64>,
 }
 
 /// How a sync is run.

@@ -327,6 +327,7 @@ impl Pg {
             max_ms,
             server_cpu_us: per_request(server_before, server_after),
             client_cpu_us: per_request(client_before, client_after),
+            database_cpu_us: None,
             first_error: None,
         })
     }

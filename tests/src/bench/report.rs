@@ -99,6 +99,13 @@ pub struct Results {
     /// That build's loading sync.
     #[serde(default)]
     pub baseline_sync: Vec<SyncResult>,
+    /// This build on the PostgreSQL engine: lookups, each run right after the RocksDB
+    /// node's at the same concurrency, with the database server's CPU.
+    #[serde(default)]
+    pub pg_engine: Vec<LoadResult>,
+    /// Its loading sync.
+    #[serde(default)]
+    pub pg_engine_sync: Vec<SyncResult>,
 }
 
 /// What one synced pointer costs at each stage, measured on its own in one process
@@ -195,6 +202,77 @@ fn verdict(ok: Option<bool>) -> &'static str {
 }
 
 impl Results {
+    /// The RocksDB and PostgreSQL engines, and the plain-PostgreSQL baseline, side by side.
+    fn engines_markdown(&self, s: &mut String) {
+        let _ = writeln!(s, "\n### Storage engines side by side\n");
+        let _ = writeln!(
+            s,
+            "The same node and data set on the RocksDB engine and on the PostgreSQL engine \
+             (its own database on the baseline's server: `fsync` and `synchronous_commit` \
+             on, over a Unix socket, a pool of 16 connections), and the plain-PostgreSQL \
+             baseline. Each lookup reads the patient's pointers and appends its audit \
+             record durably (group commit) before answering; each PostgreSQL-engine lookup \
+             run follows the RocksDB node's at the same concurrency. Database CPU: every \
+             `postgres` process.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| c | what | requests/s | p50 ms | p99 ms | node CPU µs | database CPU µs | together µs |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|"
+        );
+        let together = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+        for e in &self.pg_engine {
+            let c = e.concurrency;
+            let rows = [
+                ("RocksDB engine", at(&self.local, c), false),
+                ("PostgreSQL engine", Some(e), false),
+                ("plain PostgreSQL (pgbench)", at(&self.postgres, c), true),
+            ];
+            for (name, r, plain) in rows {
+                let Some(r) = r else { continue };
+                // The baseline's server CPU is the database's; it has no node.
+                let (node, db) = if plain {
+                    (None, r.server_cpu_us)
+                } else {
+                    (r.server_cpu_us, r.database_cpu_us)
+                };
+                let _ = writeln!(
+                    s,
+                    "| {c} | {name} | {} | {} | {} | {} | {} | {} |",
+                    count(r.throughput),
+                    ms(r.p50_ms),
+                    ms(r.p99_ms),
+                    opt_us(node),
+                    opt_us(db),
+                    opt_us(together(node, db))
+                );
+            }
+        }
+        let rocks = self.sync.first();
+        let pg = self.pg_engine_sync.first();
+        if pg.is_some() {
+            let _ = writeln!(
+                s,
+                "\n| loading sync (inserts) | pointers/s | node CPU µs/pointer | database CPU µs/pointer |\n\
+                 |---|---:|---:|---:|"
+            );
+            for (name, r) in [("RocksDB engine", rocks), ("PostgreSQL engine", pg)] {
+                let Some(r) = r else { continue };
+                let one = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("–".into());
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} |",
+                    count(r.per_second),
+                    one(r.server_cpu_us),
+                    one(r.database_cpu_us)
+                );
+            }
+        }
+    }
+
     /// Disk bytes per pointer of the main data set (table files after a flush).
     pub fn bytes_per_pointer(&self) -> Option<f64> {
         self.footprint
@@ -501,6 +579,9 @@ impl Results {
                     );
                 }
             }
+        }
+        if !self.pg_engine.is_empty() || !self.pg_engine_sync.is_empty() {
+            self.engines_markdown(&mut s);
         }
         if !self.sync.is_empty() {
             let _ = writeln!(s, "\n### Bulk sync\n");

@@ -18,7 +18,7 @@ use super::{
     load::{self, LoadResult, LoadSpec},
     node::{self, NodeProc, SyncKind, SyncResult, lookup_clients, node_config, sibling},
     pg::Pg,
-    proc::{self, Pids, This},
+    proc::{self, ByName, Cpu, Pids, This},
     report::{DataInfo, Family, Footprint, GrowthPoint, Machine, Results, SyncProbe},
 };
 
@@ -97,6 +97,7 @@ async fn lookups(
     spec: &LoadSpec,
     regions: usize,
     server: &Pids,
+    database: Option<&dyn Cpu>,
 ) -> anyhow::Result<LoadResult> {
     let clients = lookup_clients(world, addr, spec.concurrency).await?;
     let data = data.clone();
@@ -105,6 +106,7 @@ async fn lookups(
         &clients,
         move |c, r| node::lookup_once(c, data.clone(), r, regions),
         server,
+        database,
         &This,
     )
     .await)
@@ -378,6 +380,23 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         baseline = Some(node);
     }
 
+    // The same node on the PostgreSQL engine, in a database of the baseline's server:
+    // loaded the same way, and asked the same lookups right after the RocksDB node.
+    let engine_dir = world.path().join("pg-engine");
+    let mut engine = None;
+    if let (Some(pg), true) = (&plan.pg, plan.wants("pg-engine")) {
+        let node = start_on_postgres(plan, pg, &world, &data, &bin, &engine_dir).await?;
+        let database = ByName("postgres");
+        let before = database.cpu_seconds();
+        let mut load = load_all(&world, &node, &data, plan, "merge, empty node (inserts)").await?;
+        load.database_cpu_us = per_pointer(before, database.cpu_seconds(), load.sent);
+        results.pg_engine_sync.push(load);
+        node.truncate_log();
+        engine = Some(node);
+    } else if plan.scenarios.iter().any(|s| s == "pg-engine") {
+        anyhow::bail!("the pg-engine scenario needs --pg-host (tests/bench/run.sh sets it)");
+    }
+
     // Lookups: floor, local and PostgreSQL per concurrency.
     let floor = if plan.wants("floor") {
         Some(FloorProc::start(&tls_of(world.path()))?)
@@ -387,18 +406,44 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
     for &c in &plan.concurrency {
         let spec = plan.spec(c);
         if let Some(f) = &floor {
-            let r = lookups(&world, f.addr, &data, &spec, 1, &Pids(vec![f.pid()])).await?;
+            let r = lookups(&world, f.addr, &data, &spec, 1, &Pids(vec![f.pid()]), None).await?;
             describe("floor", &r);
             results.floor.push(r);
         }
         if let (Some(node), true) = (&main, plan.wants("local")) {
-            let r = lookups(&world, node.addr, &data, &spec, 1, &Pids(vec![node.pid()])).await?;
+            let r = lookups(
+                &world,
+                node.addr,
+                &data,
+                &spec,
+                1,
+                &Pids(vec![node.pid()]),
+                None,
+            )
+            .await?;
             describe("local", &r);
             results.local.push(r);
             node.truncate_log();
         }
+        if let Some(node) = &engine {
+            let pids = Pids(vec![node.pid()]);
+            let database = ByName("postgres");
+            let r = lookups(&world, node.addr, &data, &spec, 1, &pids, Some(&database)).await?;
+            describe("postgres engine", &r);
+            results.pg_engine.push(r);
+            node.truncate_log();
+        }
         if let Some(node) = &baseline {
-            let r = lookups(&world, node.addr, &data, &spec, 1, &Pids(vec![node.pid()])).await?;
+            let r = lookups(
+                &world,
+                node.addr,
+                &data,
+                &spec,
+                1,
+                &Pids(vec![node.pid()]),
+                None,
+            )
+            .await?;
             describe("baseline", &r);
             results.baseline_local.push(r);
             node.truncate_log();
@@ -413,6 +458,10 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         save(&results);
     }
     drop(floor);
+    if let Some(node) = engine.take() {
+        node.stop()?;
+    }
+    let _ = std::fs::remove_dir_all(&engine_dir);
     if let Some(node) = baseline.take() {
         node.stop()?;
     }
@@ -486,6 +535,56 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
     Ok(results)
 }
 
+/// CPU per pointer between two readings.
+fn per_pointer(before: Option<f64>, after: Option<f64>, pointers: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if pointers > 0 => Some((a - b) * 1e6 / pointers as f64),
+        _ => None,
+    }
+}
+
+/// A node on the PostgreSQL engine, in a fresh database `pil_engine` of `pg`'s server.
+async fn start_on_postgres(
+    plan: &Plan,
+    pg: &Pg,
+    world: &World,
+    data: &DataSet,
+    bin: &Path,
+    dir: &Path,
+) -> anyhow::Result<NodeProc> {
+    const DB: &str = "pil_engine";
+    pg.psql(&format!(
+        "DROP DATABASE IF EXISTS {DB};\nCREATE DATABASE {DB};"
+    ))?;
+    let storage = pil_node::config::PostgresConfig {
+        url: format!(
+            "host={} port={} user={} dbname={DB}",
+            pg.host.display(),
+            pg.port,
+            pg.user
+        ),
+        pool_size: 16,
+        connect_timeout_secs: 10,
+        ca_file: None,
+    };
+    pil_node::store::postgres::migrate(&storage.engine_config())
+        .await
+        .context("creating the node's schema")?;
+    let mut config = node_config(
+        world,
+        None,
+        dir.join("data"),
+        &plan.node_log_filter,
+        data,
+        "127.0.0.1:0".parse()?,
+    );
+    config.storage = pil_node::config::StorageConfig {
+        engine: pil_node::config::Engine::Postgres,
+        postgres: Some(storage),
+    };
+    NodeProc::start(bin, &config, dir, "node")
+}
+
 async fn federated(
     plan: &Plan,
     world: &World,
@@ -546,6 +645,7 @@ async fn federated(
             &plan.spec(c),
             REGIONS.len(),
             &pids,
+            None,
         )
         .await?;
         describe("federated", &r);
@@ -591,6 +691,7 @@ async fn growth(plan: &Plan, world: &World, bin: &Path) -> anyhow::Result<Growth
         &plan.spec(plan.growth_concurrency),
         1,
         &Pids(vec![node.pid()]),
+        None,
     )
     .await?;
     describe("growth", &r);
