@@ -514,6 +514,10 @@ pub struct PostgresConfig {
     /// connects without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// A file holding the database user's password (mode 0600), kept out of `url` and
+    /// of node.toml so that the configuration can be shared and reviewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 fn default_pool_size() -> usize {
@@ -532,6 +536,7 @@ impl PostgresConfig {
             pool_size: self.pool_size,
             connect_timeout: Duration::from_secs(self.connect_timeout_secs.max(1)),
             ca_file: self.ca_file.clone(),
+            password_file: self.password_file.clone(),
         }
     }
 }

@@ -18,12 +18,16 @@ struct Setup<'a> {
 }
 
 impl Throwaway {
+    /// The `postgres` user's password over TCP, on a server started with TLS.
+    pub const PASSWORD: &str = "throwaway-password";
+
     pub fn start() -> Self {
         Self::start_with(Setup::default())
     }
 
     /// A server that also listens on 127.0.0.1 (port [`Self::port`]) with TLS, presenting
-    /// the certificate and key (PEM) given.
+    /// the certificate and key (PEM) given. Connections there authenticate with
+    /// [`Self::PASSWORD`] (SCRAM); on the socket, without.
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
         Self::start_with(Setup {
             tls: Some((cert_pem.to_string(), key_pem.to_string())),
@@ -155,6 +159,11 @@ impl Throwaway {
         let data = data.to_str().unwrap();
         match setup.base_backup_of {
             None => {
+                let host_auth = if setup.tls.is_some() {
+                    "--auth-host=scram-sha-256"
+                } else {
+                    "--auth-host=trust"
+                };
                 server.run(
                     "initdb",
                     &[
@@ -162,7 +171,8 @@ impl Throwaway {
                         data,
                         "-U",
                         "postgres",
-                        "--auth=trust",
+                        "--auth-local=trust",
+                        host_auth,
                         "-E",
                         "UTF8",
                         "--no-sync",
@@ -239,6 +249,10 @@ impl Throwaway {
                 "start",
             ],
         );
+        if setup.tls.is_some() {
+            let sql = format!("ALTER USER postgres PASSWORD '{}'", Self::PASSWORD);
+            server.sql("postgres", &sql);
+        }
         server
     }
 
@@ -268,6 +282,7 @@ impl Throwaway {
             pool_size: 8,
             connect_timeout: std::time::Duration::from_secs(10),
             ca_file: None,
+            password_file: None,
         }
     }
 

@@ -42,16 +42,6 @@ pub struct World {
     pub postgres: Option<pil_node::test_support::Throwaway>,
 }
 
-/// For tests about RocksDB's own files: true (and the test returns at once, saying
-/// so) when the suite runs on PostgreSQL.
-pub fn rocksdb_only(what: &str) -> bool {
-    let skip = on_postgres();
-    if skip {
-        eprintln!("on PostgreSQL this test does not apply: it {what}");
-    }
-    skip
-}
-
 /// Whether the suite runs on PostgreSQL (`PIL_TEST_ENGINE=postgres`) rather than the
 /// default RocksDB.
 pub fn on_postgres() -> bool {
@@ -101,6 +91,7 @@ impl World {
                         pool_size: 8,
                         connect_timeout_secs: 5,
                         ca_file: None,
+                        password_file: None,
                     }),
                 }
             }

@@ -32,7 +32,7 @@ pub use model::{
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The engine failed (I/O, the database, a connection).
-    #[error("storage engine: {0}")]
+    #[error("storage engine: {}", with_causes(.0.as_ref()))]
     Engine(Arc<dyn std::error::Error + Send + Sync>),
     #[error("corrupt record in {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
@@ -61,6 +61,22 @@ pub enum StoreError {
          backup, or keep it as evidence; the node will not append to it"
     )]
     Cut(String),
+}
+
+/// An error and its causes, as one line: drivers put what a person can act on ("password
+/// missing") in the cause of a generic error ("invalid configuration").
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }
 
 impl StoreError {

@@ -97,6 +97,8 @@ pub struct PgConfig {
     /// connections use TLS (rustls) as the connection string's `sslmode` asks
     /// (`require`: never without).
     pub ca_file: Option<std::path::PathBuf>,
+    /// A private file holding the password (its first line).
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -106,6 +108,9 @@ fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 fn pool(config: &PgConfig) -> Result<Pool, StoreError> {
     let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(db_error)?;
     pg.connect_timeout(config.connect_timeout);
+    if let Some(file) = &config.password_file {
+        pg.password(read_password(file)?);
+    }
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
@@ -120,6 +125,19 @@ fn pool(config: &PgConfig) -> Result<Pool, StoreError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(db_error)
+}
+
+fn read_password(file: &std::path::Path) -> Result<String, StoreError> {
+    const WHAT: &str = "the database password file";
+    crate::secret_file::check_private(WHAT, file).map_err(db_error)?;
+    let text = std::fs::read_to_string(file).map_err(|source| {
+        db_error(crate::secret_file::SecretFileError::Read {
+            what: WHAT,
+            path: file.to_path_buf(),
+            source,
+        })
+    })?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 /// TLS to the database, trusting the CAs in `ca`.

@@ -566,6 +566,7 @@ async fn start_on_postgres(
         pool_size: 16,
         connect_timeout_secs: 10,
         ca_file: None,
+        password_file: None,
     };
     pil_node::store::postgres::migrate(&storage.engine_config())
         .await

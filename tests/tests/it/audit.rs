@@ -316,7 +316,8 @@ async fn tamper_and_verify(
 }
 
 /// [`tamper_and_verify`] for a node on PostgreSQL: `sql` runs on its database.
-async fn tamper_sql_and_verify(world: &World, sql: &str) -> (String, pil_client::VerifyReport) {
+/// Runs each statement on the stopped node's database; each changes `rows` rows.
+async fn tamper_sql(world: &World, statements: &[(&str, u64)]) {
     let url = world
         .config(true)
         .storage
@@ -327,8 +328,17 @@ async fn tamper_sql_and_verify(world: &World, sql: &str) -> (String, pil_client:
         .await
         .expect("connect to the node's database");
     tokio::spawn(connection);
-    let changed = client.execute(sql, &[]).await.expect("tamper");
-    assert_eq!(changed, 1, "one row tampered with: {sql}");
+    for (sql, rows) in statements {
+        let changed = client.execute(*sql, &[]).await.expect("tamper");
+        assert_eq!(changed, *rows, "rows tampered with: {sql}");
+    }
+}
+
+async fn tamper_sql_and_verify(
+    world: &World,
+    statements: &[(&str, u64)],
+) -> (String, pil_client::VerifyReport) {
+    tamper_sql(world, statements).await;
     restart_and_verify(world).await
 }
 
@@ -723,7 +733,7 @@ async fn a_changed_record_is_named() {
             "UPDATE audit_records SET record = convert_to(replace(convert_from(record, 'UTF8'), \
              '{from}', '{to}'), 'UTF8') WHERE idx = {k}"
         );
-        tamper_sql_and_verify(&world, &sql).await
+        tamper_sql_and_verify(&world, &[(&sql, 1)]).await
     } else {
         tamper_and_verify(&world, |db| {
             let cf = db.cf_handle("audit_records").unwrap();
@@ -750,7 +760,7 @@ async fn a_deleted_record_is_named() {
     let (err, report) = if on_postgres() {
         tamper_sql_and_verify(
             &world,
-            &format!("DELETE FROM audit_records WHERE idx = {k}"),
+            &[(&format!("DELETE FROM audit_records WHERE idx = {k}"), 1)],
         )
         .await
     } else {
@@ -770,20 +780,25 @@ async fn a_deleted_record_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapped_records_are_named() {
-    if rocksdb_only("tampers with the audit log in RocksDB's files") {
-        return;
-    }
     let world = World::new();
     let lookups = stopped_node_with_history(&world).await;
     let (i, j) = (lookups[1], lookups[4]);
-    let (err, report) = tamper_and_verify(&world, |db| {
-        let cf = db.cf_handle("audit_records").unwrap();
-        let a = db.get_cf(cf, record_key(i)).unwrap().expect("record i");
-        let b = db.get_cf(cf, record_key(j)).unwrap().expect("record j");
-        db.put_cf(cf, record_key(i), b).unwrap();
-        db.put_cf(cf, record_key(j), a).unwrap();
-    })
-    .await;
+    let (err, report) = if on_postgres() {
+        let sql = format!(
+            "UPDATE audit_records a SET record = b.record FROM audit_records b \
+             WHERE (a.idx = {i} AND b.idx = {j}) OR (a.idx = {j} AND b.idx = {i})"
+        );
+        tamper_sql_and_verify(&world, &[(&sql, 2)]).await
+    } else {
+        tamper_and_verify(&world, |db| {
+            let cf = db.cf_handle("audit_records").unwrap();
+            let a = db.get_cf(cf, record_key(i)).unwrap().expect("record i");
+            let b = db.get_cf(cf, record_key(j)).unwrap().expect("record j");
+            db.put_cf(cf, record_key(i), b).unwrap();
+            db.put_cf(cf, record_key(j), a).unwrap();
+        })
+        .await
+    };
     assert!(
         err.contains(&format!(
             "record {i} is out of order: the record at this position claims index {j}"
@@ -801,14 +816,15 @@ async fn swapped_records_are_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_oldest_records_is_found_with_the_retention_period() {
-    if rocksdb_only("tampers with the audit log in RocksDB's files") {
-        return;
-    }
     let world = World::new();
     let lookups = stopped_node_with_history(&world).await;
     let last = lookups[3];
-    {
-        // What retention does, years early: drop the oldest contents, keep the hashes.
+    // What retention does, years early: drop the oldest contents, keep the hashes.
+    if on_postgres() {
+        let sql =
+            format!("UPDATE audit_records SET record = NULL, patient = NULL WHERE idx <= {last}");
+        tamper_sql(&world, &[(&sql, last + 1)]).await;
+    } else {
         let db = open_db(&world.config(true).data_dir);
         let cf = db.cf_handle("audit_records").unwrap();
         for index in 0..=last {
@@ -863,25 +879,35 @@ async fn deleting_the_oldest_records_is_found_with_the_retention_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_changed_with_its_leaf_hash_fails_against_the_signed_heads() {
-    if rocksdb_only("tampers with the audit log in RocksDB's files") {
-        return;
-    }
     let world = World::new();
     let lookups = stopped_node_with_history(&world).await;
     let k = lookups[2];
-    let (err, report) = tamper_and_verify(&world, |db| {
-        let records = db.cf_handle("audit_records").unwrap();
-        let old = db.get_cf(records, record_key(k)).unwrap().expect("record");
-        let new = String::from_utf8(old)
-            .unwrap()
-            .replace("\"outcome\":\"allowed\"", "\"outcome\":\"denied\"");
-        db.put_cf(records, record_key(k), new.as_bytes()).unwrap();
-        let nodes = db.cf_handle("audit_nodes").unwrap();
-        assert!(db.get_cf(nodes, leaf_key(k)).unwrap().is_some());
-        db.put_cf(nodes, leaf_key(k), leaf_hash(new.as_bytes()))
-            .unwrap();
-    })
-    .await;
+    let (err, report) = if on_postgres() {
+        let record = format!(
+            "UPDATE audit_records SET record = convert_to(replace(convert_from(record, 'UTF8'), \
+             '\"outcome\":\"allowed\"', '\"outcome\":\"denied\"'), 'UTF8') WHERE idx = {k}"
+        );
+        // RFC 6962's leaf hash: SHA-256 of 0x00 and the record.
+        let leaf = format!(
+            "UPDATE audit_nodes n SET hash = sha256('\\x00'::bytea || r.record) \
+             FROM audit_records r WHERE n.level = 0 AND n.idx = {k} AND r.idx = {k}"
+        );
+        tamper_sql_and_verify(&world, &[(&record, 1), (&leaf, 1)]).await
+    } else {
+        tamper_and_verify(&world, |db| {
+            let records = db.cf_handle("audit_records").unwrap();
+            let old = db.get_cf(records, record_key(k)).unwrap().expect("record");
+            let new = String::from_utf8(old)
+                .unwrap()
+                .replace("\"outcome\":\"allowed\"", "\"outcome\":\"denied\"");
+            db.put_cf(records, record_key(k), new.as_bytes()).unwrap();
+            let nodes = db.cf_handle("audit_nodes").unwrap();
+            assert!(db.get_cf(nodes, leaf_key(k)).unwrap().is_some());
+            db.put_cf(nodes, leaf_key(k), leaf_hash(new.as_bytes()))
+                .unwrap();
+        })
+        .await
+    };
     match report.first_problem {
         Some(LogProblem::RootMismatch { from, to }) => {
             assert!(from <= k && k < to, "{from}..{to} holds {k}");

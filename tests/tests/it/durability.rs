@@ -280,9 +280,6 @@ async fn no_change_is_stored_without_its_audit_record_even_on_kill_9() {
 
 #[tokio::test]
 async fn a_node_that_cannot_start_leaves_its_data_directory_alone() {
-    if rocksdb_only("compares RocksDB's data directory before and after") {
-        return;
-    }
     let world = World::new();
     // The listen address is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -309,17 +306,41 @@ async fn a_node_that_cannot_start_leaves_its_data_directory_alone() {
     // A node that has run once: a failed start signs no new head.
     let node = TestNode::start(world.config(true)).await;
     node.stop().await;
-    let heads_dir = world.config(true).data_dir;
-    let before = dir_listing(&heads_dir);
+    let before = stored_state(&world).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut config = world.config(true);
     config.listen = taken.local_addr().unwrap();
     assert!(pil_node::server::start(config).await.is_err());
     assert_eq!(
-        dir_listing(&heads_dir),
+        stored_state(&world).await,
         before,
-        "the data directory changed"
+        "the stored state changed"
     );
+}
+
+/// What a stopped node's storage holds, coarsely: its data directory's files, or on
+/// PostgreSQL the audit log's size, signed size and heads and the pointers' count.
+async fn stored_state(world: &World) -> Vec<(String, u64)> {
+    let config = world.config(true);
+    let Some(pg) = config.storage.postgres.filter(|_| on_postgres()) else {
+        return dir_listing(&config.data_dir);
+    };
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the node's database");
+    tokio::spawn(connection);
+    let mut state = Vec::new();
+    for (name, sql) in [
+        ("size", "SELECT size FROM audit_tree"),
+        ("signed", "SELECT signed FROM audit_tree"),
+        ("heads", "SELECT count(*) FROM audit_heads"),
+        ("records", "SELECT count(*) FROM audit_records"),
+        ("pointers", "SELECT count(*) FROM pointers"),
+    ] {
+        let n: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        state.push((name.to_string(), n as u64));
+    }
+    state
 }
 
 /// Names and sizes of the files in `dir`.

@@ -3,6 +3,7 @@
 use pil_auth::dev_issuer::DpopKey;
 use pil_client::v1;
 use pil_node::config::{Engine, PostgresConfig, StorageConfig};
+use pil_node::test_support::Throwaway;
 use pil_tests::*;
 use pil_transparency::HeadVerifier;
 
@@ -19,6 +20,7 @@ fn on_database(url: &str, pool_size: usize, connect_timeout_secs: u64) -> Storag
             pool_size,
             connect_timeout_secs,
             ca_file: None,
+            password_file: None,
         }),
     }
 }
@@ -31,7 +33,7 @@ fn on_database(url: &str, pool_size: usize, connect_timeout_secs: u64) -> Storag
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_of_one_region_share_one_database() {
     let world = World::new();
-    let server = pil_node::test_support::Throwaway::start();
+    let server = Throwaway::start();
     let db = server.create_migrated_database("shared-region");
     let mut nodes = Vec::new();
     for _ in 0..3 {
@@ -196,7 +198,7 @@ async fn three_nodes_of_one_region_share_one_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_database_is_gone_fails_closed() {
     let world = World::new();
-    let server = pil_node::test_support::Throwaway::start();
+    let server = Throwaway::start();
     let db = server.create_migrated_database("gone");
     let mut config = world.config(true);
     config.storage = on_database(&db.url, 4, 2);
@@ -229,7 +231,7 @@ async fn a_node_whose_database_is_gone_fails_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_prepares_the_database_and_a_node_refuses_one_it_did_not() {
     let world = World::new();
-    let server = pil_node::test_support::Throwaway::start();
+    let server = Throwaway::start();
     let mut config = world.config(true);
     config.storage = on_database(&server.url("postgres"), 4, 5);
     let refused = pil_node::server::start(config.clone()).await.err();
@@ -258,7 +260,8 @@ async fn migrate_prepares_the_database_and_a_node_refuses_one_it_did_not() {
 }
 
 /// With `ca_file` the node speaks TLS to its database and checks the server's
-/// certificate; with `sslmode=require` and no CA it does not connect at all.
+/// certificate; with `sslmode=require` and no CA it does not connect at all. The
+/// password comes from `password_file`, which must be private to the node's user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_connection_can_be_tls() {
     let world = World::new();
@@ -266,12 +269,20 @@ async fn the_database_connection_can_be_tls() {
     let ca =
         pil_node::pki::DevCa::from_pem_files(&pki.join("ca.pem"), &pki.join("ca-key.pem")).unwrap();
     let cert = ca.issue_node("db", &["localhost", "127.0.0.1"]).unwrap();
-    let server = pil_node::test_support::Throwaway::start_tls(&cert.cert_pem, &cert.key_pem);
+    let server = Throwaway::start_tls(&cert.cert_pem, &cert.key_pem);
     let url = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
         server.port()
     );
+    let password = world.path().join("db-password");
+    std::fs::write(&password, format!("{}\n", Throwaway::PASSWORD)).unwrap();
+    let mode = |m| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(m)).unwrap();
+    };
     let mut storage = on_database(&url, 4, 5);
+    storage.postgres.as_mut().unwrap().password_file = Some(password.clone());
+    mode(0o600);
     let plain = storage.postgres.as_ref().unwrap().engine_config();
     assert!(
         pil_node::store::postgres::migrate(&plain).await.is_err(),
@@ -279,6 +290,16 @@ async fn the_database_connection_can_be_tls() {
     );
     storage.postgres.as_mut().unwrap().ca_file = Some(world.ca.clone());
     let tls = storage.postgres.as_ref().unwrap().engine_config();
+    mode(0o644);
+    let open = pil_node::store::postgres::migrate(&tls).await.unwrap_err();
+    assert!(open.to_string().contains("chmod 600"), "{open}");
+    mode(0o600);
+    let mut no_password = tls.clone();
+    no_password.password_file = None;
+    let refused = pil_node::store::postgres::migrate(&no_password)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("password"), "{refused}");
     pil_node::store::postgres::migrate(&tls).await.unwrap();
     let mut config = world.config(true);
     config.storage = storage;
@@ -307,7 +328,6 @@ async fn the_database_connection_can_be_tls() {
 /// across the failover against heads signed before and after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_failover_loses_no_acknowledged_write() {
-    use pil_node::test_support::Throwaway;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
