@@ -101,6 +101,9 @@ pub struct PgConfig {
     pub password_file: Option<std::path::PathBuf>,
 }
 
+/// Records whose contents one retention transaction drops.
+const RETENTION_PAGE: u64 = 10_000;
+
 fn db_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::engine(e)
 }
@@ -960,22 +963,29 @@ impl Store for PgStore {
         upto: u64,
         _patients: Vec<(u64, Pseudonym)>,
     ) -> Result<(), StoreError> {
+        // In pages, each its own transaction: years of records dropped at once would
+        // otherwise be one transaction holding every row it changed.
+        let mut from = self.audit_retained_from().await?;
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(db_error)?;
-        tx.execute(
-            "UPDATE audit_records SET record = NULL, patient = NULL
-             WHERE idx < $1 AND record IS NOT NULL",
-            &[&(upto as i64)],
-        )
-        .await
-        .map_err(db_error)?;
-        tx.execute(
-            "UPDATE audit_tree SET retained_from = GREATEST(retained_from, $1) WHERE id = 1",
-            &[&(upto as i64)],
-        )
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        while from < upto {
+            let to = upto.min(from + RETENTION_PAGE);
+            let tx = c.transaction().await.map_err(db_error)?;
+            tx.execute(
+                "UPDATE audit_records SET record = NULL, patient = NULL
+                 WHERE idx >= $1 AND idx < $2 AND record IS NOT NULL",
+                &[&(from as i64), &(to as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.execute(
+                "UPDATE audit_tree SET retained_from = GREATEST(retained_from, $1) WHERE id = 1",
+                &[&(to as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            from = to;
+        }
         Ok(())
     }
 
