@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pil/v1/policy.proto",
         "pil/v1/audit.proto",
         "pil/v1/federation.proto",
+        "pil/v1/events.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -190,6 +190,33 @@ pub struct NodeSettings {
     pub default_deny: DefaultDeny,
     #[serde(default)]
     pub protections: Protections,
+    #[serde(default)]
+    pub subscriptions: Subscriptions,
+}
+
+/// How long an organization may follow a patient's pointer changes, and on what
+/// ground.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscriptions {
+    /// The longest a subscription lasts before it must be renewed with a fresh token.
+    pub max_days: u32,
+    /// The legal basis for following a patient that long, shown with every
+    /// subscription.
+    pub legal_basis: String,
+    /// Days an event is kept for consumers that were away.
+    pub events_days: u32,
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Subscriptions {
+            max_days: 30,
+            legal_basis: "helsepersonelloven § 45; pasientjournalloven § 19: following a                           patient is allowed as looking them up is, for health personnel                           who give the patient care, for as long as that care lasts"
+                .into(),
+            events_days: 30,
+        }
+    }
 }
 
 /// What a lookup does when a region holding the patient's protections (opt-out and
@@ -287,6 +314,15 @@ impl NodeSettings {
             bad(
                 "[protections] emergency_shows_unchecked needs emergency_legal_basis: name the \
                  legal basis for showing pointers whose protections could not be checked"
+                    .into(),
+            );
+        }
+        if self.subscriptions.max_days == 0 || self.subscriptions.events_days == 0 {
+            bad("[subscriptions] max_days and events_days must be at least 1".into());
+        }
+        if self.subscriptions.legal_basis.trim().is_empty() {
+            bad(
+                "[subscriptions] legal_basis must name the legal basis for following a                  patient's pointers"
                     .into(),
             );
         }

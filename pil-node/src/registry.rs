@@ -438,13 +438,7 @@ impl Registry {
     }
 }
 
-/// Nanoseconds since the Unix epoch, now.
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
+pub use crate::store::now_nanos;
 
 pub fn org_bytes(org: &OrgNumber) -> [u8; ORG_LEN] {
     let mut b = [0u8; ORG_LEN];

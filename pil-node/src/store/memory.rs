@@ -11,7 +11,9 @@ use std::{
 use super::{
     AuditEntry, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords, PointerKey,
     Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    events::{self, EventPage, Followers, StoredEvent, StoredSubscription, SubscriptionId},
     model::Change,
+    now_nanos,
     plan::{Current, plan},
     tree::{self, Group, Sequencer, TreeReader},
 };
@@ -38,6 +40,9 @@ struct State {
     heads: BTreeMap<u64, String>,
     retained_from: u64,
     sequencer: Sequencer,
+    subscriptions: BTreeMap<SubscriptionId, StoredSubscription>,
+    events: BTreeMap<(SubscriptionId, u64), StoredEvent>,
+    counters: HashMap<SubscriptionId, u64>,
 }
 
 impl TreeReader for State {
@@ -88,6 +93,17 @@ impl Store for MemoryStore {
             .map(|op| (op.key(), state.pointers.get(&op.key()).cloned()))
             .collect();
         let (changes, mut results) = plan(vec![ops], &mut current);
+        let mut followers = Followers::new();
+        for (id, sub) in &state.subscriptions {
+            for (patient, f) in sub.followers(*id) {
+                followers.entry(patient).or_default().push(f);
+            }
+        }
+        let mut counters = std::mem::take(&mut state.counters);
+        for (id, n, event) in events::events_for(&changes, &followers, now_nanos(), &mut counters) {
+            state.events.insert((id, n), event);
+        }
+        state.counters = counters;
         for change in changes {
             match change {
                 Change::Put { key, value, .. } => {
@@ -362,6 +378,72 @@ impl Store for MemoryStore {
         }
         state.retained_from = upto;
         Ok(())
+    }
+
+    async fn put_subscription(
+        &self,
+        id: SubscriptionId,
+        subscription: StoredSubscription,
+    ) -> Result<(), StoreError> {
+        self.lock().subscriptions.insert(id, subscription);
+        Ok(())
+    }
+
+    async fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<Option<StoredSubscription>, StoreError> {
+        Ok(self.lock().subscriptions.get(&id).cloned())
+    }
+
+    async fn subscriptions_of(
+        &self,
+        owner: String,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        Ok(self
+            .lock()
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s.owner == owner)
+            .map(|(id, s)| (*id, s.clone()))
+            .collect())
+    }
+
+    async fn events(
+        &self,
+        id: SubscriptionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let state = self.lock();
+        let mut range = state.events.range((id, 0)..=(id, u64::MAX));
+        let oldest = range.next().map(|((_, n), _)| *n);
+        let last = state.counters.get(&id).copied().unwrap_or(0);
+        Ok(EventPage {
+            events: state
+                .events
+                .range((id, after.saturating_add(1))..=(id, u64::MAX))
+                .take(limit)
+                .map(|((_, n), e)| (*n, e.clone()))
+                .collect(),
+            last,
+            first_kept: events::first_kept(oldest, last),
+        })
+    }
+
+    async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let mut state = self.lock();
+        let old: Vec<(SubscriptionId, u64)> = state
+            .events
+            .iter()
+            .filter(|(_, e)| e.at < before)
+            .take(limit)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &old {
+            state.events.remove(k);
+        }
+        Ok(old.len())
     }
 
     async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {

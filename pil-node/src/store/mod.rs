@@ -12,6 +12,7 @@
 //! a region on one replicated database) and [`memory`] (for tests). The same store
 //! tests run on every engine.
 
+pub mod events;
 pub mod memory;
 mod model;
 mod plan;
@@ -22,9 +23,10 @@ mod tree;
 use std::sync::Arc;
 
 use crate::patient_keys::Pseudonym;
+pub use events::{EventPage, StoredEvent, StoredSubscription, SubscriptionId};
 pub use model::{
     AuditEntry, Change, HeadSigning, IDENT_LEN, KEY_LEN, LogEntry, LogSize, ORG_LEN, Op, OpResult,
-    PatientRecords, PointerKey, StoredBlock, StoredOptOut, StoredPointer,
+    PatientRecords, PointerKey, StoredBlock, StoredOptOut, StoredPointer, now_nanos,
 };
 
 /// Why the store could not do what was asked. Cloneable: one failed group write
@@ -202,6 +204,36 @@ pub trait Store: Send + Sync {
         upto: u64,
         patients: Vec<(u64, Pseudonym)>,
     ) -> Result<(), StoreError>;
+
+    // Subscriptions and their events.
+
+    /// Stores a subscription (new, renewed, ended, or following fewer patients), in
+    /// turn with pointer writes: every write acknowledged after this returns makes the
+    /// events it should for it, and none made after it stops following.
+    async fn put_subscription(
+        &self,
+        id: SubscriptionId,
+        subscription: StoredSubscription,
+    ) -> Result<(), StoreError>;
+    async fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<Option<StoredSubscription>, StoreError>;
+    /// Every subscription the organization `owner` holds.
+    async fn subscriptions_of(
+        &self,
+        owner: String,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError>;
+    /// Up to `limit` events of subscription `id` numbered after `after`, in order.
+    async fn events(
+        &self,
+        id: SubscriptionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
+    /// Drops up to `limit` events written before `before` (unix nanoseconds); returns
+    /// how many it dropped.
+    async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
 
     // Checks every node of a region shares.
 

@@ -7,6 +7,14 @@ use prost::Message;
 
 use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
 
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
 /// Bytes of an organization number in keys.
 pub const ORG_LEN: usize = 9;
 /// Bytes of the endpoint identity hash in keys.
@@ -188,10 +196,12 @@ pub enum Change {
         value: Arc<StoredPointer>,
         previous: Option<Arc<StoredPointer>>,
     },
-    /// Remove `key`, whose current value is `previous`.
+    /// Remove `key`, whose current value is `previous`; `lapsed` when it is removed
+    /// because it expired rather than by its holder.
     Delete {
         key: PointerKey,
         previous: Arc<StoredPointer>,
+        lapsed: bool,
     },
 }
 

@@ -74,7 +74,12 @@ fn apply_op(op: Op, current: &mut Current, changes: &mut Vec<Change>) -> OpResul
                 return OpResult::Absent;
             }
             let previous = slot.take().expect("checked above");
-            changes.push(Change::Delete { key, previous });
+            let lapsed = matches!(op, Op::Purge { .. });
+            changes.push(Change::Delete {
+                key,
+                previous,
+                lapsed,
+            });
             OpResult::Deleted
         }
     }

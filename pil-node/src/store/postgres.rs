@@ -21,6 +21,8 @@ use tokio_postgres::{NoTls, Row};
 use super::{
     AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
     PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    events::{self, EventPage, Follower, Followers, StoredSubscription, SubscriptionId},
+    model::Change,
     plan::{Current, plan},
     take_queued,
     tree::{
@@ -80,10 +82,30 @@ const MIGRATIONS: &[&str] = &[
     // 2: what every node of the region must refuse a second time (DPoP proofs).
     "CREATE TABLE seen_once (key text PRIMARY KEY, until bigint NOT NULL);
      CREATE INDEX seen_once_until ON seen_once (until);",
+    // 3: subscriptions to pointer changes, and their events.
+    "CREATE TABLE subscriptions (id bytea PRIMARY KEY, owner text NOT NULL, value bytea NOT NULL);
+     CREATE INDEX subscriptions_by_owner ON subscriptions (owner);
+     CREATE TABLE followers (
+         patient bytea NOT NULL,
+         subscription bytea NOT NULL,
+         categories text[] NOT NULL,
+         expires_at bigint NOT NULL,
+         PRIMARY KEY (patient, subscription)
+     );
+     CREATE INDEX followers_by_subscription ON followers (subscription);
+     CREATE TABLE event_counters (subscription bytea PRIMARY KEY, last bigint NOT NULL);
+     CREATE TABLE events (
+         subscription bytea NOT NULL,
+         seq bigint NOT NULL,
+         at bigint NOT NULL,
+         value bytea NOT NULL,
+         PRIMARY KEY (subscription, seq)
+     );
+     CREATE INDEX events_by_time ON events (at);",
 ];
 
 /// The schema version this node speaks, as the refusals name it.
-const SCHEMA: &str = "schema version 2";
+const SCHEMA: &str = "schema version 3";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -407,8 +429,95 @@ async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult
         .await
         .map_err(db_error)?;
     }
+    write_events(&tx, &changes).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(results)
+}
+
+/// Writes the events `changes` make for their patients' followers, in the group's
+/// transaction (which holds the coordinator's lock, as subscribing does).
+async fn write_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    changes: &[Change],
+) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let patients: Vec<Vec<u8>> = events::patients(changes)
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
+    let rows = tx
+        .query(
+            "SELECT patient, subscription, categories, expires_at FROM followers
+             WHERE patient = ANY($1)",
+            &[&patients],
+        )
+        .await
+        .map_err(db_error)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut followers = Followers::new();
+    for r in rows {
+        let patient: Vec<u8> = r.get(0);
+        let id: Vec<u8> = r.get(1);
+        let (Ok(patient), Ok(subscription)) = (
+            Pseudonym::try_from(patient.as_slice()),
+            SubscriptionId::try_from(id.as_slice()),
+        ) else {
+            return Err(corrupt("followers", "a key of the wrong length"));
+        };
+        followers.entry(patient).or_default().push(Follower {
+            subscription,
+            categories: r.get(2),
+            expires_at: r.get(3),
+        });
+    }
+    let ids: Vec<Vec<u8>> = events::subscriptions(changes, &followers)
+        .iter()
+        .map(|id| id.to_vec())
+        .collect();
+    let mut last: HashMap<SubscriptionId, u64> = HashMap::new();
+    for r in tx
+        .query(
+            "SELECT subscription, last FROM event_counters WHERE subscription = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(db_error)?
+    {
+        let id: Vec<u8> = r.get(0);
+        let id = SubscriptionId::try_from(id.as_slice())
+            .map_err(|_| corrupt("event_counters", "a key of the wrong length"))?;
+        last.insert(id, r.get::<_, i64>(1) as u64);
+    }
+    let made = events::events_for(changes, &followers, super::now_nanos(), &mut last);
+    if made.is_empty() {
+        return Ok(());
+    }
+    let subs: Vec<&[u8]> = made.iter().map(|(id, _, _)| id.as_slice()).collect();
+    let seqs: Vec<i64> = made.iter().map(|(_, n, _)| *n as i64).collect();
+    let ats: Vec<i64> = made.iter().map(|(_, _, e)| e.at).collect();
+    let values: Vec<Vec<u8>> = made.iter().map(|(_, _, e)| e.encode_to_vec()).collect();
+    tx.execute(
+        "INSERT INTO events (subscription, seq, at, value)
+         SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[])",
+        &[&subs, &seqs, &ats, &values],
+    )
+    .await
+    .map_err(db_error)?;
+    let (ids, lasts): (Vec<Vec<u8>>, Vec<i64>) =
+        last.iter().map(|(id, n)| (id.to_vec(), *n as i64)).unzip();
+    tx.execute(
+        "INSERT INTO event_counters (subscription, last)
+         SELECT * FROM unnest($1::bytea[], $2::int8[])
+         ON CONFLICT (subscription) DO UPDATE SET last = EXCLUDED.last",
+        &[&ids, &lasts],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// The tree's coordinator row, locked for the transaction.
@@ -987,6 +1096,151 @@ impl Store for PgStore {
             from = to;
         }
         Ok(())
+    }
+
+    async fn put_subscription(
+        &self,
+        id: SubscriptionId,
+        subscription: StoredSubscription,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        // In turn with pointer groups: a group sees the followers or committed first.
+        tx.execute(
+            "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO subscriptions (id, owner, value) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, value = EXCLUDED.value",
+            &[
+                &id.as_slice(),
+                &subscription.owner,
+                &subscription.encode_to_vec(),
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM followers WHERE subscription = $1",
+            &[&id.as_slice()],
+        )
+        .await
+        .map_err(db_error)?;
+        let followers = subscription.followers(id);
+        if !followers.is_empty() {
+            let patients: Vec<&[u8]> = followers.iter().map(|(p, _)| p.as_slice()).collect();
+            let subs: Vec<&[u8]> = vec![id.as_slice(); followers.len()];
+            // One text array per row does not fit unnest's arrays of one dimension:
+            // the categories are the subscription's, the same for every row.
+            tx.execute(
+                "INSERT INTO followers (patient, subscription, categories, expires_at)
+                 SELECT p, s, $3::text[], $4::int8 FROM unnest($1::bytea[], $2::bytea[]) AS f(p, s)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &patients,
+                    &subs,
+                    &subscription.categories,
+                    &subscription.expires_at,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<Option<StoredSubscription>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt(
+            "SELECT value FROM subscriptions WHERE id = $1",
+            &[&id.as_slice()],
+        )
+        .await
+        .map_err(db_error)?
+        .map(|r| decode("subscriptions", r.get(0)))
+        .transpose()
+    }
+
+    async fn subscriptions_of(
+        &self,
+        owner: String,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        let c = self.client().await?;
+        c.query(
+            "SELECT id, value FROM subscriptions WHERE owner = $1 ORDER BY id",
+            &[&owner],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| {
+            let id: Vec<u8> = r.get(0);
+            let id = SubscriptionId::try_from(id.as_slice())
+                .map_err(|_| corrupt("subscriptions", "a key of the wrong length"))?;
+            Ok((id, decode("subscriptions", r.get(1))?))
+        })
+        .collect()
+    }
+
+    async fn events(
+        &self,
+        id: SubscriptionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let c = self.client().await?;
+        // One snapshot for the page and its bounds.
+        let row = c
+            .query_one(
+                "SELECT (SELECT last FROM event_counters WHERE subscription = $1),
+                        (SELECT min(seq) FROM events WHERE subscription = $1)",
+                &[&id.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        let last = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
+        let oldest = row.get::<_, Option<i64>>(1).map(|n| n as u64);
+        let rows = c
+            .query(
+                "SELECT seq, value FROM events WHERE subscription = $1 AND seq > $2
+                 ORDER BY seq LIMIT $3",
+                &[
+                    &id.as_slice(),
+                    &(after.min(i64::MAX as u64) as i64),
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        let events = rows
+            .iter()
+            .map(|r| Ok((r.get::<_, i64>(0) as u64, decode("events", r.get(1))?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(EventPage {
+            events,
+            last,
+            first_kept: events::first_kept(oldest, last),
+        })
+    }
+
+    async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM events WHERE (subscription, seq) IN
+                 (SELECT subscription, seq FROM events WHERE at < $1 LIMIT $2)",
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n as usize)
     }
 
     async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError> {

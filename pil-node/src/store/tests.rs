@@ -367,3 +367,134 @@ async fn the_audit_log_appends_in_order_and_proves_what_it_holds() {
     })
     .await;
 }
+
+fn subscription(patients: &[u8], categories: &[&str]) -> super::StoredSubscription {
+    super::StoredSubscription {
+        owner: "983044778".into(),
+        categories: categories.iter().map(|c| c.to_string()).collect(),
+        patients: patients
+            .iter()
+            .map(|p| super::events::FollowedPatient {
+                pseudonym: vec![*p; PSEUDONYM_LEN],
+                sealed: vec![*p],
+                stopped: false,
+            })
+            .collect(),
+        expires_at: i64::MAX,
+        ..Default::default()
+    }
+}
+
+fn kinds(page: &super::EventPage) -> Vec<(u64, super::events::EventKind, u8)> {
+    page.events
+        .iter()
+        .map(|(n, e)| {
+            let kind = super::events::EventKind::try_from(e.kind).unwrap();
+            (*n, kind, e.patient().unwrap()[0])
+        })
+        .collect()
+}
+
+/// A write to a followed patient makes its event in the same write, numbered by the
+/// subscription without gaps; writes to others, refreshes and writes after the
+/// subscription ends make none.
+#[tokio::test]
+async fn writes_to_followed_patients_make_numbered_events() {
+    use super::events::EventKind::*;
+    on_every_engine(async |store| {
+        let (a, b) = ([1; 16], [2; 16]);
+        store
+            .put_subscription(a, subscription(&[1, 2], &[]))
+            .await
+            .unwrap();
+        store
+            .put_subscription(b, subscription(&[2], &["lab-results"]))
+            .await
+            .unwrap();
+        let mut lab = pointer(1);
+        lab.categories = vec!["lab-results".into()];
+        store
+            .apply(vec![
+                upsert(key(1, ORG_A, 1), pointer(1)),
+                upsert(key(2, ORG_A, 1), lab.clone()),
+                upsert(key(3, ORG_A, 1), pointer(1)),
+            ])
+            .await
+            .unwrap();
+        // The same content again: a refresh, no event.
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(1))])
+            .await
+            .unwrap();
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(2))])
+            .await
+            .unwrap();
+        store
+            .apply(vec![Op::Delete {
+                key: key(2, ORG_A, 1),
+            }])
+            .await
+            .unwrap();
+        let page = store.events(a, 0, 100).await.unwrap();
+        assert_eq!(
+            kinds(&page),
+            vec![
+                (1, Appeared, 1),
+                (2, Appeared, 2),
+                (3, Changed, 1),
+                (4, Removed, 2)
+            ]
+        );
+        assert_eq!((page.last, page.first_kept), (4, 1));
+        assert_eq!(page.events[2].1.pointer.as_ref().unwrap().last_updated, 2);
+        let page = store.events(b, 0, 100).await.unwrap();
+        assert_eq!(kinds(&page), vec![(1, Appeared, 2), (2, Removed, 2)]);
+        // Paged from a position.
+        let page = store.events(a, 2, 1).await.unwrap();
+        assert_eq!(kinds(&page), vec![(3, Changed, 1)]);
+        assert_eq!(page.last, 4);
+
+        // Lapsed, then ended: no more events.
+        let mut lapsing = pointer(3);
+        lapsing.expires_at = Some(10);
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), lapsing)])
+            .await
+            .unwrap();
+        store
+            .apply(vec![Op::Purge {
+                key: key(1, ORG_A, 1),
+                now: 20,
+            }])
+            .await
+            .unwrap();
+        let page = store.events(a, 4, 100).await.unwrap();
+        assert_eq!(kinds(&page), vec![(5, Changed, 1), (6, Lapsed, 1)]);
+        let mut ended = store.subscription(a).await.unwrap().unwrap();
+        ended.ended = true;
+        store.put_subscription(a, ended).await.unwrap();
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(4))])
+            .await
+            .unwrap();
+        assert_eq!(store.events(a, 0, 100).await.unwrap().last, 6);
+        let owned = store.subscriptions_of("983044778".into()).await.unwrap();
+        assert_eq!(owned.len(), 2);
+        assert!(
+            store
+                .subscriptions_of("974760673".into())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // Retention drops events by age; the first kept moves, the numbers stay.
+        let dropped = store.drop_events(i64::MAX, 100).await.unwrap();
+        assert_eq!(dropped, 8);
+        let page = store.events(a, 0, 100).await.unwrap();
+        assert!(page.events.is_empty());
+        assert_eq!((page.last, page.first_kept), (6, 7));
+    })
+    .await;
+}

@@ -38,6 +38,7 @@ use rocksdb::{
     MemtableFactory, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions,
 };
 
+use super::events::FollowState;
 use crate::{
     patient_keys::{PSEUDONYM_LEN, Pseudonym},
     store::{
@@ -57,6 +58,10 @@ const CF_AUDIT_RECORDS: &str = "audit_records";
 const CF_AUDIT_NODES: &str = "audit_nodes";
 const CF_AUDIT_HEADS: &str = "audit_heads";
 const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
+pub(super) const CF_SUBSCRIPTIONS: &str = "subscriptions";
+pub(super) const CF_FOLLOWERS: &str = "followers";
+pub(super) const CF_EVENTS: &str = "events";
+pub(super) const CF_EVENT_COUNTERS: &str = "event_counters";
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
 /// The newest signed head again, apart from the heads' family: cutting the log's end
@@ -194,7 +199,10 @@ fn sortable(v: i64) -> [u8; 8] {
 
 /// The open database.
 pub struct Db {
-    db: DB,
+    pub(super) db: DB,
+    /// Held while a pointer group is written and while a subscription is: see
+    /// `events.rs`.
+    follow: std::sync::Mutex<FollowState>,
 }
 
 impl Db {
@@ -252,10 +260,18 @@ impl Db {
             ColumnFamilyDescriptor::new(CF_AUDIT_NODES, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_AUDIT_HEADS, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_AUDIT_BY_PATIENT, cf(Some(PSEUDONYM_LEN), false)),
+            ColumnFamilyDescriptor::new(CF_SUBSCRIPTIONS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_FOLLOWERS, cf(None, true)),
+            ColumnFamilyDescriptor::new(CF_EVENTS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_EVENT_COUNTERS, cf(None, false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
-        let store = Self { db };
+        let store = Self {
+            db,
+            follow: Default::default(),
+        };
         store.check_format()?;
+        store.follow_state().any = store.any_followers()?;
         Ok(store)
     }
 
@@ -281,7 +297,18 @@ impl Db {
         }
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    pub(super) fn follow_state(&self) -> std::sync::MutexGuard<'_, FollowState> {
+        self.follow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn write_synced(&self, batch: WriteBatch) -> Result<(), DbError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    pub(super) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
@@ -427,7 +454,7 @@ impl Db {
                         }
                     }
                 }
-                Change::Delete { key, previous } => {
+                Change::Delete { key, previous, .. } => {
                     entries.push(Entry::new(POINTERS, &key.encode(), None));
                     entries.push(Entry::new(BY_ORG, &by_org(key), None));
                     if let Some(at) = previous.effective_expiry() {
@@ -446,10 +473,17 @@ impl Db {
                 None => batch.delete_cf(cf, entry.key()),
             }
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        // The group's events, in the same batch: see `events.rs`.
+        let mut follow = self.follow_state();
+        let now = crate::store::now_nanos();
+        let counters = self.add_events(&follow, changes, now, &mut batch)?;
+        let written = self.write_synced(batch);
+        match &written {
+            Ok(()) => follow.counters.extend(counters),
+            // What the failed batch would have advanced is read again.
+            Err(_) => follow.counters.clear(),
+        }
+        written
     }
 
     /// Flushes memtables to SST files, e.g. before a backup or in tests that inspect
@@ -466,10 +500,32 @@ impl Db {
             CF_AUDIT_NODES,
             CF_AUDIT_HEADS,
             CF_AUDIT_BY_PATIENT,
+            CF_SUBSCRIPTIONS,
+            CF_FOLLOWERS,
+            CF_EVENTS,
+            CF_EVENT_COUNTERS,
         ] {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
+    }
+
+    /// Entries of `cf` from `from` while their keys start with `prefix`.
+    pub(super) fn prefix_iter<'a>(
+        &'a self,
+        cf: &'static str,
+        prefix: &[u8],
+        from: &[u8],
+    ) -> impl Iterator<Item = Result<KeyValue, DbError>> + 'a {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(upper_bound(prefix));
+        self.db
+            .iterator_cf_opt(
+                self.cf(cf),
+                opts,
+                IteratorMode::From(from, rocksdb::Direction::Forward),
+            )
+            .map(|r| r.map_err(read_error))
     }
 
     fn prefix_scan<'a>(
@@ -500,7 +556,7 @@ impl Db {
 }
 
 /// A raw key and value from an iterator.
-type KeyValue = (Box<[u8]>, Box<[u8]>);
+pub(super) type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 impl Db {
     fn put_synced(&self, cf: &str, key: &[u8], value: Option<Vec<u8>>) -> Result<(), DbError> {
@@ -824,7 +880,7 @@ fn decode(v: &[u8]) -> Result<StoredPointer, DbError> {
     StoredPointer::decode(v).map_err(|e| corrupt(CF_POINTERS, &e.to_string()))
 }
 
-fn corrupt(cf: &'static str, detail: &str) -> DbError {
+pub(super) fn corrupt(cf: &'static str, detail: &str) -> DbError {
     DbError::Corrupt {
         cf,
         detail: detail.to_string(),
@@ -1001,6 +1057,7 @@ mod tests {
             .write(&[Change::Delete {
                 key: c,
                 previous: value(Some(20)).into(),
+                lapsed: false,
             }])
             .unwrap();
         assert_eq!(store.expired(25, 10).unwrap(), []);

@@ -6,6 +6,7 @@
 
 mod audit;
 mod db;
+mod events;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -15,6 +16,7 @@ use db::{Db, DbError, Tier};
 use super::{
     AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
     PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    events::{EventPage, StoredSubscription, SubscriptionId},
     tree::{self, TreeReader},
 };
 use crate::patient_keys::Pseudonym;
@@ -287,6 +289,45 @@ impl Store for RocksStore {
         patients: Vec<(u64, Pseudonym)>,
     ) -> Result<(), StoreError> {
         self.blocking(move |db| Ok(db.audit_drop_contents(upto, &patients)?))
+            .await
+    }
+
+    async fn put_subscription(
+        &self,
+        id: SubscriptionId,
+        subscription: StoredSubscription,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db| Ok(db.put_subscription(&id, &subscription)?))
+            .await
+    }
+
+    async fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<Option<StoredSubscription>, StoreError> {
+        self.blocking(move |db| Ok(db.subscription(&id)?)).await
+    }
+
+    async fn subscriptions_of(
+        &self,
+        owner: String,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        self.blocking(move |db| Ok(db.subscriptions_of(&owner)?))
+            .await
+    }
+
+    async fn events(
+        &self,
+        id: SubscriptionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        self.blocking(move |db| Ok(db.events(&id, after, limit)?))
+            .await
+    }
+
+    async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        self.blocking(move |db| Ok(db.drop_events(before, limit)?))
             .await
     }
 
