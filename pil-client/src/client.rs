@@ -5,8 +5,8 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use pil_proto::v1::{
     self, admin_service_client::AdminServiceClient, audit_service_client::AuditServiceClient,
-    lookup_service_client::LookupServiceClient, policy_service_client::PolicyServiceClient,
-    registry_service_client::RegistryServiceClient,
+    event_service_client::EventServiceClient, lookup_service_client::LookupServiceClient,
+    policy_service_client::PolicyServiceClient, registry_service_client::RegistryServiceClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -22,6 +22,7 @@ pub struct PilClient {
     admin: AdminServiceClient<Channel>,
     policy: PolicyServiceClient<Channel>,
     audit: AuditServiceClient<Channel>,
+    events: EventServiceClient<Channel>,
     channel: Channel,
     /// `https://host:port` as called, for DPoP proofs' `htu`.
     address: String,
@@ -88,6 +89,7 @@ impl PilClient {
             admin: AdminServiceClient::new(channel.clone()),
             policy: PolicyServiceClient::new(channel.clone()),
             audit: AuditServiceClient::new(channel.clone()).max_decoding_message_size(max),
+            events: EventServiceClient::new(channel.clone()).max_decoding_message_size(max),
             channel,
             address: address.trim_end_matches('/').to_string(),
             credentials: std::sync::Arc::new(Credentials::None),
@@ -120,6 +122,101 @@ impl PilClient {
     ) -> Result<v1::ExplainResponse, ClientError> {
         let req = self.authorized(req, "/pil.v1.PolicyService/Explain")?;
         Ok(self.policy.clone().explain(req).await?.into_inner())
+    }
+
+    /// Follows patients' pointer changes.
+    pub async fn subscribe(
+        &self,
+        req: v1::SubscribeRequest,
+    ) -> Result<v1::SubscribeResponse, ClientError> {
+        let req = self.authorized(req, "/pil.v1.EventService/Subscribe")?;
+        Ok(self.events.clone().subscribe(req).await?.into_inner())
+    }
+
+    /// The organization's subscriptions.
+    pub async fn subscriptions(&self) -> Result<Vec<v1::Subscription>, ClientError> {
+        let req = self.authorized(
+            v1::ListSubscriptionsRequest {},
+            "/pil.v1.EventService/ListSubscriptions",
+        )?;
+        Ok(self
+            .events
+            .clone()
+            .list_subscriptions(req)
+            .await?
+            .into_inner()
+            .subscriptions)
+    }
+
+    /// Extends a subscription from now (`days` 0: as long as the node allows).
+    pub async fn renew_subscription(
+        &self,
+        id: &str,
+        days: u32,
+    ) -> Result<v1::Subscription, ClientError> {
+        let req = self.authorized(
+            v1::RenewSubscriptionRequest {
+                id: id.to_string(),
+                days,
+            },
+            "/pil.v1.EventService/RenewSubscription",
+        )?;
+        Ok(self
+            .events
+            .clone()
+            .renew_subscription(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Ends a subscription.
+    pub async fn end_subscription(&self, id: &str) -> Result<v1::Subscription, ClientError> {
+        let req = self.authorized(
+            v1::EndSubscriptionRequest { id: id.to_string() },
+            "/pil.v1.EventService/EndSubscription",
+        )?;
+        Ok(self
+            .events
+            .clone()
+            .end_subscription(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Up to `max` events of subscription `id` after number `after`.
+    pub async fn pull_events(
+        &self,
+        id: &str,
+        after: u64,
+        max: u32,
+    ) -> Result<v1::PullEventsResponse, ClientError> {
+        let req = self.authorized(
+            v1::PullEventsRequest {
+                subscription_id: id.to_string(),
+                after,
+                max_events: max,
+            },
+            "/pil.v1.EventService/PullEvents",
+        )?;
+        Ok(self.events.clone().pull_events(req).await?.into_inner())
+    }
+
+    /// The events of subscription `id` after number `after`, then each new one.
+    pub async fn stream_events(
+        &self,
+        id: &str,
+        after: u64,
+        heartbeat_seconds: u32,
+    ) -> Result<tonic::Streaming<v1::StreamEventsResponse>, ClientError> {
+        let req = self.authorized(
+            v1::StreamEventsRequest {
+                subscription_id: id.to_string(),
+                after,
+                heartbeat_seconds,
+            },
+            "/pil.v1.EventService/StreamEvents",
+        )?;
+        Ok(self.events.clone().stream_events(req).await?.into_inner())
     }
 
     /// The admin API (operator role required).

@@ -254,14 +254,37 @@ impl Requester {
 
     /// Which holders' pointers the patient's `blocks` shut this requester out of.
     pub fn shut_out(&self, blocks: &[StoredBlock]) -> ShutOut {
+        let t = &self.token;
+        Blocked {
+            organization: &t.org_number,
+            child_organization: t.child_org_number.as_deref(),
+            hpr_number: t.hpr_number.as_deref(),
+            profession: t.profession.as_deref(),
+        }
+        .shut_out(blocks)
+    }
+}
+
+/// Who a block may name: the requester's organization, point of care, HPR number and
+/// profession, from a token now or as a subscription remembers it.
+pub struct Blocked<'a> {
+    pub organization: &'a str,
+    pub child_organization: Option<&'a str>,
+    pub hpr_number: Option<&'a str>,
+    pub profession: Option<&'a str>,
+}
+
+impl Blocked<'_> {
+    /// Which holders' pointers the patient's `blocks` shut this requester out of.
+    pub fn shut_out(&self, blocks: &[StoredBlock]) -> ShutOut {
         let mut shut = ShutOut::default();
         for b in blocks {
             let hits = match b.target_kind {
-                BLOCK_HPR => self.token.hpr_number.as_deref() == Some(b.target.as_str()),
-                BLOCK_PROFESSION => self.token.profession.as_deref() == Some(b.target.as_str()),
+                BLOCK_HPR => self.hpr_number == Some(b.target.as_str()),
+                BLOCK_PROFESSION => self.profession == Some(b.target.as_str()),
                 BLOCK_ORGANIZATION => {
-                    self.token.org_number == b.target
-                        || self.token.child_org_number.as_deref() == Some(b.target.as_str())
+                    self.organization == b.target
+                        || self.child_organization == Some(b.target.as_str())
                 }
                 _ => false,
             };

@@ -32,6 +32,9 @@ pub enum Error {
     /// Asked beyond what exists (a proof outside the log).
     #[error("{0}")]
     OutOfRange(String),
+    /// What was asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// The node failed; the caller is told to see its log, which has the source.
     #[error("the node could not complete the request; see its log")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -69,6 +72,10 @@ impl Error {
         Self::OutOfRange(message.into())
     }
 
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(message.into())
+    }
+
     pub fn internal(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Internal(Box::new(source))
     }
@@ -83,6 +90,7 @@ impl Error {
             Error::Unavailable(_) => "PIL-UNAVAILABLE",
             Error::Precondition(_) => "PIL-PRECONDITION",
             Error::OutOfRange(_) => "PIL-OUT-OF-RANGE",
+            Error::NotFound(_) => "PIL-NOT-FOUND",
             Error::Internal(_) => "PIL-INTERNAL",
             Error::Wire(_) => "PIL-TRANSPORT",
         }
@@ -109,6 +117,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Precondition(_) => Code::FailedPrecondition,
             Error::OutOfRange(_) => Code::OutOfRange,
+            Error::NotFound(_) => Code::NotFound,
             Error::Internal(_) => Code::Internal,
             Error::Wire(s) => s.code(),
         }

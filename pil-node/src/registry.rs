@@ -16,8 +16,8 @@ use crate::{
     patient_keys::{KeyError, PatientKeys, Pseudonym},
     pointer::{EndpointRef, NewPointer},
     store::{
-        IDENT_LEN, ORG_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock, StoredOptOut,
-        StoredPointer,
+        EventPage, IDENT_LEN, ORG_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock,
+        StoredOptOut, StoredPointer, StoredSubscription, SubscriptionId,
     },
 };
 
@@ -99,6 +99,8 @@ struct Inner {
     keys: PatientKeys,
     region: String,
     lifetime: PointerLifetime,
+    /// Woken after every write, for event streams waiting for new events.
+    written: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -109,6 +111,7 @@ impl Registry {
                 keys,
                 region: region.into(),
                 lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
+                written: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -177,7 +180,7 @@ impl Registry {
             Op::Upsert { key, .. } => *key,
             _ => unreachable!("prepare makes upserts"),
         };
-        let result = self.inner.store.apply(vec![op]).await?.pop();
+        let result = self.apply(vec![op]).await?.pop();
         let (outcome, stored) = match result {
             Some(OpResult::Inserted(s)) => (Outcome::Inserted, s),
             Some(OpResult::Updated(s)) => (Outcome::Updated, s),
@@ -205,13 +208,107 @@ impl Registry {
         endpoint: &EndpointRef,
     ) -> Result<bool, RegistryError> {
         let key = self.key_for(&self.pseudonym(patient), endpoint);
-        let result = self.inner.store.apply(vec![Op::Delete { key }]).await?;
+        let result = self.apply(vec![Op::Delete { key }]).await?;
         Ok(matches!(result.first(), Some(OpResult::Deleted)))
     }
 
     /// Applies prepared operations atomically (one durable write).
     pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, RegistryError> {
-        Ok(self.inner.store.apply(ops).await?)
+        let results = self.inner.store.apply(ops).await?;
+        self.inner.written.notify_waiters();
+        Ok(results)
+    }
+
+    /// Resolves after the next write through this node (writes through other nodes of
+    /// a region on one database are not seen: event streams also poll).
+    pub async fn next_write(&self) {
+        self.inner.written.notified().await
+    }
+
+    /// The patient's pseudonym and sealed identifier, as a subscription keeps them.
+    pub fn seal(&self, patient: &PatientId) -> (Pseudonym, Vec<u8>) {
+        let pseudonym = self.pseudonym(patient);
+        (pseudonym, self.inner.keys.seal(patient, &pseudonym))
+    }
+
+    /// A sealed identifier's FHIR system and value.
+    pub fn open_sealed(
+        &self,
+        sealed: &[u8],
+        pseudonym: &Pseudonym,
+    ) -> Result<(String, String), RegistryError> {
+        Ok(self.inner.keys.open(sealed, pseudonym)?)
+    }
+
+    /// A stored pointer of `patient` as the registry shows it.
+    pub fn pointer_of(
+        &self,
+        key: PointerKey,
+        value: StoredPointer,
+        patient: (String, String),
+    ) -> Pointer {
+        self.pointer(key, value, patient)
+    }
+
+    /// The patient's opt-out and blocks, by pseudonym.
+    pub async fn protections_of(
+        &self,
+        pseudonym: Pseudonym,
+    ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
+        let store = &self.inner.store;
+        let opt_out = store.opt_out(pseudonym).await?;
+        let blocks = store
+            .blocks(pseudonym)
+            .await?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        Ok((opt_out, blocks))
+    }
+
+    pub async fn put_subscription(
+        &self,
+        id: SubscriptionId,
+        subscription: StoredSubscription,
+    ) -> Result<(), RegistryError> {
+        Ok(self.inner.store.put_subscription(id, subscription).await?)
+    }
+
+    pub async fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<Option<StoredSubscription>, RegistryError> {
+        Ok(self.inner.store.subscription(id).await?)
+    }
+
+    pub async fn subscriptions_of(
+        &self,
+        owner: &str,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, RegistryError> {
+        Ok(self.inner.store.subscriptions_of(owner.to_string()).await?)
+    }
+
+    pub async fn events(
+        &self,
+        id: SubscriptionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, RegistryError> {
+        Ok(self.inner.store.events(id, after, limit).await?)
+    }
+
+    /// Drops events older than `days`; returns how many.
+    pub async fn drop_events_older_than(&self, days: u32) -> Result<usize, RegistryError> {
+        const PAGE: usize = 10_000;
+        let before = now_nanos() - i64::from(days) * NANOS_PER_DAY;
+        let mut dropped = 0;
+        loop {
+            let n = self.inner.store.drop_events(before, PAGE).await?;
+            dropped += n;
+            if n < PAGE {
+                return Ok(dropped);
+            }
+        }
     }
 
     /// What a lookup reads about one patient: the opt-out, and unless there is one,
@@ -416,16 +513,7 @@ impl Registry {
         &self,
         patient: &PatientId,
     ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
-        let pseudonym = self.pseudonym(patient);
-        let store = &self.inner.store;
-        let opt_out = store.opt_out(pseudonym).await?;
-        let blocks = store
-            .blocks(pseudonym)
-            .await?
-            .into_iter()
-            .map(|(_, b)| b)
-            .collect();
-        Ok((opt_out, blocks))
+        self.protections_of(self.pseudonym(patient)).await
     }
 
     fn pointer(&self, key: PointerKey, value: StoredPointer, patient: (String, String)) -> Pointer {

@@ -177,7 +177,11 @@ fn event_kind(action: Action) -> EventKind {
     let dicom = |code: &str, display: &str| coding(DCM, code, display);
     let patient_record = || dicom("110110", "Patient Record");
     let (event_type, subtype, action_code, query) = match action {
-        Action::Lookup | Action::FederatedLookup | Action::Explain => (
+        Action::Lookup
+        | Action::FederatedLookup
+        | Action::Explain
+        | Action::Subscribe
+        | Action::EventDelivery => (
             coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation"),
             None,
             "E",
@@ -197,7 +201,7 @@ fn event_kind(action: Action) -> EventKind {
             false,
         ),
         Action::AuditAccess => (dicom("110101", "Audit Log Used"), None, "R", false),
-        Action::PeersList | Action::PeerPing | Action::Refused => {
+        Action::PeersList | Action::PeerPing | Action::Refused | Action::SubscriptionManage => {
             (dicom("110100", "Application Activity"), None, "E", false)
         }
     };
@@ -406,6 +410,7 @@ fn entities(record: &AuditRecord, query: bool) -> Vec<Value> {
         record.action,
         Action::Lookup
             | Action::FederatedLookup
+            | Action::EventDelivery
             | Action::PointerUpsert
             | Action::PointerDelete
             | Action::PointerSync
@@ -1008,6 +1013,9 @@ mod tests {
             Action::OptOutGet,
             Action::PolicyReload,
             Action::AuditAccess,
+            Action::Subscribe,
+            Action::EventDelivery,
+            Action::SubscriptionManage,
             Action::PeersList,
             Action::PeerPing,
             Action::Refused,

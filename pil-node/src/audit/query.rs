@@ -22,7 +22,8 @@ pub struct Filter {
     pub to: Option<String>,
     pub actions: Vec<String>,
     pub emergency_only: bool,
-    /// Only lookups (patient reports).
+    /// Only what showed someone the patient's pointers: lookups, subscriptions and
+    /// delivered events (patient reports).
     pub lookups_only: bool,
 }
 
@@ -60,7 +61,14 @@ impl Filter {
                 .is_none_or(|t| r.time.as_str() < t.as_str())
             && (self.actions.is_empty() || self.actions.iter().any(|a| action_name(r.action) == *a))
             && (!self.emergency_only || r.decision.emergency)
-            && (!self.lookups_only || matches!(r.action, Action::Lookup | Action::FederatedLookup))
+            && (!self.lookups_only
+                || matches!(
+                    r.action,
+                    Action::Lookup
+                        | Action::FederatedLookup
+                        | Action::Subscribe
+                        | Action::EventDelivery
+                ))
     }
 }
 

@@ -33,6 +33,13 @@ pub enum Action {
     AuditAccess,
     /// A peer node's check that this node is reachable and accepts it.
     PeerPing,
+    /// `EventService.Subscribe` (one record per followed patient, and one for the
+    /// request) and `RenewSubscription`: an organization follows a patient.
+    Subscribe,
+    /// Events of a subscription delivered (one record per patient per delivery).
+    EventDelivery,
+    /// A subscription listed or ended by its owner.
+    SubscriptionManage,
     /// A request refused before any service handled it: not valid protobuf, over the
     /// message size limit, or for a method this node does not have. `detail` names
     /// the method.

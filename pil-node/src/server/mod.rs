@@ -8,8 +8,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use pil_proto::v1::{
     admin_service_server::AdminServiceServer, audit_service_server::AuditServiceServer,
-    federation_service_server::FederationServiceServer, lookup_service_server::LookupServiceServer,
-    policy_service_server::PolicyServiceServer, registry_service_server::RegistryServiceServer,
+    event_service_server::EventServiceServer, federation_service_server::FederationServiceServer,
+    lookup_service_server::LookupServiceServer, policy_service_server::PolicyServiceServer,
+    registry_service_server::RegistryServiceServer,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -211,6 +212,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let federation_svc = FederationServiceServer::new(service.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let event_svc = EventServiceServer::new(service.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let audit_svc = AuditServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -234,7 +238,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         cut_rx,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let purge = tokio::spawn(purge_loop(registry.clone(), config.clone()));
+    let purge = tokio::spawn(purge_loop(registry.clone(), access.clone(), config.clone()));
     let heads = tokio::spawn(head_loop(audit.clone(), config.clone()));
     let retention = tokio::spawn(retention_loop(
         audit.clone(),
@@ -260,6 +264,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(admin_svc)
         .add_service(policy_svc)
         .add_service(audit_svc)
+        .add_service(event_svc)
         .add_service(federation_svc);
     tracing::info!(region = %config.region, %addr, test_data = config.test_data, "node serving");
 
@@ -359,7 +364,8 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
     }
 }
 
-async fn purge_loop(registry: Registry, config: Arc<NodeConfig>) {
+/// Purges lapsed pointers, and change events past their retention.
+async fn purge_loop(registry: Registry, access: Arc<Access>, config: Arc<NodeConfig>) {
     let mut tick = tokio::time::interval(config.limits.purge_interval());
     // The first purge comes one interval after start, not during it.
     tick.tick().await;
@@ -369,6 +375,12 @@ async fn purge_loop(registry: Registry, config: Arc<NodeConfig>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired pointers purged"),
             Err(e) => tracing::warn!(error = %e, "purge of expired pointers failed"),
+        }
+        let days = access.legal().settings().subscriptions.events_days;
+        match registry.drop_events_older_than(days).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "change events past retention dropped"),
+            Err(e) => tracing::warn!(error = %e, "dropping old change events failed"),
         }
     }
 }

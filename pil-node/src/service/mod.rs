@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod admin;
 mod audit;
 mod convert;
+mod events;
 mod explain;
 mod federation;
 mod lookup;

@@ -5,6 +5,7 @@ mod access;
 mod audit;
 mod cli;
 mod durability;
+mod events;
 mod federation;
 mod high_availability;
 mod privacy;
