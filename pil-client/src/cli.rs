@@ -144,6 +144,17 @@ enum Command {
     /// The node's federation peers: address, identity, reachability (checked now),
     /// latency, circuit state and last error. Needs the operator role.
     Peers,
+    /// Follow patients: learn of every new, changed or removed pointer without
+    /// looking them up again (prints the subscription's id).
+    Follow(crate::events_cli::FollowArgs),
+    /// The organization's subscriptions: list, renew, end.
+    Subscriptions {
+        #[command(subcommand)]
+        command: crate::events_cli::SubscriptionsCommand,
+    },
+    /// A subscription's events, after a number; `--follow` keeps printing them as
+    /// they come. `--json`: one CloudEvents object per line.
+    Events(crate::events_cli::EventsArgs),
     /// The node's audit log: search, export, verify, proofs, patient reports
     /// (auditor role).
     Audit {
@@ -400,6 +411,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Block { command } => block(&client, command, json).await?,
         Command::OptOut { command } => opt_out(&client, command, json).await?,
         Command::Peers => crate::peers_cli::show(&client, json).await?,
+        Command::Follow(args) => crate::events_cli::follow(&client, args, json).await?,
+        Command::Subscriptions { command } => {
+            crate::events_cli::subscriptions(&client, command, json).await?
+        }
+        Command::Events(args) => crate::events_cli::events(&client, args, json).await?,
         Command::Audit { command } => {
             let globals = crate::audit_cli::Globals {
                 json,

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod credentials;
 pub mod error;
+pub mod events_cli;
 pub mod peers_cli;
 pub mod profile;
 pub mod records;

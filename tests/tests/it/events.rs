@@ -399,3 +399,66 @@ async fn events_of_acknowledged_writes_survive_kill_9() {
     assert_eq!(numbers, (1..=50).collect::<Vec<_>>());
     node.terminate();
 }
+
+/// The command line: `pil follow` prints the subscription, `pil --json events` one
+/// CloudEvents object per line, and `pil subscriptions end` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_follows_and_prints_events_as_cloudevents() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let p = patient_id(500);
+    let profile = world.profile(GP, node.addr());
+    let file = world.path().join("followed.txt");
+    std::fs::write(&file, format!("# ward 3\n{}\n", p.value)).unwrap();
+    let out = crate::pil(
+        &profile,
+        &[
+            "--json",
+            "follow",
+            "--patients-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = made["subscription"]["id"].as_str().unwrap().to_string();
+    assert_eq!(made["subscription"]["patients"][0], p.value.as_str());
+
+    let hospital = world.client(ORG_A, node.addr()).await;
+    for n in 1..=2 {
+        hospital
+            .upsert(pointer(&p, ORG_A, n, &["medications"]))
+            .await
+            .unwrap();
+    }
+    let out = crate::pil(&profile, &["--json", "events", &id, "--after", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, e) in lines.iter().enumerate() {
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["type"], "no.pil.pointer.appeared");
+        assert_eq!(e["sequence"], (i + 1).to_string());
+        assert_eq!(e["id"], format!("{id}-{}", i + 1));
+        assert_eq!(e["data"]["patient"]["value"], p.value.as_str());
+        assert_eq!(e["data"]["pointer"]["holder"]["organization_number"], ORG_A);
+    }
+    let out = crate::pil(&profile, &["events", &id, "--after", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.lines().count() == 1, "{text}");
+
+    let out = crate::pil(&profile, &["--json", "subscriptions", "end", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let ended: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ended[0]["ended"], true);
+    let out = crate::pil(&profile, &["follow"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--patients-file"),
+        "{out:?}"
+    );
+    node.stop().await;
+}
