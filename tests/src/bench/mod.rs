@@ -3,6 +3,7 @@
 //! (a trivial gRPC service and PostgreSQL) measured in the same run.
 
 pub mod data;
+pub mod events;
 pub mod floor;
 pub mod load;
 pub mod node;

@@ -106,6 +106,10 @@ pub struct Results {
     /// Its loading sync.
     #[serde(default)]
     pub pg_engine_sync: Vec<SyncResult>,
+    /// Change events: sync with a tenth of the patients followed, delivery latency,
+    /// a consumer's pull rate.
+    #[serde(default)]
+    pub events: Option<super::events::EventsResult>,
 }
 
 /// What one synced pointer costs at each stage, measured on its own in one process
@@ -358,6 +362,16 @@ impl Results {
                 .unwrap_or_default(),
             growth.map(|(r, ..)| r <= 1.5),
         ));
+        if let Some(e) = &self.events
+            && e.sync_unfollowed_per_s > 0.0
+        {
+            let r = e.sync_followed_per_s / e.sync_unfollowed_per_s;
+            t.push((
+                "bulk sync with a tenth of the patients followed ≥ 90 % of none followed".into(),
+                format!("{:.0} %", r * 100.0),
+                Some(r >= 0.9),
+            ));
+        }
         let bpp = self.bytes_per_pointer();
         t.push((
             "under 200 bytes of disk per pointer".into(),
@@ -582,6 +596,63 @@ impl Results {
         }
         if !self.pg_engine.is_empty() || !self.pg_engine_sync.is_empty() {
             self.engines_markdown(&mut s);
+        }
+        if let Some(e) = &self.events {
+            let _ = writeln!(s, "\n### Change events\n");
+            let _ = writeln!(
+                s,
+                "Two nodes loaded with the same data through the same sync: one where \
+                 nobody follows anyone, one where {} patients (a tenth) are followed in {} \
+                 subscriptions made before the load, so every pointer of theirs makes an \
+                 event in the load's writes.\n",
+                count(e.patients_followed as f64),
+                e.subscriptions
+            );
+            let _ = writeln!(s, "| measure | value |\n|---|---:|");
+            let ratio = if e.sync_unfollowed_per_s > 0.0 {
+                format!(
+                    "{:.1} %",
+                    100.0 * (e.sync_followed_per_s / e.sync_unfollowed_per_s - 1.0)
+                )
+            } else {
+                "–".into()
+            };
+            for (name, value) in [
+                (
+                    "loading sync, nobody followed, pointers/s".to_string(),
+                    count(e.sync_unfollowed_per_s),
+                ),
+                (
+                    "loading sync, a tenth followed, pointers/s".to_string(),
+                    count(e.sync_followed_per_s),
+                ),
+                ("followed against nobody followed".to_string(), ratio),
+                (
+                    "node CPU µs per pointer, nobody / a tenth followed".to_string(),
+                    format!(
+                        "{} / {}",
+                        opt_us(e.sync_unfollowed_cpu_us),
+                        opt_us(e.sync_followed_cpu_us)
+                    ),
+                ),
+                (
+                    "events the load made".to_string(),
+                    count(e.events_made as f64),
+                ),
+                (
+                    "events/s pulled by one consumer (1 000 per call)".to_string(),
+                    count(e.pull_events_per_s),
+                ),
+                (
+                    format!(
+                        "write acknowledged → event at a streaming subscriber, p50 / p99 ms ({} writes)",
+                        e.latency_samples
+                    ),
+                    format!("{} / {}", ms(e.latency_p50_ms), ms(e.latency_p99_ms)),
+                ),
+            ] {
+                let _ = writeln!(s, "| {name} | {value} |");
+            }
         }
         if !self.sync.is_empty() {
             let _ = writeln!(s, "\n### Bulk sync\n");

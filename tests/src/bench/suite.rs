@@ -506,6 +506,32 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
     }
     let _ = std::fs::remove_dir_all(&main_dir);
 
+    if plan.wants("events") {
+        let r = super::events::run(
+            &world,
+            &bin,
+            &data,
+            &world.path().join("events"),
+            &plan.node_log_filter,
+            plan.sync_streams,
+            plan.sync_batch,
+            if plan.quick { 20 } else { 500 },
+        )
+        .await?;
+        say(format!(
+            "events: sync {:.0}/s unfollowed, {:.0}/s a tenth followed; {} events pulled at \
+             {:.0}/s; write → event p50 {:.2} ms p99 {:.2} ms",
+            r.sync_unfollowed_per_s,
+            r.sync_followed_per_s,
+            r.events_made,
+            r.pull_events_per_s,
+            r.latency_p50_ms,
+            r.latency_p99_ms
+        ));
+        results.events = Some(r);
+        save(&results);
+    }
+
     if plan.wants("federated") {
         federated(plan, &world, &data, &bin, &mut results).await?;
         save(&results);
