@@ -100,7 +100,7 @@ struct Inner {
     region: String,
     lifetime: PointerLifetime,
     /// Woken after every write, for event streams waiting for new events.
-    written: tokio::sync::Notify,
+    written: Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
@@ -111,7 +111,7 @@ impl Registry {
                 keys,
                 region: region.into(),
                 lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
-                written: tokio::sync::Notify::new(),
+                written: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -219,10 +219,10 @@ impl Registry {
         Ok(results)
     }
 
-    /// Resolves after the next write through this node (writes through other nodes of
-    /// a region on one database are not seen: event streams also poll).
-    pub async fn next_write(&self) {
-        self.inner.written.notified().await
+    /// Notified after every write through this node (writes through other nodes of a
+    /// region on one database are not seen: event streams also poll).
+    pub fn writes(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.written.clone()
     }
 
     /// The patient's pseudonym and sealed identifier, as a subscription keeps them.

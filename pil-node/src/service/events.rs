@@ -102,6 +102,16 @@ impl NodeService {
         }
     }
 
+    /// The number of the subscription's newest event.
+    async fn last_event(&self, id: SubscriptionId) -> Result<u64, Error> {
+        Ok(self
+            .registry
+            .events(id, u64::MAX, 0)
+            .await
+            .map_err(internal)?
+            .last)
+    }
+
     /// The subscription as its owner sees it.
     fn view(&self, id: SubscriptionId, s: &StoredSubscription, last: u64) -> v1::Subscription {
         let patients = s
@@ -315,13 +325,11 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} renewed", req.id));
-        let last = self
-            .registry
-            .events(id, u64::MAX, 0)
-            .await
-            .map_err(internal)?
-            .last;
-        Ok(Response::new(self.view(id, &sub, last)))
+        Ok(Response::new(self.view(
+            id,
+            &sub,
+            self.last_event(id).await?,
+        )))
     }
 
     async fn end_inner(
@@ -342,13 +350,11 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} ended", req.id));
-        let last = self
-            .registry
-            .events(id, u64::MAX, 0)
-            .await
-            .map_err(internal)?
-            .last;
-        Ok(Response::new(self.view(id, &sub, last)))
+        Ok(Response::new(self.view(
+            id,
+            &sub,
+            self.last_event(id).await?,
+        )))
     }
 
     async fn list_inner(
@@ -367,13 +373,7 @@ impl NodeService {
             .await
             .map_err(internal)?
         {
-            let last = self
-                .registry
-                .events(id, u64::MAX, 0)
-                .await
-                .map_err(internal)?
-                .last;
-            subscriptions.push(self.view(id, &sub, last));
+            subscriptions.push(self.view(id, &sub, self.last_event(id).await?));
         }
         entry.detail = Some(format!("{} subscriptions listed", subscriptions.len()));
         Ok(Response::new(v1::ListSubscriptionsResponse {
@@ -602,7 +602,13 @@ impl NodeService {
         tokio::spawn(async move {
             let mut after = req.after;
             let mut quiet_since = tokio::time::Instant::now();
+            let writes = service.registry.writes();
             loop {
+                // Enabled before reading, so a write while the events are read and sent
+                // is not missed.
+                let written = writes.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
                 let delivered = match service.owned(id, &owner).await {
                     Ok(_) => service.deliver(&record, id, after, DEFAULT_PAGE).await,
                     Err(e) => Err(e),
@@ -643,7 +649,7 @@ impl NodeService {
                     quiet_since = tokio::time::Instant::now();
                 }
                 tokio::select! {
-                    _ = service.registry.next_write() => {}
+                    _ = &mut written => {}
                     _ = tokio::time::sleep(STREAM_POLL) => {}
                     _ = tx.closed() => return,
                 }

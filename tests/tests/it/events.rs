@@ -462,3 +462,87 @@ async fn the_command_line_follows_and_prints_events_as_cloudevents() {
     );
     node.stop().await;
 }
+
+/// Events are kept for `events_days`: once older events are dropped, a consumer whose
+/// position is before them is told from where it can resume (and to resynchronize with
+/// a lookup), and resuming there gets the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_older_than_retention_says_where_to_resume() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let p = patient_id(600);
+    let gp = world.client(GP, node.addr()).await;
+    let sub = subscribe(&gp, &[&p]).await;
+    let hospital = world.client(ORG_A, node.addr()).await;
+    for n in 1..=3 {
+        hospital
+            .upsert(pointer(&p, ORG_A, n, &["medications"]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        gp.pull_events(&sub.id, 0, 10).await.unwrap().events.len(),
+        3
+    );
+    drop((gp, hospital));
+    node.stop().await;
+
+    // Years pass for the first two events: their write time is moved to the epoch.
+    let config = world.config(true);
+    if on_postgres() {
+        let url = config.storage.postgres.clone().expect("on PostgreSQL").url;
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let aged = client
+            .execute("UPDATE events SET at = 1 WHERE seq <= 2", &[])
+            .await
+            .unwrap();
+        assert_eq!(aged, 2);
+    } else {
+        use prost::Message;
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, &config.data_dir).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, &config.data_dir, &cfs).unwrap();
+        let cf = db.cf_handle("events").unwrap();
+        let events: Vec<_> = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(events.len(), 3);
+        for (k, v) in &events[..2] {
+            let mut e = pil_node::store::StoredEvent::decode(&**v).unwrap();
+            e.at = 1;
+            db.put_cf(cf, k, e.encode_to_vec()).unwrap();
+        }
+    }
+
+    // The purge drops them within its interval (a second here).
+    let node = TestNode::start(config).await;
+    let gp = world.client(GP, node.addr()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match gp.pull_events(&sub.id, 0, 10).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "old events never dropped"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(code(&refused), tonic::Code::OutOfRange, "{refused}");
+    assert!(
+        refused.to_string().contains("resume after event 2")
+            && refused
+                .to_string()
+                .contains("look the subscription's patients up"),
+        "{refused}"
+    );
+    let rest = gp.pull_events(&sub.id, 2, 10).await.unwrap();
+    assert_eq!(kinds(&rest.events), [(3, v1::EventKind::PointerAppeared)]);
+    node.stop().await;
+}

@@ -25,6 +25,31 @@ fn on_database(url: &str, pool_size: usize, connect_timeout_secs: u64) -> Storag
     }
 }
 
+/// The region's whole log, read through one node; its indexes consecutive.
+async fn consecutive_log(auditor: &pil_client::PilClient) -> Vec<v1::LogEntry> {
+    let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
+        futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
+            e.expect("log entry")
+        }),
+    )
+    .await;
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
+    }
+    entries
+}
+
+/// The key the region's heads are signed with.
+fn region_key(world: &World) -> HeadVerifier {
+    let key = world
+        .path()
+        .join("regions")
+        .join(VEST)
+        .join("audit")
+        .join("public-key.pem");
+    HeadVerifier::load(key).unwrap()
+}
+
 /// Three nodes on one database, driven at once: every acknowledged write is seen by
 /// lookups at every node, concurrent writes of one pointer have exactly one
 /// insertion, a block set through one node applies at the others, and the audit
@@ -160,27 +185,13 @@ async fn three_nodes_of_one_region_share_one_database() {
     auditor.audit_tree_head(true).await.unwrap();
     // Heads first: the nodes go on signing while the log is read.
     let heads = auditor.audit_tree_heads().await.unwrap();
-    let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
-        futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
-            e.expect("log entry")
-        }),
-    )
-    .await;
+    let entries = consecutive_log(&auditor).await;
     assert!(
         entries.len() >= 3 * 40 + 60,
         "every request recorded: {}",
         entries.len()
     );
-    for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
-    }
-    let key = world
-        .path()
-        .join("regions")
-        .join(VEST)
-        .join("audit")
-        .join("public-key.pem");
-    let report = pil_client::verify_log(&entries, &heads, &HeadVerifier::load(key).unwrap());
+    let report = pil_client::verify_log(&entries, &heads, &region_key(&world));
     assert!(report.is_ok(), "{report:?}");
     // The head was signed before the auditor's own reads were recorded.
     assert!(
@@ -431,28 +442,14 @@ async fn a_database_failover_loses_no_acknowledged_write() {
     auditor.audit_tree_head(true).await.unwrap();
     let mut heads = heads_before.clone();
     heads.extend(auditor.audit_tree_heads().await.unwrap());
-    let entries: Vec<v1::LogEntry> = futures::StreamExt::collect::<Vec<_>>(
-        futures::StreamExt::map(auditor.audit_read_log(0).await.unwrap(), |e| {
-            e.expect("log entry")
-        }),
-    )
-    .await;
-    for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e.index, i as u64, "consecutive indexes, none twice");
-    }
+    let entries = consecutive_log(&auditor).await;
     let requests = acknowledged.len() as u64 + answered.load(Ordering::Relaxed);
     assert!(
         entries.len() as u64 >= requests,
         "{} records for {requests} acknowledged requests",
         entries.len()
     );
-    let key = world
-        .path()
-        .join("regions")
-        .join(VEST)
-        .join("audit")
-        .join("public-key.pem");
-    let report = pil_client::verify_log(&entries, &heads, &HeadVerifier::load(key).unwrap());
+    let report = pil_client::verify_log(&entries, &heads, &region_key(&world));
     assert!(report.is_ok(), "{report:?}");
     let newest_before = heads_before.iter().map(|h| h.size).max().unwrap();
     assert!(
