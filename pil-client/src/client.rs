@@ -166,7 +166,9 @@ impl PilClient {
             .clone()
             .renew_subscription(req)
             .await?
-            .into_inner())
+            .into_inner()
+            .subscription
+            .unwrap_or_default())
     }
 
     /// Ends a subscription.
@@ -180,7 +182,9 @@ impl PilClient {
             .clone()
             .end_subscription(req)
             .await?
-            .into_inner())
+            .into_inner()
+            .subscription
+            .unwrap_or_default())
     }
 
     /// Up to `max` events of subscription `id` after number `after`.

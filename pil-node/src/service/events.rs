@@ -291,7 +291,7 @@ impl NodeService {
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::RenewSubscriptionRequest>,
-    ) -> Result<Response<v1::Subscription>, Error> {
+    ) -> Result<Response<v1::RenewSubscriptionResponse>, Error> {
         let requester = self
             .requester_once(&req, "/pil.v1.EventService/RenewSubscription")
             .await?;
@@ -325,18 +325,16 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} renewed", req.id));
-        Ok(Response::new(self.view(
-            id,
-            &sub,
-            self.last_event(id).await?,
-        )))
+        Ok(Response::new(v1::RenewSubscriptionResponse {
+            subscription: Some(self.view(id, &sub, self.last_event(id).await?)),
+        }))
     }
 
     async fn end_inner(
         &self,
         entry: &mut AuditRecord,
         req: Request<v1::EndSubscriptionRequest>,
-    ) -> Result<Response<v1::Subscription>, Error> {
+    ) -> Result<Response<v1::EndSubscriptionResponse>, Error> {
         let requester = self
             .requester_once(&req, "/pil.v1.EventService/EndSubscription")
             .await?;
@@ -350,11 +348,9 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} ended", req.id));
-        Ok(Response::new(self.view(
-            id,
-            &sub,
-            self.last_event(id).await?,
-        )))
+        Ok(Response::new(v1::EndSubscriptionResponse {
+            subscription: Some(self.view(id, &sub, self.last_event(id).await?)),
+        }))
     }
 
     async fn list_inner(
@@ -689,7 +685,7 @@ impl v1::event_service_server::EventService for NodeService {
     async fn renew_subscription(
         &self,
         req: Request<v1::RenewSubscriptionRequest>,
-    ) -> Result<Response<v1::Subscription>, Status> {
+    ) -> Result<Response<v1::RenewSubscriptionResponse>, Status> {
         self.serve(req, Action::Subscribe, |s, e, r| {
             Box::pin(s.renew_inner(e, r))
         })
@@ -699,7 +695,7 @@ impl v1::event_service_server::EventService for NodeService {
     async fn end_subscription(
         &self,
         req: Request<v1::EndSubscriptionRequest>,
-    ) -> Result<Response<v1::Subscription>, Status> {
+    ) -> Result<Response<v1::EndSubscriptionResponse>, Status> {
         self.serve(req, Action::SubscriptionManage, |s, e, r| {
             Box::pin(s.end_inner(e, r))
         })
