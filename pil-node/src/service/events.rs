@@ -509,13 +509,17 @@ impl NodeService {
             out.first().map(|e| e.number).unwrap_or(0),
             out.last().map(|e| e.number).unwrap_or(0),
         );
-        for (_, mut r) in records {
+        // All at once, so that they share group commits.
+        let appends = records.into_values().map(|mut r| {
             r.detail = Some(format!(
                 "subscription {}: events {first} to {last_sent}",
                 hex::encode(id)
             ));
-            self.audit.append(r).await.map_err(unrecorded)?;
-        }
+            self.audit.append(r)
+        });
+        futures::future::try_join_all(appends)
+            .await
+            .map_err(unrecorded)?;
         if stopped {
             self.registry
                 .put_subscription(id, sub)
