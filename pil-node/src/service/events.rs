@@ -377,22 +377,17 @@ impl NodeService {
         }))
     }
 
-    /// The subscription's events after `after` (at most `limit`), decided for delivery
-    /// and recorded in the audit log (one record per patient) before they are
-    /// returned; with the subscription's newest number.
+    /// The events after `after` (at most `limit`) of subscription `id`, as the caller
+    /// read it (`sub`), decided for delivery and recorded in the audit log (one record
+    /// per patient) before they are returned; with the subscription's newest number.
     async fn deliver(
         &self,
         entry: &AuditRecord,
         id: SubscriptionId,
+        mut sub: StoredSubscription,
         after: u64,
         limit: usize,
     ) -> Result<(Vec<v1::Event>, u64), Error> {
-        let Some(mut sub) = self.registry.subscription(id).await.map_err(internal)? else {
-            return Err(Error::not_found(format!(
-                "no subscription {} at this node",
-                hex::encode(id)
-            )));
-        };
         let page = self
             .registry
             .events(id, after, limit)
@@ -558,12 +553,12 @@ impl NodeService {
         entry.requester = Some(RequesterInfo::from(&requester));
         let req = req.into_inner();
         let id = parse_id(&req.subscription_id)?;
-        self.owned(id, &requester.token.org_number).await?;
+        let sub = self.owned(id, &requester.token.org_number).await?;
         let limit = match req.max_events as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let (events, last_event) = self.deliver(entry, id, req.after, limit).await?;
+        let (events, last_event) = self.deliver(entry, id, sub, req.after, limit).await?;
         entry.detail = Some(format!(
             "subscription {}: {} events after {}",
             req.subscription_id,
@@ -585,9 +580,9 @@ impl NodeService {
         let req = req.into_inner();
         let id = parse_id(&req.subscription_id)?;
         let owner = requester.token.org_number.clone();
-        self.owned(id, &owner).await?;
+        let sub = self.owned(id, &owner).await?;
         // Checked now, so that a position that is gone is refused as the call's answer.
-        self.deliver(entry, id, req.after, 0).await?;
+        self.deliver(entry, id, sub, req.after, 0).await?;
         let heartbeat = Duration::from_secs(u64::from(match req.heartbeat_seconds {
             0 => DEFAULT_HEARTBEAT_SECS,
             n => n.clamp(1, 3600),
@@ -610,7 +605,7 @@ impl NodeService {
                 tokio::pin!(written);
                 written.as_mut().enable();
                 let delivered = match service.owned(id, &owner).await {
-                    Ok(_) => service.deliver(&record, id, after, DEFAULT_PAGE).await,
+                    Ok(sub) => service.deliver(&record, id, sub, after, DEFAULT_PAGE).await,
                     Err(e) => Err(e),
                 };
                 let (events, last) = match delivered {

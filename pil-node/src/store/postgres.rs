@@ -305,6 +305,11 @@ fn corrupt(what: &'static str, detail: &str) -> StoreError {
     }
 }
 
+/// A subscription id read from `what`'s column.
+fn subscription_id(what: &'static str, bytes: &[u8]) -> Result<SubscriptionId, StoreError> {
+    SubscriptionId::try_from(bytes).map_err(|_| corrupt(what, "a key of the wrong length"))
+}
+
 fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| corrupt(what, &e.to_string()))
 }
@@ -460,14 +465,9 @@ async fn write_events(
     }
     let mut followers = Followers::new();
     for r in rows {
-        let patient: Vec<u8> = r.get(0);
-        let id: Vec<u8> = r.get(1);
-        let (Ok(patient), Ok(subscription)) = (
-            Pseudonym::try_from(patient.as_slice()),
-            SubscriptionId::try_from(id.as_slice()),
-        ) else {
-            return Err(corrupt("followers", "a key of the wrong length"));
-        };
+        let patient = Pseudonym::try_from(r.get::<_, &[u8]>(0))
+            .map_err(|_| corrupt("followers", "a key of the wrong length"))?;
+        let subscription = subscription_id("followers", r.get(1))?;
         followers.entry(patient).or_default().push(Follower {
             subscription,
             categories: r.get(2),
@@ -487,9 +487,7 @@ async fn write_events(
         .await
         .map_err(db_error)?
     {
-        let id: Vec<u8> = r.get(0);
-        let id = SubscriptionId::try_from(id.as_slice())
-            .map_err(|_| corrupt("event_counters", "a key of the wrong length"))?;
+        let id = subscription_id("event_counters", r.get(0))?;
         last.insert(id, r.get::<_, i64>(1) as u64);
     }
     let made = events::events_for(changes, &followers, super::now_nanos(), &mut last);
@@ -1181,9 +1179,7 @@ impl Store for PgStore {
         .map_err(db_error)?
         .iter()
         .map(|r| {
-            let id: Vec<u8> = r.get(0);
-            let id = SubscriptionId::try_from(id.as_slice())
-                .map_err(|_| corrupt("subscriptions", "a key of the wrong length"))?;
+            let id = subscription_id("subscriptions", r.get(0))?;
             Ok((id, decode("subscriptions", r.get(1))?))
         })
         .collect()
