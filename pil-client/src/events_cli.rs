@@ -117,6 +117,20 @@ pub async fn follow(client: &PilClient, args: FollowArgs, json: bool) -> anyhow:
             r.reason
         );
     }
+    for r in sub.regions.iter().filter(|r| {
+        v1::RegionFollowingState::try_from(r.state) != Ok(v1::RegionFollowingState::Following)
+    }) {
+        println!(
+            "Region {} is {}{}.",
+            r.region,
+            region_state(r.state),
+            if r.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.detail)
+            }
+        );
+    }
     println!("Read its events with `pil events {}`.", sub.id);
     Ok(())
 }
@@ -133,7 +147,42 @@ fn subscription_json(s: &v1::Subscription) -> serde_json::Value {
         "created_at": time_text(s.created_at.as_ref()),
         "expires_at": time_text(s.expires_at.as_ref()),
         "ended": s.ended, "last_event": s.last_event, "legal_basis": s.legal_basis,
+        "regions": s.regions.iter().map(|r| serde_json::json!({
+            "region": r.region, "state": region_state(r.state), "detail": r.detail,
+            "collected": r.collected,
+        })).collect::<Vec<_>>(),
     })
+}
+
+fn region_state(state: i32) -> &'static str {
+    match v1::RegionFollowingState::try_from(state) {
+        Ok(v1::RegionFollowingState::Pending) => "pending",
+        Ok(v1::RegionFollowingState::Following) => "following",
+        Ok(v1::RegionFollowingState::Refused) => "refused",
+        Ok(v1::RegionFollowingState::Ended) => "ended",
+        _ => "unknown",
+    }
+}
+
+/// Each other region's part, e.g. "helse-midt following (12), helse-nord pending".
+fn regions_text(s: &v1::Subscription) -> String {
+    if s.regions.is_empty() {
+        return "this region only".into();
+    }
+    s.regions
+        .iter()
+        .map(|r| {
+            let mut t = format!("{} {}", r.region, region_state(r.state));
+            if r.collected > 0 {
+                t.push_str(&format!(" ({} collected)", r.collected));
+            }
+            if !r.detail.is_empty() {
+                t.push_str(&format!(": {}", r.detail));
+            }
+            t
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub async fn subscriptions(
@@ -165,6 +214,7 @@ pub async fn subscriptions(
         "Expires",
         "State",
         "Last event",
+        "Other regions",
     ]);
     for s in &shown {
         table.add_row([
@@ -178,6 +228,7 @@ pub async fn subscriptions(
             time_text(s.expires_at.as_ref()),
             if s.ended { "ended" } else { "active" }.into(),
             s.last_event.to_string(),
+            regions_text(s),
         ]);
     }
     println!("{table}");

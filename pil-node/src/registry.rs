@@ -16,8 +16,9 @@ use crate::{
     patient_keys::{KeyError, PatientKeys, Pseudonym},
     pointer::{EndpointRef, NewPointer},
     store::{
-        EventPage, IDENT_LEN, ORG_LEN, Op, OpResult, PointerKey, Store, StoreError, StoredBlock,
-        StoredOptOut, StoredPointer, StoredSubscription, SubscriptionId,
+        EventPage, IDENT_LEN, ORG_LEN, Op, OpResult, PeerFollow, PeerState, PointerKey, Store,
+        StoreError, StoredBlock, StoredEvent, StoredOptOut, StoredPointer, StoredSubscription,
+        SubscriptionId,
     },
 };
 
@@ -295,6 +296,49 @@ impl Registry {
         limit: usize,
     ) -> Result<EventPage, RegistryError> {
         Ok(self.inner.store.events(id, after, limit).await?)
+    }
+
+    pub async fn all_subscriptions(
+        &self,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, RegistryError> {
+        Ok(self.inner.store.all_subscriptions().await?)
+    }
+
+    pub async fn peer_follows(&self, id: SubscriptionId) -> Result<Vec<PeerFollow>, RegistryError> {
+        Ok(self.inner.store.peer_follows(id).await?)
+    }
+
+    pub async fn set_peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: &str,
+        state: PeerState,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        Ok(self
+            .inner
+            .store
+            .set_peer_follow(id, region.to_string(), state, detail)
+            .await?)
+    }
+
+    /// Stores events collected from `region` (see [`crate::store::Store::collect_events`]);
+    /// streams of the subscription are woken as by a write.
+    pub async fn collect_events(
+        &self,
+        id: SubscriptionId,
+        region: &str,
+        from: u64,
+        to: u64,
+        events: Vec<StoredEvent>,
+    ) -> Result<bool, RegistryError> {
+        let stored = self
+            .inner
+            .store
+            .collect_events(id, region.to_string(), from, to, events)
+            .await?;
+        self.inner.written.notify_waiters();
+        Ok(stored)
     }
 
     /// Drops events older than `days`; returns how many.

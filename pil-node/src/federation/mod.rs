@@ -105,6 +105,17 @@ pub struct Federation {
     region: String,
 }
 
+/// Why a call to one peer did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerCallError {
+    /// It answered, refusing: asking again the same way will not help.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// It could not be reached or did not answer in time: ask again later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
 /// Why the peers could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {
@@ -287,6 +298,107 @@ impl Federation {
         });
         let results = futures::future::join_all(pings).await;
         self.view().into_iter().zip(results).collect()
+    }
+
+    /// The configured peers' regions.
+    pub fn regions(&self) -> Vec<String> {
+        self.peers()
+            .iter()
+            .map(|p| p.config.region.clone())
+            .collect()
+    }
+
+    /// Calls the peer of `region` once, within `deadline`; a failure says what happened.
+    async fn call<T, F, Fut>(
+        &self,
+        region: &str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, PeerCallError>
+    where
+        F: FnOnce(FederationServiceClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let peer = self
+            .peers()
+            .iter()
+            .find(|p| p.config.region == region)
+            .cloned()
+            .ok_or_else(|| {
+                PeerCallError::Unavailable(format!("{region} is not a configured peer"))
+            })?;
+        match tokio::time::timeout(deadline, f(peer.client.clone(), deadline)).await {
+            Err(_) => Err(PeerCallError::Unavailable(format!(
+                "no answer within {} ms",
+                deadline.as_millis()
+            ))),
+            Ok(Err(status)) => {
+                let why = format!("{}: {}", status_name(status.code()), status.message());
+                Err(match status.code() {
+                    tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition => PeerCallError::Refused(why),
+                    _ => PeerCallError::Unavailable(why),
+                })
+            }
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+
+    /// Registers, renews or ends a subscription at `region`.
+    pub async fn subscribe_at(
+        &self,
+        region: &str,
+        request: v1::ForwardedSubscribeRequest,
+        deadline: Duration,
+    ) -> Result<v1::ForwardedSubscribeResponse, PeerCallError> {
+        self.call(region, deadline, |mut c, d| async move {
+            let mut req = tonic::Request::new(request);
+            req.set_timeout(d);
+            c.forwarded_subscribe(req).await
+        })
+        .await
+    }
+
+    /// The events `region` holds for this node's subscriptions after the positions given.
+    pub async fn pull_from(
+        &self,
+        region: &str,
+        request: v1::ForwardedPullEventsRequest,
+        deadline: Duration,
+    ) -> Result<v1::ForwardedPullEventsResponse, PeerCallError> {
+        self.call(region, deadline, |mut c, d| async move {
+            let mut req = tonic::Request::new(request);
+            req.set_timeout(d);
+            c.forwarded_pull_events(req).await
+        })
+        .await
+    }
+
+    /// Every peer's protections for the patients of one delivery, asked in parallel.
+    pub async fn protections_everywhere(
+        &self,
+        request: v1::ForwardedProtectionsRequest,
+        deadline: Duration,
+    ) -> Vec<(
+        String,
+        Result<v1::ForwardedProtectionsResponse, PeerCallError>,
+    )> {
+        let calls = self.regions().into_iter().map(|region| {
+            let request = request.clone();
+            async move {
+                let answer = self
+                    .call(&region, deadline, |mut c, d| async move {
+                        let mut req = tonic::Request::new(request);
+                        req.set_timeout(d);
+                        c.forwarded_protections(req).await
+                    })
+                    .await;
+                (region, answer)
+            }
+        });
+        futures::future::join_all(calls).await
     }
 
     /// Asks every peer for its part of a patient's access report.

@@ -215,6 +215,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let event_svc = EventServiceServer::new(service.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let collectors = tokio::spawn(service.clone().run_collectors());
     let audit_svc = AuditServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -289,7 +290,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             );
             let _ = cut.send(true);
         }
-        for task in [purge, heads, retention] {
+        for task in [collectors, purge, heads, retention] {
             task.abort();
             let _ = task.await;
         }

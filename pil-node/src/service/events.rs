@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, pin::Pin, time::Duration};
 
 use futures::Stream;
 use pil_proto::{ident::PatientId, v1};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -17,23 +18,23 @@ use crate::{
         rule_infos,
     },
     error::Error,
-    lookup::{self, Shown},
+    lookup,
     patient_keys::Pseudonym,
     pointer::{self, to_timestamp},
     registry::now_nanos,
     store::{
-        StoredEvent, StoredSubscription, SubscriptionId,
+        PeerState, StoredEvent, StoredSubscription, SubscriptionId,
         events::{EventKind, FollowedPatient},
     },
 };
 
 /// Most patients one subscription follows.
-const MAX_PATIENTS: usize = 1000;
+pub(super) const MAX_PATIENTS: usize = 1000;
 /// Events per pull unless asked otherwise, and at most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 /// How often a stream looks for events written through other nodes of the region.
-const STREAM_POLL: Duration = Duration::from_millis(500);
+pub(super) const STREAM_POLL: Duration = Duration::from_millis(500);
 const DEFAULT_HEARTBEAT_SECS: u32 = 15;
 const NANOS_PER_DAY: i64 = 24 * 3600 * 1_000_000_000;
 
@@ -63,7 +64,12 @@ impl Subscriber {
     }
 }
 
-fn parse_id(id: &str) -> Result<SubscriptionId, Error> {
+/// What a subscription keeps of the requester who made or renewed it.
+pub(super) fn subscriber_json(requester: &Requester) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(&Subscriber::of(requester)).map_err(Error::internal)
+}
+
+pub(super) fn parse_id(id: &str) -> Result<SubscriptionId, Error> {
     hex::decode(id)
         .ok()
         .and_then(|b| SubscriptionId::try_from(b.as_slice()).ok())
@@ -81,6 +87,8 @@ fn event_kind(kind: i32) -> v1::EventKind {
         Ok(EventKind::Changed) => v1::EventKind::PointerChanged,
         Ok(EventKind::Removed) => v1::EventKind::PointerRemoved,
         Ok(EventKind::Lapsed) => v1::EventKind::PointerLapsed,
+        Ok(EventKind::Unfollowed) => v1::EventKind::PatientUnfollowed,
+        Ok(EventKind::NotShown) => v1::EventKind::NotShown,
         _ => v1::EventKind::Unspecified,
     }
 }
@@ -92,6 +100,11 @@ impl NodeService {
             None => Err(Error::not_found(format!(
                 "no subscription {} at this node",
                 hex::encode(id)
+            ))),
+            Some(s) if !s.home.is_empty() => Err(Error::not_found(format!(
+                "subscription {} was made at region {}; read, renew or end it there",
+                hex::encode(id),
+                s.home
             ))),
             Some(s) if s.owner != org => Err(Error::denied(format!(
                 "subscription {} belongs to another organization; only the organization \
@@ -112,8 +125,34 @@ impl NodeService {
             .last)
     }
 
-    /// The subscription as its owner sees it.
-    fn view(&self, id: SubscriptionId, s: &StoredSubscription, last: u64) -> v1::Subscription {
+    /// The subscription as its owner sees it, with how every other region follows it.
+    async fn view(
+        &self,
+        id: SubscriptionId,
+        s: &StoredSubscription,
+        last: u64,
+    ) -> Result<v1::Subscription, Error> {
+        let follows = self.registry.peer_follows(id).await.map_err(internal)?;
+        let regions = self
+            .federation
+            .regions()
+            .into_iter()
+            .map(|region| {
+                let f = follows.iter().find(|f| f.region == region);
+                let state = match f.map(|f| f.state()) {
+                    None | Some(PeerState::Pending) => v1::RegionFollowingState::Pending,
+                    Some(PeerState::Following) => v1::RegionFollowingState::Following,
+                    Some(PeerState::Refused) => v1::RegionFollowingState::Refused,
+                    Some(PeerState::Ended) => v1::RegionFollowingState::Ended,
+                };
+                v1::RegionFollowing {
+                    region,
+                    state: state as i32,
+                    detail: f.map(|f| f.detail.clone()).unwrap_or_default(),
+                    collected: f.map_or(0, |f| f.position),
+                }
+            })
+            .collect();
         let patients = s
             .patients
             .iter()
@@ -124,7 +163,7 @@ impl NodeService {
                 Some(v1::PatientIdentifier { system, value })
             })
             .collect();
-        v1::Subscription {
+        Ok(v1::Subscription {
             id: hex::encode(id),
             organization_number: s.owner.clone(),
             patients,
@@ -140,12 +179,13 @@ impl NodeService {
                 .subscriptions
                 .legal_basis
                 .clone(),
-        }
+            regions,
+        })
     }
 
     /// Decides whether `requester` may follow patients at all, as a lookup's search is
     /// decided, and for how long.
-    fn may_follow(
+    pub(super) fn may_follow(
         &self,
         requester: &Requester,
         entry: &mut AuditRecord,
@@ -174,7 +214,7 @@ impl NodeService {
 
     /// One record per followed patient, before the subscription is stored: the
     /// patient's report shows who follows them.
-    async fn record_following(
+    pub(super) async fn record_following(
         &self,
         entry: &AuditRecord,
         id: SubscriptionId,
@@ -209,6 +249,7 @@ impl NodeService {
         let requester = self
             .requester_once(&req, "/pil.v1.EventService/Subscribe")
             .await?;
+        let cert_org = self.organization(&req)?.to_string();
         let req = req.into_inner();
         if req.patients.is_empty() {
             return Err(Error::invalid(
@@ -263,12 +304,13 @@ impl NodeService {
         let id: SubscriptionId = rand::random();
         let sub = StoredSubscription {
             owner: requester.token.org_number.clone(),
-            requester: serde_json::to_vec(&Subscriber::of(&requester)).map_err(Error::internal)?,
+            requester: subscriber_json(&requester)?,
             categories,
             patients: followed.into_values().collect(),
             created_at: now_nanos(),
             expires_at,
             ended: false,
+            home: String::new(),
         };
         self.record_following(entry, id, &sub).await?;
         self.registry
@@ -281,8 +323,14 @@ impl NodeService {
             sub.patients.len()
         ));
         tracing::info!(caller = %sub.owner, subscription = %hex::encode(id), patients = sub.patients.len(), "subscribed");
+        let forward = (
+            requester.presented.clone(),
+            cert_org,
+            entry.query_id.clone(),
+        );
+        self.register_everywhere(id, &sub, Some(forward)).await;
         Ok(Response::new(v1::SubscribeResponse {
-            subscription: Some(self.view(id, &sub, 0)),
+            subscription: Some(self.view(id, &sub, 0).await?),
             refused,
         }))
     }
@@ -295,6 +343,7 @@ impl NodeService {
         let requester = self
             .requester_once(&req, "/pil.v1.EventService/RenewSubscription")
             .await?;
+        let cert_org = self.organization(&req)?.to_string();
         let req = req.into_inner();
         let id = parse_id(&req.id)?;
         let mut sub = self.owned(id, &requester.token.org_number).await?;
@@ -305,7 +354,7 @@ impl NodeService {
             )));
         }
         sub.expires_at = self.may_follow(&requester, entry, req.days)?;
-        sub.requester = serde_json::to_vec(&Subscriber::of(&requester)).map_err(Error::internal)?;
+        sub.requester = subscriber_json(&requester)?;
         // A patient the new token's attest does not cover is followed no more.
         for p in sub.patients.iter_mut().filter(|p| !p.stopped) {
             let Ok(pseudonym) = Pseudonym::try_from(p.pseudonym.as_slice()) else {
@@ -325,8 +374,15 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} renewed", req.id));
+        // Every region again, with the fresh token.
+        let forward = (
+            requester.presented.clone(),
+            cert_org,
+            entry.query_id.clone(),
+        );
+        self.register_everywhere(id, &sub, Some(forward)).await;
         Ok(Response::new(v1::RenewSubscriptionResponse {
-            subscription: Some(self.view(id, &sub, self.last_event(id).await?)),
+            subscription: Some(self.view(id, &sub, self.last_event(id).await?).await?),
         }))
     }
 
@@ -348,8 +404,9 @@ impl NodeService {
             .await
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} ended", req.id));
+        self.register_everywhere(id, &sub, None).await;
         Ok(Response::new(v1::EndSubscriptionResponse {
-            subscription: Some(self.view(id, &sub, self.last_event(id).await?)),
+            subscription: Some(self.view(id, &sub, self.last_event(id).await?).await?),
         }))
     }
 
@@ -369,7 +426,9 @@ impl NodeService {
             .await
             .map_err(internal)?
         {
-            subscriptions.push(self.view(id, &sub, self.last_event(id).await?));
+            if sub.home.is_empty() {
+                subscriptions.push(self.view(id, &sub, self.last_event(id).await?).await?);
+            }
         }
         entry.detail = Some(format!("{} subscriptions listed", subscriptions.len()));
         Ok(Response::new(v1::ListSubscriptionsResponse {
@@ -380,13 +439,16 @@ impl NodeService {
     /// The events after `after` (at most `limit`) of subscription `id`, as the caller
     /// read it (`sub`), decided for delivery and recorded in the audit log (one record
     /// per patient) before they are returned; with the subscription's newest number.
-    async fn deliver(
+    /// `everywhere`: to the subscriber, with every region's protections applied (a
+    /// peer's node collecting its events applies its own region's only).
+    pub(super) async fn deliver(
         &self,
         entry: &AuditRecord,
         id: SubscriptionId,
         mut sub: StoredSubscription,
         after: u64,
         limit: usize,
+        everywhere: bool,
     ) -> Result<(Vec<v1::Event>, u64), Error> {
         let page = self
             .registry
@@ -416,7 +478,42 @@ impl NodeService {
         let legal = self.access.legal();
         let search = legal.decide_lookup(&subscriber.facts);
         let blocked = subscriber.blocked();
-        let mut protections = BTreeMap::new();
+        // The page's patients, and what protects each of them here and elsewhere.
+        let mut patients: BTreeMap<Pseudonym, (String, String)> = BTreeMap::new();
+        for (_, event) in &page.events {
+            let Some(pseudonym) = event.patient() else {
+                continue;
+            };
+            if patients.contains_key(&pseudonym) {
+                continue;
+            }
+            if let Some(followed) = sub.patients.iter().find(|p| p.pseudonym == pseudonym) {
+                let patient = self
+                    .registry
+                    .open_sealed(&followed.sealed, &pseudonym)
+                    .map_err(internal)?;
+                patients.insert(pseudonym, patient);
+            }
+        }
+        let mut protections = if everywhere {
+            let asked: Vec<(Pseudonym, (String, String))> =
+                patients.iter().map(|(p, i)| (*p, i.clone())).collect();
+            self.protections_elsewhere(id, &blocked, &asked, &entry.query_id)
+                .await?
+        } else {
+            BTreeMap::new()
+        };
+        for pseudonym in patients.keys() {
+            let (opt_out, blocks) = self
+                .registry
+                .protections_of(*pseudonym)
+                .await
+                .map_err(internal)?;
+            let p = protections.entry(*pseudonym).or_default();
+            p.opted_out |= opt_out.is_some();
+            let here = blocked.shut_out(&blocks);
+            p.shut.merge(here.all_holders, here.holders);
+        }
         let mut out = Vec::with_capacity(page.events.len());
         // Per patient: the records this delivery makes of them.
         let mut records: BTreeMap<Pseudonym, AuditRecord> = BTreeMap::new();
@@ -428,16 +525,8 @@ impl NodeService {
             let Some(followed) = sub.patients.iter_mut().find(|p| p.pseudonym == pseudonym) else {
                 continue;
             };
-            let patient = self
-                .registry
-                .open_sealed(&followed.sealed, &pseudonym)
-                .map_err(internal)?;
-            if let std::collections::btree_map::Entry::Vacant(slot) = protections.entry(pseudonym) {
-                let read = self.registry.protections_of(pseudonym).await;
-                slot.insert(read.map_err(internal)?);
-            }
-            let (opt_out, blocks) = &protections[&pseudonym];
-            let shut = blocked.shut_out(blocks);
+            let patient = patients[&pseudonym].clone();
+            let protected = &protections[&pseudonym];
             let record = records.entry(pseudonym).or_insert_with(|| {
                 let mut r = entry.clone();
                 r.patient = Some(hex::encode(pseudonym));
@@ -448,6 +537,7 @@ impl NodeService {
                 r.detail = Some(format!("subscription {}", hex::encode(id)));
                 r
             });
+            let collected = !event.region.is_empty();
             let mut wire = v1::Event {
                 number: n,
                 id: format!("{}-{n}", hex::encode(id)),
@@ -459,16 +549,36 @@ impl NodeService {
                 }),
                 pointer: None,
                 time: Some(to_timestamp(event.at)),
-                region: self.registry.region().to_string(),
+                region: if collected {
+                    event.region.clone()
+                } else {
+                    self.registry.region().to_string()
+                },
             };
-            let holder = event
-                .pointer_key()
-                .map(|k| String::from_utf8_lossy(&k.org).into_owned());
+            let shown: Option<v1::Pointer> = if collected {
+                (!event.shown.is_empty())
+                    .then(|| v1::Pointer::decode(event.shown.as_slice()))
+                    .transpose()
+                    .map_err(Error::internal)?
+            } else {
+                None
+            };
+            let holder = if collected {
+                shown
+                    .as_ref()
+                    .and_then(|p| p.holder.as_ref())
+                    .map(|o| o.organization_number.clone())
+            } else {
+                event
+                    .pointer_key()
+                    .map(|k| String::from_utf8_lossy(&k.org).into_owned())
+            };
             let unfollowed = followed.stopped
-                || opt_out.is_some()
+                || protected.opted_out
                 || !search.allowed
-                || shut.all_holders
-                || holder.as_deref().is_some_and(|h| shut.hides(h));
+                || protected.shut.all_holders
+                || holder.as_deref().is_some_and(|h| protected.shut.hides(h))
+                || event.kind == EventKind::Unfollowed as i32;
             if unfollowed {
                 // Said once, not why; the patient is not followed from now on.
                 if !followed.stopped {
@@ -480,20 +590,32 @@ impl NodeService {
                 out.push(wire);
                 continue;
             }
-            match self.shown(&legal, &subscriber, &search, &shut, &event, patient) {
+            let pointer = if collected {
+                // Decided by the region that holds it, under its legal configuration.
+                shown
+            } else {
+                self.shown(
+                    &legal,
+                    &subscriber,
+                    &search,
+                    &protected.shut,
+                    &event,
+                    patient,
+                )
+                .map(|p| super::convert::pointer(&p))
+            };
+            match pointer {
                 Some(pointer) => {
                     record.outcome.pointers += 1;
-                    if !record
-                        .outcome
-                        .organizations
-                        .contains(&pointer.holder().to_string())
-                    {
-                        record
-                            .outcome
-                            .organizations
-                            .push(pointer.holder().to_string());
+                    let holder = pointer
+                        .holder
+                        .as_ref()
+                        .map(|o| o.organization_number.clone())
+                        .unwrap_or_default();
+                    if !record.outcome.organizations.contains(&holder) {
+                        record.outcome.organizations.push(holder);
                     }
-                    wire.pointer = Some(super::convert::pointer(&pointer));
+                    wire.pointer = Some(pointer);
                 }
                 None => wire.kind = v1::EventKind::NotShown as i32,
             }
@@ -558,7 +680,7 @@ impl NodeService {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let (events, last_event) = self.deliver(entry, id, sub, req.after, limit).await?;
+        let (events, last_event) = self.deliver(entry, id, sub, req.after, limit, true).await?;
         entry.detail = Some(format!(
             "subscription {}: {} events after {}",
             req.subscription_id,
@@ -582,7 +704,7 @@ impl NodeService {
         let owner = requester.token.org_number.clone();
         let sub = self.owned(id, &owner).await?;
         // Checked now, so that a position that is gone is refused as the call's answer.
-        self.deliver(entry, id, sub, req.after, 0).await?;
+        self.deliver(entry, id, sub, req.after, 0, true).await?;
         let heartbeat = Duration::from_secs(u64::from(match req.heartbeat_seconds {
             0 => DEFAULT_HEARTBEAT_SECS,
             n => n.clamp(1, 3600),
@@ -605,11 +727,21 @@ impl NodeService {
                 tokio::pin!(written);
                 written.as_mut().enable();
                 let delivered = match service.owned(id, &owner).await {
-                    Ok(sub) => service.deliver(&record, id, sub, after, DEFAULT_PAGE).await,
+                    Ok(sub) => {
+                        service
+                            .deliver(&record, id, sub, after, DEFAULT_PAGE, true)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let (events, last) = match delivered {
                     Ok(d) => d,
+                    // A region whose protections could not be checked holds the
+                    // events back; the stream waits for it, with heartbeats.
+                    Err(Error::Unavailable(why)) => {
+                        tracing::debug!(subscription = %hex::encode(id), %why, "events wait");
+                        (Vec::new(), after)
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;

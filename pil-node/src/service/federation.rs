@@ -19,7 +19,7 @@ use crate::{
 
 impl NodeService {
     /// The calling peer's region; refuses organizations and unknown nodes.
-    fn peer_region<T>(&self, req: &Request<T>) -> Result<String, Error> {
+    pub(super) fn peer_region<T>(&self, req: &Request<T>) -> Result<String, Error> {
         match req.extensions().get::<PeerInfo>().map(|i| &i.caller) {
             Some(Ok(Caller::Node { region })) if self.federation.is_peer(region) => {
                 Ok(region.clone())
@@ -203,6 +203,36 @@ impl v1::federation_service_server::FederationService for NodeService {
                     region: s.registry.region().to_string(),
                 }))
             })
+        })
+        .await
+    }
+
+    async fn forwarded_subscribe(
+        &self,
+        req: Request<v1::ForwardedSubscribeRequest>,
+    ) -> Result<Response<v1::ForwardedSubscribeResponse>, Status> {
+        self.serve(req, Action::Subscribe, |s, e, r| {
+            Box::pin(s.forwarded_subscribe_inner(e, r))
+        })
+        .await
+    }
+
+    async fn forwarded_pull_events(
+        &self,
+        req: Request<v1::ForwardedPullEventsRequest>,
+    ) -> Result<Response<v1::ForwardedPullEventsResponse>, Status> {
+        self.serve(req, Action::EventDelivery, |s, e, r| {
+            Box::pin(s.forwarded_pull_inner(e, r))
+        })
+        .await
+    }
+
+    async fn forwarded_protections(
+        &self,
+        req: Request<v1::ForwardedProtectionsRequest>,
+    ) -> Result<Response<v1::ForwardedProtectionsResponse>, Status> {
+        self.serve(req, Action::FederatedLookup, |s, e, r| {
+            Box::pin(s.forwarded_protections_inner(e, r))
         })
         .await
     }

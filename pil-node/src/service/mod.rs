@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod admin;
 mod audit;
 mod convert;
+mod event_federation;
 mod events;
 mod explain;
 mod federation;
@@ -51,6 +52,8 @@ pub struct NodeService {
     federation: Arc<Federation>,
     /// Forwarded lookups being served; the rest are shed.
     forward_limit: Arc<tokio::sync::Semaphore>,
+    /// Subscriptions made here, on their way to the other regions.
+    relay: Arc<event_federation::Relay>,
 }
 
 /// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
@@ -100,6 +103,7 @@ impl NodeService {
             audit,
             federation,
             forward_limit: Arc::new(tokio::sync::Semaphore::new(limit)),
+            relay: Arc::default(),
         }
     }
 

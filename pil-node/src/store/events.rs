@@ -35,6 +35,10 @@ pub struct StoredSubscription {
     pub expires_at: i64,
     #[prost(bool, tag = "7")]
     pub ended: bool,
+    /// The region whose node registered it here, collecting its events; empty when it
+    /// was subscribed at this region.
+    #[prost(string, tag = "8")]
+    pub home: String,
 }
 
 /// One patient a subscription follows.
@@ -88,6 +92,10 @@ pub enum EventKind {
     Changed = 2,
     Removed = 3,
     Lapsed = 4,
+    /// Collected from another region: that region stopped following the patient.
+    Unfollowed = 5,
+    /// Collected from another region: a change that region did not show.
+    NotShown = 6,
 }
 
 /// One event as stored, numbered by its subscription.
@@ -104,6 +112,42 @@ pub struct StoredEvent {
     /// When the change was written, unix nanoseconds.
     #[prost(int64, tag = "4")]
     pub at: i64,
+    /// The region it was collected from; empty: this region's own change, and `key`
+    /// is the pointer's. Otherwise `key` is this region's pseudonym of the patient.
+    #[prost(string, tag = "5")]
+    pub region: String,
+    /// Collected: the pointer as that region decided to show it (an encoded
+    /// `pil.v1.Pointer`; empty when it showed none).
+    #[prost(bytes = "vec", tag = "6")]
+    pub shown: Vec<u8>,
+    /// Collected: its number in that region's numbering.
+    #[prost(uint64, tag = "7")]
+    pub origin_number: u64,
+}
+
+/// How another region follows a subscription made here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum PeerState {
+    Pending = 0,
+    Following = 1,
+    Refused = 2,
+    Ended = 3,
+}
+
+/// Another region's part in a subscription made here: whether it is registered
+/// there, and the last of that region's event numbers stored here.
+#[derive(Clone, PartialEq, Message)]
+pub struct PeerFollow {
+    #[prost(string, tag = "1")]
+    pub region: String,
+    #[prost(enumeration = "PeerState", tag = "2")]
+    pub state: i32,
+    #[prost(string, tag = "3")]
+    pub detail: String,
+    /// Advanced only together with the events it collected, in one atomic write.
+    #[prost(uint64, tag = "4")]
+    pub position: u64,
 }
 
 impl StoredEvent {
@@ -226,6 +270,7 @@ pub fn events_for(
                     key: key.encode().to_vec(),
                     pointer: Some(StoredPointer::clone(pointer)),
                     at: now,
+                    ..Default::default()
                 },
             ));
         }

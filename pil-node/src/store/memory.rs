@@ -11,7 +11,10 @@ use std::{
 use super::{
     AuditEntry, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords, PointerKey,
     Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
-    events::{self, EventPage, Followers, StoredEvent, StoredSubscription, SubscriptionId},
+    events::{
+        self, EventPage, Followers, PeerFollow, PeerState, StoredEvent, StoredSubscription,
+        SubscriptionId,
+    },
     model::Change,
     now_nanos,
     plan::{Current, plan},
@@ -43,6 +46,7 @@ struct State {
     subscriptions: BTreeMap<SubscriptionId, StoredSubscription>,
     events: BTreeMap<(SubscriptionId, u64), StoredEvent>,
     counters: HashMap<SubscriptionId, u64>,
+    peer_follows: BTreeMap<(SubscriptionId, String), PeerFollow>,
 }
 
 impl TreeReader for State {
@@ -444,6 +448,80 @@ impl Store for MemoryStore {
             state.events.remove(k);
         }
         Ok(old.len())
+    }
+
+    async fn all_subscriptions(
+        &self,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        Ok(self
+            .lock()
+            .subscriptions
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect())
+    }
+
+    async fn peer_follows(&self, id: SubscriptionId) -> Result<Vec<PeerFollow>, StoreError> {
+        Ok(self
+            .lock()
+            .peer_follows
+            .range((id, String::new())..)
+            .take_while(|((i, _), _)| *i == id)
+            .map(|(_, f)| f.clone())
+            .collect())
+    }
+
+    async fn set_peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        state: PeerState,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        let f = s
+            .peer_follows
+            .entry((id, region.clone()))
+            .or_insert_with(|| PeerFollow {
+                region,
+                ..Default::default()
+            });
+        f.state = state as i32;
+        f.detail = detail;
+        Ok(())
+    }
+
+    async fn collect_events(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        from: u64,
+        to: u64,
+        events: Vec<StoredEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut s = self.lock();
+        let position = s
+            .peer_follows
+            .get(&(id, region.clone()))
+            .map(|f| f.position)
+            .unwrap_or(0);
+        if position != from {
+            return Ok(false);
+        }
+        let mut n = s.counters.get(&id).copied().unwrap_or(0);
+        for event in events {
+            n += 1;
+            s.events.insert((id, n), event);
+        }
+        s.counters.insert(id, n);
+        s.peer_follows
+            .entry((id, region.clone()))
+            .or_insert_with(|| PeerFollow {
+                region,
+                ..Default::default()
+            })
+            .position = to;
+        Ok(true)
     }
 
     async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {

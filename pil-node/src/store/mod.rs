@@ -23,7 +23,9 @@ mod tree;
 use std::sync::Arc;
 
 use crate::patient_keys::Pseudonym;
-pub use events::{EventPage, StoredEvent, StoredSubscription, SubscriptionId};
+pub use events::{
+    EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId,
+};
 pub use model::{
     AuditEntry, Change, HeadSigning, IDENT_LEN, KEY_LEN, LogEntry, LogSize, ORG_LEN, Op, OpResult,
     PatientRecords, PointerKey, StoredBlock, StoredOptOut, StoredPointer, now_nanos,
@@ -234,6 +236,32 @@ pub trait Store: Send + Sync {
     /// Drops up to `limit` events written before `before` (unix nanoseconds); returns
     /// how many it dropped.
     async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+    /// Every subscription stored here.
+    async fn all_subscriptions(
+        &self,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError>;
+    /// How each other region follows subscription `id`.
+    async fn peer_follows(&self, id: SubscriptionId) -> Result<Vec<PeerFollow>, StoreError>;
+    /// Sets another region's state for subscription `id`, keeping its position.
+    async fn set_peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        state: PeerState,
+        detail: String,
+    ) -> Result<(), StoreError>;
+    /// Appends `events` collected from `region` to subscription `id`'s, numbered after
+    /// its newest, and moves that region's position from `from` to `to`, in one atomic
+    /// write, in turn with pointer writes. False (and nothing written) when the
+    /// position is no longer `from`: another node of the region collected them first.
+    async fn collect_events(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        from: u64,
+        to: u64,
+        events: Vec<StoredEvent>,
+    ) -> Result<bool, StoreError>;
 
     // Checks every node of a region shares.
 

@@ -21,7 +21,10 @@ use tokio_postgres::{NoTls, Row};
 use super::{
     AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
     PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
-    events::{self, EventPage, Follower, Followers, StoredSubscription, SubscriptionId},
+    events::{
+        self, EventPage, Follower, Followers, PeerFollow, PeerState, StoredEvent,
+        StoredSubscription, SubscriptionId,
+    },
     model::Change,
     plan::{Current, plan},
     take_queued,
@@ -102,10 +105,20 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (subscription, seq)
      );
      CREATE INDEX events_by_time ON events (at);",
+    // 4: how other regions follow a subscription made here, and where its events
+    // collected from each stand.
+    "CREATE TABLE peer_follows (
+         subscription bytea NOT NULL,
+         region text NOT NULL,
+         state integer NOT NULL,
+         detail text NOT NULL,
+         position bigint NOT NULL,
+         PRIMARY KEY (subscription, region)
+     );",
 ];
 
 /// The schema version this node speaks, as the refusals name it.
-const SCHEMA: &str = "schema version 3";
+const SCHEMA: &str = "schema version 4";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -1237,6 +1250,131 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         Ok(n as usize)
+    }
+
+    async fn all_subscriptions(
+        &self,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        let c = self.client().await?;
+        c.query("SELECT id, value FROM subscriptions ORDER BY id", &[])
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| {
+                let id = subscription_id("subscriptions", r.get(0))?;
+                Ok((id, decode("subscriptions", r.get(1))?))
+            })
+            .collect()
+    }
+
+    async fn peer_follows(&self, id: SubscriptionId) -> Result<Vec<PeerFollow>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query(
+            "SELECT region, state, detail, position FROM peer_follows
+                 WHERE subscription = $1 ORDER BY region",
+            &[&id.as_slice()],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| PeerFollow {
+            region: r.get(0),
+            state: r.get(1),
+            detail: r.get(2),
+            position: r.get::<_, i64>(3) as u64,
+        })
+        .collect())
+    }
+
+    async fn set_peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        state: PeerState,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO peer_follows (subscription, region, state, detail, position)
+             VALUES ($1, $2, $3, $4, 0)
+             ON CONFLICT (subscription, region)
+             DO UPDATE SET state = EXCLUDED.state, detail = EXCLUDED.detail",
+            &[&id.as_slice(), &region, &(state as i32), &detail],
+        )
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn collect_events(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        from: u64,
+        to: u64,
+        collected: Vec<StoredEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        // In turn with pointer groups, which number this subscription's events too.
+        tx.execute(
+            "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+        let position = tx
+            .query_opt(
+                "SELECT position FROM peer_follows WHERE subscription = $1 AND region = $2",
+                &[&id.as_slice(), &region],
+            )
+            .await
+            .map_err(db_error)?
+            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+        if position != from {
+            return Ok(false);
+        }
+        let last = tx
+            .query_opt(
+                "SELECT last FROM event_counters WHERE subscription = $1",
+                &[&id.as_slice()],
+            )
+            .await
+            .map_err(db_error)?
+            .map_or(0, |r| r.get::<_, i64>(0));
+        let seqs: Vec<i64> = (1..=collected.len() as i64).map(|i| last + i).collect();
+        let subs: Vec<&[u8]> = vec![id.as_slice(); collected.len()];
+        let ats: Vec<i64> = collected.iter().map(|e| e.at).collect();
+        let values: Vec<Vec<u8>> = collected.iter().map(|e| e.encode_to_vec()).collect();
+        tx.execute(
+            "INSERT INTO events (subscription, seq, at, value)
+             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[])",
+            &[&subs, &seqs, &ats, &values],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO event_counters (subscription, last) VALUES ($1, $2)
+             ON CONFLICT (subscription) DO UPDATE SET last = EXCLUDED.last",
+            &[&id.as_slice(), &(last + collected.len() as i64)],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO peer_follows (subscription, region, state, detail, position)
+             VALUES ($1, $2, $3, '', $4)
+             ON CONFLICT (subscription, region) DO UPDATE SET position = EXCLUDED.position",
+            &[
+                &id.as_slice(),
+                &region,
+                &(PeerState::Following as i32),
+                &(to.min(i64::MAX as u64) as i64),
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
     }
 
     async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError> {

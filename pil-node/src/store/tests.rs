@@ -498,3 +498,104 @@ async fn writes_to_followed_patients_make_numbered_events() {
     })
     .await;
 }
+
+/// Events collected from another region are numbered after the subscription's own,
+/// with that region's position moved in the same write; a second collection from the
+/// same position (another node of the region was first) writes nothing.
+#[tokio::test]
+async fn events_collected_from_a_region_move_its_position_with_them() {
+    use super::{PeerState, StoredEvent};
+    on_every_engine(async |store| {
+        let a = [3; 16];
+        store
+            .put_subscription(a, subscription(&[1], &[]))
+            .await
+            .unwrap();
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(1))])
+            .await
+            .unwrap();
+        let collected = |n: u64| StoredEvent {
+            kind: super::events::EventKind::Appeared as i32,
+            key: vec![1; PSEUDONYM_LEN],
+            at: 5,
+            region: "helse-midt".into(),
+            shown: vec![1, 2, 3],
+            origin_number: n,
+            ..Default::default()
+        };
+        assert!(store.peer_follows(a).await.unwrap().is_empty());
+        store
+            .set_peer_follow(a, "helse-midt".into(), PeerState::Following, String::new())
+            .await
+            .unwrap();
+        assert!(
+            store
+                .collect_events(
+                    a,
+                    "helse-midt".into(),
+                    0,
+                    2,
+                    vec![collected(1), collected(2)]
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .collect_events(
+                    a,
+                    "helse-midt".into(),
+                    0,
+                    2,
+                    vec![collected(1), collected(2)]
+                )
+                .await
+                .unwrap(),
+            "the position moved on: nothing twice"
+        );
+        store
+            .apply(vec![upsert(key(1, ORG_A, 2), pointer(1))])
+            .await
+            .unwrap();
+        let page = store.events(a, 0, 100).await.unwrap();
+        assert_eq!(page.last, 4);
+        let origins: Vec<(u64, String, u64)> = page
+            .events
+            .iter()
+            .map(|(n, e)| (*n, e.region.clone(), e.origin_number))
+            .collect();
+        assert_eq!(
+            origins,
+            vec![
+                (1, String::new(), 0),
+                (2, "helse-midt".into(), 1),
+                (3, "helse-midt".into(), 2),
+                (4, String::new(), 0),
+            ]
+        );
+        assert_eq!(page.events[1].1.shown, vec![1, 2, 3]);
+        let follows = store.peer_follows(a).await.unwrap();
+        assert_eq!(follows.len(), 1);
+        assert_eq!(
+            (follows[0].state(), follows[0].position),
+            (PeerState::Following, 2)
+        );
+        // A state change keeps the position.
+        store
+            .set_peer_follow(a, "helse-midt".into(), PeerState::Ended, "ended".into())
+            .await
+            .unwrap();
+        let follows = store.peer_follows(a).await.unwrap();
+        assert_eq!(
+            (
+                follows[0].state(),
+                follows[0].position,
+                follows[0].detail.as_str()
+            ),
+            (PeerState::Ended, 2, "ended")
+        );
+        assert_eq!(store.all_subscriptions().await.unwrap().len(), 1);
+    })
+    .await;
+}

@@ -207,6 +207,27 @@ impl v1::federation_service_server::FederationService for Slow {
             region: "helse-sor".into(),
         }))
     }
+
+    async fn forwarded_subscribe(
+        &self,
+        _: tonic::Request<v1::ForwardedSubscribeRequest>,
+    ) -> Result<tonic::Response<v1::ForwardedSubscribeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn forwarded_pull_events(
+        &self,
+        _: tonic::Request<v1::ForwardedPullEventsRequest>,
+    ) -> Result<tonic::Response<v1::ForwardedPullEventsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn forwarded_protections(
+        &self,
+        _: tonic::Request<v1::ForwardedProtectionsRequest>,
+    ) -> Result<tonic::Response<v1::ForwardedProtectionsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod audit;
 mod cli;
 mod durability;
 mod events;
+mod events_across_regions;
 mod federation;
 mod high_availability;
 mod privacy;

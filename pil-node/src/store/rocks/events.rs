@@ -6,6 +6,7 @@
 //! | `followers`       | patient pseudonym (16)               | [`FollowerList`]       |
 //! | `events`          | subscription id (16) · number (8, BE) | [`StoredEvent`]        |
 //! | `event_counters`  | subscription id (16)                 | newest number (8, BE)  |
+//! | `event_counters`  | subscription id (16) · region        | [`PeerFollow`]         |
 //!
 //! The pointer writer reads `followers` for the patients of each group and writes the
 //! group's events and counters in the group's own batch. Subscriptions are written
@@ -25,7 +26,8 @@ use crate::{
     store::{
         Change,
         events::{
-            self, EventPage, Follower, Followers, StoredEvent, StoredSubscription, SubscriptionId,
+            self, EventPage, Follower, Followers, PeerFollow, PeerState, StoredEvent,
+            StoredSubscription, SubscriptionId,
         },
     },
 };
@@ -60,6 +62,10 @@ fn event_key(id: &SubscriptionId, n: u64) -> [u8; 24] {
     k[..16].copy_from_slice(id);
     k[16..].copy_from_slice(&n.to_be_bytes());
     k
+}
+
+fn peer_key(id: &SubscriptionId, region: &str) -> Vec<u8> {
+    [id.as_slice(), region.as_bytes()].concat()
 }
 
 fn to_id(b: &[u8]) -> Option<SubscriptionId> {
@@ -211,10 +217,10 @@ impl Db {
             .transpose()
     }
 
-    /// Every subscription `owner` holds.
+    /// Every subscription `owner` holds (every one, for `None`).
     pub fn subscriptions_of(
         &self,
-        owner: &str,
+        owner: Option<&str>,
     ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, DbError> {
         let mut out = Vec::new();
         for item in self
@@ -224,7 +230,7 @@ impl Db {
             let (k, v) = item?;
             let sub = StoredSubscription::decode(&*v)
                 .map_err(|e| corrupt(CF_SUBSCRIPTIONS, &e.to_string()))?;
-            if sub.owner == owner {
+            if owner.is_none_or(|o| sub.owner == o) {
                 let id = to_id(&k).ok_or_else(|| corrupt(CF_SUBSCRIPTIONS, "bad key"))?;
                 out.push((id, sub));
             }
@@ -280,6 +286,102 @@ impl Db {
             self.write_synced(batch)?;
         }
         Ok(dropped)
+    }
+}
+
+impl Db {
+    fn peer_follow(
+        &self,
+        id: &SubscriptionId,
+        region: &str,
+    ) -> Result<Option<PeerFollow>, DbError> {
+        self.db
+            .get_cf(self.cf(CF_EVENT_COUNTERS), peer_key(id, region))?
+            .map(|v| {
+                PeerFollow::decode(&*v).map_err(|e| corrupt(CF_EVENT_COUNTERS, &e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// How each other region follows `id`.
+    pub fn peer_follows(&self, id: &SubscriptionId) -> Result<Vec<PeerFollow>, DbError> {
+        let mut out = Vec::new();
+        for item in self.prefix_iter(CF_EVENT_COUNTERS, id, id) {
+            let (k, v) = item?;
+            if k.len() > id.len() {
+                out.push(
+                    PeerFollow::decode(&*v)
+                        .map_err(|e| corrupt(CF_EVENT_COUNTERS, &e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_peer_follow(
+        &self,
+        id: &SubscriptionId,
+        region: &str,
+        state: PeerState,
+        detail: &str,
+    ) -> Result<(), DbError> {
+        let _turn = self.follow_state();
+        let mut follow = self.peer_follow(id, region)?.unwrap_or_else(|| PeerFollow {
+            region: region.to_string(),
+            ..Default::default()
+        });
+        follow.state = state as i32;
+        follow.detail = detail.to_string();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_EVENT_COUNTERS),
+            peer_key(id, region),
+            follow.encode_to_vec(),
+        );
+        self.write_synced(batch)
+    }
+
+    /// Appends events collected from `region` and moves its position, atomically.
+    pub fn collect_events(
+        &self,
+        id: &SubscriptionId,
+        region: &str,
+        from: u64,
+        to: u64,
+        collected: &[StoredEvent],
+    ) -> Result<bool, DbError> {
+        let mut state = self.follow_state();
+        let mut follow = self.peer_follow(id, region)?.unwrap_or_else(|| PeerFollow {
+            region: region.to_string(),
+            ..Default::default()
+        });
+        if follow.position != from {
+            return Ok(false);
+        }
+        follow.position = to;
+        let mut n = match state.counters.get(id) {
+            Some(n) => *n,
+            None => self.counter(id)?,
+        };
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_EVENTS);
+        for event in collected {
+            n += 1;
+            batch.put_cf(cf, event_key(id, n), event.encode_to_vec());
+        }
+        let counters = self.cf(CF_EVENT_COUNTERS);
+        batch.put_cf(counters, id, n.to_be_bytes());
+        batch.put_cf(counters, peer_key(id, region), follow.encode_to_vec());
+        match self.write_synced(batch) {
+            Ok(()) => {
+                state.counters.insert(*id, n);
+                Ok(true)
+            }
+            Err(e) => {
+                state.counters.clear();
+                Err(e)
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use db::{Db, DbError, Tier};
 use super::{
     AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
     PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
-    events::{EventPage, StoredSubscription, SubscriptionId},
+    events::{EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId},
     tree::{self, TreeReader},
 };
 use crate::patient_keys::Pseudonym;
@@ -312,7 +312,41 @@ impl Store for RocksStore {
         &self,
         owner: String,
     ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
-        self.blocking(move |db| Ok(db.subscriptions_of(&owner)?))
+        self.blocking(move |db| Ok(db.subscriptions_of(Some(&owner))?))
+            .await
+    }
+
+    async fn all_subscriptions(
+        &self,
+    ) -> Result<Vec<(SubscriptionId, StoredSubscription)>, StoreError> {
+        self.blocking(move |db| Ok(db.subscriptions_of(None)?))
+            .await
+    }
+
+    async fn peer_follows(&self, id: SubscriptionId) -> Result<Vec<PeerFollow>, StoreError> {
+        self.blocking(move |db| Ok(db.peer_follows(&id)?)).await
+    }
+
+    async fn set_peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        state: PeerState,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db| Ok(db.set_peer_follow(&id, &region, state, &detail)?))
+            .await
+    }
+
+    async fn collect_events(
+        &self,
+        id: SubscriptionId,
+        region: String,
+        from: u64,
+        to: u64,
+        events: Vec<StoredEvent>,
+    ) -> Result<bool, StoreError> {
+        self.blocking(move |db| Ok(db.collect_events(&id, &region, from, to, &events)?))
             .await
     }
 

@@ -1,0 +1,737 @@
+//! Subscriptions across regions. The home node (where the organization subscribed)
+//! registers each subscription with every peer, which decides it under its own legal
+//! configuration and makes events for its own pointers; the home node collects them
+//! into the subscriber's feed, moving its durable position per peer in the same write,
+//! so a peer or home node that was down delivers what it owes when it is back, in
+//! order, once. At delivery the home node asks every peer for the patients'
+//! protections, which hold for every region's pointers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::Duration,
+};
+
+use pil_proto::{ident::PatientId, v1};
+use prost::Message;
+use tonic::{Request, Response};
+
+use super::{NodeService, events::parse_id, internal, invalid, unrecorded};
+use crate::{
+    access::Blocked,
+    audit::AuditRecord,
+    error::Error,
+    federation::PeerCallError,
+    patient_keys::Pseudonym,
+    pointer::{self, to_timestamp},
+    registry::now_nanos,
+    store::{
+        PeerState, StoredEvent, StoredSubscription, SubscriptionId,
+        events::{EventKind, FollowedPatient},
+    },
+};
+
+/// How long a peer is given to register a subscription while the subscriber waits.
+const REGISTER_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a pull waits at the peer for an event, and how long the home node waits
+/// for its answer.
+const PULL_WAIT_MS: u32 = 20_000;
+const PULL_DEADLINE: Duration = Duration::from_secs(25);
+/// Events collected per subscription per pull.
+const PULL_PAGE: u32 = 500;
+/// How long a delivery waits for a peer's protections.
+const PROTECTIONS_DEADLINE: Duration = Duration::from_secs(3);
+/// Most subscriptions one pull names.
+const MAX_FEEDS: usize = 1000;
+/// Pause after a failed pull, doubling up to the most.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MOST: Duration = Duration::from_secs(10);
+
+/// What a token presented at subscribing or renewing lets the home node do at the
+/// peers it has not reached yet. Kept in memory only: a credential is never stored.
+#[derive(Clone)]
+struct Registration {
+    access_token: String,
+    client_organization_number: String,
+    query_id: String,
+}
+
+/// The home node's side: registrations waiting for a peer, and a wake-up for the
+/// collectors when subscriptions change.
+#[derive(Default)]
+pub struct Relay {
+    waiting: Mutex<HashMap<SubscriptionId, Registration>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Relay {
+    fn remember(&self, id: SubscriptionId, registration: Registration) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, registration);
+        self.changed.notify_waiters();
+    }
+
+    fn registration(&self, id: &SubscriptionId) -> Option<Registration> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
+fn wire_kind(kind: v1::EventKind) -> EventKind {
+    match kind {
+        v1::EventKind::PointerAppeared => EventKind::Appeared,
+        v1::EventKind::PointerChanged => EventKind::Changed,
+        v1::EventKind::PointerRemoved => EventKind::Removed,
+        v1::EventKind::PointerLapsed => EventKind::Lapsed,
+        v1::EventKind::PatientUnfollowed => EventKind::Unfollowed,
+        _ => EventKind::NotShown,
+    }
+}
+
+/// The protections of one patient that hold for a subscriber, across regions.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Protections {
+    pub opted_out: bool,
+    pub shut: crate::access::ShutOut,
+}
+
+impl NodeService {
+    // The home node's side.
+
+    /// Registers (or renews, or ends) `id` with every peer it should be, waiting
+    /// briefly; peers not reached are tried again by the collectors.
+    pub(super) async fn register_everywhere(
+        &self,
+        id: SubscriptionId,
+        sub: &StoredSubscription,
+        registration: Option<(String, String, String)>,
+    ) {
+        if let Some((access_token, client_organization_number, query_id)) = registration {
+            self.relay.remember(
+                id,
+                Registration {
+                    access_token,
+                    client_organization_number,
+                    query_id,
+                },
+            );
+        }
+        let calls = self
+            .federation
+            .regions()
+            .into_iter()
+            .map(|region| async move {
+                if let Err(e) = self.register_at(&region, id, sub).await {
+                    tracing::warn!(peer = %region, subscription = %hex::encode(id), error = %e, "subscription not registered");
+                }
+            });
+        futures::future::join_all(calls).await;
+        self.relay.changed.notify_waiters();
+    }
+
+    /// Brings `region`'s part of subscription `id` to what it should be now.
+    async fn register_at(
+        &self,
+        region: &str,
+        id: SubscriptionId,
+        sub: &StoredSubscription,
+    ) -> Result<(), Error> {
+        let follows = self.registry.peer_follows(id).await.map_err(internal)?;
+        let state = follows
+            .iter()
+            .find(|f| f.region == region)
+            .map_or(PeerState::Pending, |f| f.state());
+        let set = |state, detail: String| async move {
+            self.registry
+                .set_peer_follow(id, region, state, detail)
+                .await
+                .map_err(internal)
+        };
+        if sub.ended {
+            if state != PeerState::Following {
+                return Ok(());
+            }
+            let request = v1::ForwardedSubscribeRequest {
+                subscription_id: hex::encode(id),
+                ended: true,
+                ..Default::default()
+            };
+            return match self
+                .federation
+                .subscribe_at(region, request, REGISTER_DEADLINE)
+                .await
+            {
+                Ok(_) => set(PeerState::Ended, String::new()).await,
+                Err(e) => Err(Error::unavailable(e.to_string())),
+            };
+        }
+        let Some(registration) = self.relay.registration(&id) else {
+            if state == PeerState::Pending {
+                set(
+                    PeerState::Pending,
+                    format!(
+                        "not registered in {region}: it was not reached while the token \
+                         presented could be forwarded; renew the subscription to register it"
+                    ),
+                )
+                .await?;
+            }
+            return Ok(());
+        };
+        let patients = sub
+            .patients
+            .iter()
+            .filter(|p| !p.stopped)
+            .filter_map(|p| {
+                let pseudonym = Pseudonym::try_from(p.pseudonym.as_slice()).ok()?;
+                let (system, value) = self.registry.open_sealed(&p.sealed, &pseudonym).ok()?;
+                Some(v1::PatientIdentifier { system, value })
+            })
+            .collect();
+        let request = v1::ForwardedSubscribeRequest {
+            subscription_id: hex::encode(id),
+            access_token: registration.access_token,
+            client_organization_number: registration.client_organization_number,
+            patients,
+            categories: sub.categories.clone(),
+            expires_at: Some(to_timestamp(sub.expires_at)),
+            ended: false,
+            query_id: registration.query_id,
+        };
+        match self
+            .federation
+            .subscribe_at(region, request, REGISTER_DEADLINE)
+            .await
+        {
+            Ok(answer) => {
+                tracing::info!(peer = %region, subscription = %hex::encode(id), following = answer.following, "subscription registered");
+                set(PeerState::Following, String::new()).await
+            }
+            Err(PeerCallError::Refused(why)) => set(PeerState::Refused, why).await,
+            Err(PeerCallError::Unavailable(why)) => {
+                set(state, format!("{region} not reached yet: {why}")).await?;
+                Err(Error::unavailable(why))
+            }
+        }
+    }
+
+    /// Collects the events of this node's subscriptions from every peer, for as long
+    /// as the node serves: one task per peer, started and stopped as peers change.
+    pub async fn run_collectors(self) {
+        // Aborted with this task (when the node stops), so none outlives the store.
+        struct Collector(tokio::task::JoinHandle<()>);
+        impl Drop for Collector {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let mut running: HashMap<String, Collector> = HashMap::new();
+        loop {
+            let regions = self.federation.regions();
+            running.retain(|region, task| regions.contains(region) && !task.0.is_finished());
+            for region in regions {
+                if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(region) {
+                    let service = self.clone();
+                    let name = slot.key().clone();
+                    slot.insert(Collector(tokio::spawn(async move {
+                        service.collect_from(name).await
+                    })));
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn collect_from(&self, region: String) {
+        let mut retry = RETRY_FIRST;
+        loop {
+            let changed = self.relay.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let positions = match self.positions_at(&region).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(peer = %region, error = %e, "subscriptions not read");
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            };
+            if positions.is_empty() {
+                tokio::select! {
+                    _ = &mut changed => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+            let request = v1::ForwardedPullEventsRequest {
+                positions: positions.clone(),
+                max_events: PULL_PAGE,
+                wait_ms: PULL_WAIT_MS,
+            };
+            let answer = tokio::select! {
+                a = self.federation.pull_from(&region, request, PULL_DEADLINE) => a,
+                // A new subscription is pulled for at once.
+                _ = &mut changed => continue,
+            };
+            match answer {
+                Ok(answer) => {
+                    retry = RETRY_FIRST;
+                    if let Err(e) = self.store_collected(&region, &positions, answer).await {
+                        tracing::warn!(peer = %region, error = %e, "collected events not stored");
+                        tokio::time::sleep(retry).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %region, error = %e, "events not collected");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MOST);
+                }
+            }
+        }
+    }
+
+    /// Where this node stands at `region` in each subscription registered there,
+    /// registering those that are not yet.
+    async fn positions_at(&self, region: &str) -> Result<Vec<v1::FeedPosition>, Error> {
+        let keep_for = i64::from(self.access.legal().settings().subscriptions.events_days)
+            * 24
+            * 3600
+            * 1_000_000_000;
+        let now = now_nanos();
+        let mut out = Vec::new();
+        for (id, sub) in self.registry.all_subscriptions().await.map_err(internal)? {
+            // Made here, and not long over: a peer's events made before it ended are
+            // still collected.
+            if !sub.home.is_empty() || sub.expires_at.saturating_add(keep_for) < now {
+                continue;
+            }
+            let follows = self.registry.peer_follows(id).await.map_err(internal)?;
+            let follow = follows.into_iter().find(|f| f.region == region);
+            let state = follow.as_ref().map_or(PeerState::Pending, |f| f.state());
+            if state == PeerState::Pending || (sub.ended && state == PeerState::Following) {
+                // Not reached yet, or to be ended there: the pull waits for no one.
+                let _ = self.register_at(region, id, &sub).await;
+            }
+            if let Some(f) = follow
+                && matches!(f.state(), PeerState::Following | PeerState::Ended)
+                && out.len() < MAX_FEEDS
+            {
+                out.push(v1::FeedPosition {
+                    subscription_id: hex::encode(id),
+                    after: f.position,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores what a pull brought, each subscription's events with its new position.
+    async fn store_collected(
+        &self,
+        region: &str,
+        positions: &[v1::FeedPosition],
+        answer: v1::ForwardedPullEventsResponse,
+    ) -> Result<(), Error> {
+        let asked: HashMap<&str, u64> = positions
+            .iter()
+            .map(|p| (p.subscription_id.as_str(), p.after))
+            .collect();
+        for feed in answer.feeds {
+            let Some(&from) = asked.get(feed.subscription_id.as_str()) else {
+                continue;
+            };
+            let id = parse_id(&feed.subscription_id)?;
+            if !feed.error.is_empty() {
+                tracing::warn!(peer = %region, subscription = %feed.subscription_id, error = %feed.error, "peer could not give events");
+                let state = self
+                    .registry
+                    .peer_follows(id)
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .find(|f| f.region == region)
+                    .map_or(PeerState::Pending, |f| f.state());
+                self.registry
+                    .set_peer_follow(id, region, state, feed.error)
+                    .await
+                    .map_err(internal)?;
+                continue;
+            }
+            let Some(to) = feed.events.last().map(|e| e.number) else {
+                continue;
+            };
+            let Some(sub) = self.registry.subscription(id).await.map_err(internal)? else {
+                continue;
+            };
+            let mut collected = Vec::with_capacity(feed.events.len());
+            for event in feed.events {
+                let Some(p) = event.patient.as_ref() else {
+                    continue;
+                };
+                let Ok(patient) = PatientId::parse(&p.system, &p.value, true) else {
+                    continue;
+                };
+                let pseudonym = self.registry.pseudonym(&patient);
+                // A patient no longer followed here gets nothing more from anywhere.
+                if !sub
+                    .patients
+                    .iter()
+                    .any(|f| f.pseudonym == pseudonym && !f.stopped)
+                {
+                    continue;
+                }
+                let at = event.time.as_ref().map_or(now_nanos(), |t| {
+                    t.seconds * 1_000_000_000 + i64::from(t.nanos)
+                });
+                collected.push(StoredEvent {
+                    kind: wire_kind(event.kind()) as i32,
+                    key: pseudonym.to_vec(),
+                    pointer: None,
+                    at,
+                    region: region.to_string(),
+                    shown: event.pointer.map(|p| p.encode_to_vec()).unwrap_or_default(),
+                    origin_number: event.number,
+                });
+            }
+            let n = collected.len();
+            if self
+                .registry
+                .collect_events(id, region, from, to, collected)
+                .await
+                .map_err(internal)?
+            {
+                tracing::debug!(peer = %region, subscription = %feed.subscription_id, events = n, "events collected");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every peer's protections for `patients` that hold for the subscriber; refused
+    /// when a peer cannot be asked, as a lookup shows nothing then.
+    pub(super) async fn protections_elsewhere(
+        &self,
+        id: SubscriptionId,
+        blocked: &Blocked<'_>,
+        patients: &[(Pseudonym, (String, String))],
+        query_id: &str,
+    ) -> Result<BTreeMap<Pseudonym, Protections>, Error> {
+        let mut out: BTreeMap<Pseudonym, Protections> = BTreeMap::new();
+        if patients.is_empty() || self.federation.regions().is_empty() {
+            return Ok(out);
+        }
+        let request = v1::ForwardedProtectionsRequest {
+            subscription_id: hex::encode(id),
+            patients: patients
+                .iter()
+                .map(|(_, (system, value))| v1::PatientIdentifier {
+                    system: system.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            organization_number: blocked.organization.to_string(),
+            child_organization_number: blocked.child_organization.unwrap_or("").to_string(),
+            hpr_number: blocked.hpr_number.unwrap_or("").to_string(),
+            profession: blocked.profession.unwrap_or("").to_string(),
+            query_id: query_id.to_string(),
+        };
+        let mut unchecked = Vec::new();
+        for (region, answer) in self
+            .federation
+            .protections_everywhere(request, PROTECTIONS_DEADLINE)
+            .await
+        {
+            match answer {
+                Ok(answer) if answer.patients.len() == patients.len() => {
+                    for ((pseudonym, _), p) in patients.iter().zip(answer.patients) {
+                        let mine = out.entry(*pseudonym).or_default();
+                        mine.opted_out |= p.opted_out;
+                        mine.shut.merge(p.blocked_all_holders, p.blocked_holders);
+                    }
+                }
+                Ok(_) => unchecked.push(format!("{region} (an answer of the wrong length)")),
+                Err(e) => unchecked.push(format!("{region} ({e})")),
+            }
+        }
+        if !unchecked.is_empty() {
+            return Err(Error::unavailable(format!(
+                "the events wait: the patients' blocks and opt-outs registered in {} could not \
+                 be checked, and they hold for every region's pointers; retry when the region \
+                 answers",
+                unchecked.join(", ")
+            )));
+        }
+        Ok(out)
+    }
+
+    // The peer's side.
+
+    pub(super) async fn forwarded_subscribe_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ForwardedSubscribeRequest>,
+    ) -> Result<Response<v1::ForwardedSubscribeResponse>, Error> {
+        let region = self.peer_region(&req)?;
+        entry.forwarded_by = Some(region.clone());
+        let r = req.into_inner();
+        let query_id = r.query_id.trim();
+        if !query_id.is_empty()
+            && query_id.len() <= 64
+            && query_id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            entry.query_id = query_id.to_string();
+        }
+        let id = parse_id(&r.subscription_id)?;
+        let existing = self.registry.subscription(id).await.map_err(internal)?;
+        if let Some(s) = &existing
+            && s.home != region
+        {
+            return Err(Error::denied(format!(
+                "subscription {} was not registered here by region {region}",
+                r.subscription_id
+            )));
+        }
+        if r.ended {
+            entry.detail = Some(format!("subscription {} ended", r.subscription_id));
+            if let Some(mut s) = existing {
+                s.ended = true;
+                self.registry
+                    .put_subscription(id, s)
+                    .await
+                    .map_err(internal)?;
+            }
+            return Ok(Response::new(v1::ForwardedSubscribeResponse::default()));
+        }
+        let client_org =
+            pointer::org_number("client_organization_number", &r.client_organization_number)
+                .map_err(invalid)?;
+        let requester = self
+            .access
+            .authenticate_forwarded(client_org.as_str(), &r.access_token)
+            .map_err(|e| match e {
+                crate::access::AccessError::Unauthenticated(reason) => {
+                    Error::unauthenticated(reason)
+                }
+                other => super::internal_access(other),
+            })?;
+        if let Some(s) = &existing
+            && s.owner != requester.token.org_number
+        {
+            return Err(Error::denied(format!(
+                "subscription {} belongs to another organization",
+                r.subscription_id
+            )));
+        }
+        if r.patients.len() > super::events::MAX_PATIENTS {
+            return Err(Error::invalid(format!(
+                "patients: at most {} per subscription",
+                super::events::MAX_PATIENTS
+            )));
+        }
+        let most = self.may_follow(&requester, entry, 0)?;
+        let home_expiry = r
+            .expires_at
+            .map_or(most, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
+        let mut patients: BTreeMap<Pseudonym, FollowedPatient> = BTreeMap::new();
+        for (i, p) in r.patients.iter().enumerate() {
+            let patient = pointer::patient(Some(p), self.config.test_data)
+                .map_err(|e| Error::invalid(format!("patients[{i}]: {e}")))?;
+            if !requester.covers(&patient) {
+                continue;
+            }
+            let (pseudonym, sealed) = self.registry.seal(&patient);
+            // Stopped here stays stopped.
+            let stopped = existing.as_ref().is_some_and(|s| {
+                s.patients
+                    .iter()
+                    .any(|f| f.pseudonym == pseudonym && f.stopped)
+            });
+            patients.insert(
+                pseudonym,
+                FollowedPatient {
+                    pseudonym: pseudonym.to_vec(),
+                    sealed,
+                    stopped,
+                },
+            );
+        }
+        let sub = StoredSubscription {
+            owner: requester.token.org_number.clone(),
+            requester: super::events::subscriber_json(&requester)?,
+            categories: pointer::category_list("categories", &r.categories, false)
+                .map_err(invalid)?,
+            patients: patients.into_values().collect(),
+            created_at: existing.as_ref().map_or(now_nanos(), |s| s.created_at),
+            expires_at: home_expiry.min(most),
+            ended: false,
+            home: region.clone(),
+        };
+        self.record_following(entry, id, &sub).await?;
+        self.registry
+            .put_subscription(id, sub.clone())
+            .await
+            .map_err(internal)?;
+        let following = sub.patients.iter().filter(|p| !p.stopped).count() as u32;
+        entry.detail = Some(format!(
+            "subscription {} of region {region}: {following} patients",
+            r.subscription_id
+        ));
+        Ok(Response::new(v1::ForwardedSubscribeResponse {
+            following,
+            expires_at: Some(to_timestamp(sub.expires_at)),
+        }))
+    }
+
+    pub(super) async fn forwarded_pull_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ForwardedPullEventsRequest>,
+    ) -> Result<Response<v1::ForwardedPullEventsResponse>, Error> {
+        let region = self.peer_region(&req)?;
+        entry.forwarded_by = Some(region.clone());
+        let r = req.into_inner();
+        if r.positions.len() > MAX_FEEDS {
+            return Err(Error::invalid(format!(
+                "positions: {} named, at most {MAX_FEEDS} per pull",
+                r.positions.len()
+            )));
+        }
+        let limit = match r.max_events as usize {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
+        let until = tokio::time::Instant::now() + wait;
+        let writes = self.registry.writes();
+        loop {
+            let written = writes.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            let mut feeds = Vec::with_capacity(r.positions.len());
+            let mut any = false;
+            for position in &r.positions {
+                let feed = self.feed(entry, &region, position, limit).await;
+                any |= !feed.events.is_empty();
+                feeds.push(feed);
+            }
+            if any || tokio::time::Instant::now() >= until {
+                entry.detail = Some(format!(
+                    "{} events of {} subscriptions",
+                    feeds.iter().map(|f| f.events.len()).sum::<usize>(),
+                    feeds.len()
+                ));
+                return Ok(Response::new(v1::ForwardedPullEventsResponse { feeds }));
+            }
+            tokio::select! {
+                _ = &mut written => {}
+                _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + super::events::STREAM_POLL)) => {}
+            }
+        }
+    }
+
+    /// One subscription's events for the home node of `region`.
+    async fn feed(
+        &self,
+        entry: &AuditRecord,
+        region: &str,
+        position: &v1::FeedPosition,
+        limit: usize,
+    ) -> v1::Feed {
+        let mut feed = v1::Feed {
+            subscription_id: position.subscription_id.clone(),
+            ..Default::default()
+        };
+        let delivered = async {
+            let id = parse_id(&position.subscription_id)?;
+            let sub = match self.registry.subscription(id).await.map_err(internal)? {
+                Some(s) if s.home == region => s,
+                _ => {
+                    return Err(Error::not_found(format!(
+                        "no subscription {} registered here by region {region}",
+                        position.subscription_id
+                    )));
+                }
+            };
+            self.deliver(entry, id, sub, position.after, limit, false)
+                .await
+        }
+        .await;
+        match delivered {
+            Ok((events, last)) => {
+                feed.events = events;
+                feed.last_event = last;
+            }
+            Err(e) => feed.error = e.to_string(),
+        }
+        feed
+    }
+
+    pub(super) async fn forwarded_protections_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ForwardedProtectionsRequest>,
+    ) -> Result<Response<v1::ForwardedProtectionsResponse>, Error> {
+        let region = self.peer_region(&req)?;
+        entry.forwarded_by = Some(region.clone());
+        let r = req.into_inner();
+        if r.patients.len() > super::events::MAX_PATIENTS {
+            return Err(Error::invalid(format!(
+                "patients: at most {} per call",
+                super::events::MAX_PATIENTS
+            )));
+        }
+        let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let (child, hpr, profession) = (
+            none_if_empty(&r.child_organization_number),
+            none_if_empty(&r.hpr_number),
+            none_if_empty(&r.profession),
+        );
+        let blocked = Blocked {
+            organization: &r.organization_number,
+            child_organization: child.as_deref(),
+            hpr_number: hpr.as_deref(),
+            profession: profession.as_deref(),
+        };
+        let mut patients = Vec::with_capacity(r.patients.len());
+        let mut records = Vec::with_capacity(r.patients.len());
+        for (i, p) in r.patients.iter().enumerate() {
+            let patient = pointer::patient(Some(p), self.config.test_data)
+                .map_err(|e| Error::invalid(format!("patients[{i}]: {e}")))?;
+            let (opt_out, blocks) = self
+                .registry
+                .protections(&patient)
+                .await
+                .map_err(internal)?;
+            let shut = blocked.shut_out(&blocks);
+            let mut record = entry.clone();
+            record.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
+            record.outcome.status = "OK".into();
+            record.detail = Some(format!(
+                "protections for the delivery of subscription {} by region {region}, to \
+                 organization {}",
+                r.subscription_id, r.organization_number
+            ));
+            records.push(record);
+            patients.push(v1::PatientProtections {
+                patient: Some(p.clone()),
+                opted_out: opt_out.is_some(),
+                blocked_all_holders: shut.all_holders,
+                blocked_holders: shut.holders.into_iter().collect(),
+            });
+        }
+        // Recorded before the answer leaves, all at once so they share group commits.
+        futures::future::try_join_all(records.into_iter().map(|r| self.audit.append(r)))
+            .await
+            .map_err(unrecorded)?;
+        entry.detail = Some(format!(
+            "protections of {} patients for subscription {}",
+            patients.len(),
+            r.subscription_id
+        ));
+        Ok(Response::new(v1::ForwardedProtectionsResponse { patients }))
+    }
+}
