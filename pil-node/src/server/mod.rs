@@ -320,8 +320,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     })
 }
 
-/// Opens the store the configuration names.
-async fn open_store(
+/// Opens the store the configuration names (also for tools and tests that read or
+/// change a stopped node's storage).
+pub async fn open_store(
     config: &NodeConfig,
 ) -> Result<(Arc<dyn crate::store::Store>, crate::store::Closer), StoreError> {
     match (&config.storage.engine, &config.storage.postgres) {

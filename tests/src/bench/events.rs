@@ -42,6 +42,17 @@ pub struct EventsResult {
     pub latency_p99_ms: f64,
     /// One consumer pulling the backlog, 1 000 events per call.
     pub pull_events_per_s: f64,
+    /// Three federated regions, the subscription made at the first: a write at the
+    /// home region (delivered after asking both peers for the patient's protections)
+    /// and a write at another region (collected by the home node, then delivered).
+    #[serde(default)]
+    pub regions_home_p50_ms: f64,
+    #[serde(default)]
+    pub regions_home_p99_ms: f64,
+    #[serde(default)]
+    pub regions_peer_p50_ms: f64,
+    #[serde(default)]
+    pub regions_peer_p99_ms: f64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -150,12 +161,77 @@ pub async fn run(
     r.latency_p50_ms = p50;
     r.latency_p99_ms = p99;
     followed.stop()?;
+
+    // Across three regions.
+    let regions = start_regions(world, bin, data, &dir.join("regions"), log_filter)?;
+    let home = regions[0].addr;
+    let subscriber = lookup_clients(world, home, 1).await?.remove(0);
+    let patient = data.patient(1);
+    let sub = subscriber
+        .subscribe(v1::SubscribeRequest {
+            patients: vec![patient.clone()],
+            ..Default::default()
+        })
+        .await?
+        .subscription
+        .unwrap_or_default();
+    let mut stream = subscriber.stream_events(&sub.id, 0, 60).await?;
+    for (i, node) in regions.iter().enumerate().take(2) {
+        let writer = world.client(ORG_C, node.addr).await;
+        let mut micros = Vec::with_capacity(samples);
+        for n in 0..samples as u32 {
+            let n = 20_000 + (i as u32) * 10_000 + n;
+            write_and_wait(&writer, &mut stream, &patient, n, &mut micros).await?;
+        }
+        let (_, p50, p99, _, _) = summarize(micros);
+        if i == 0 {
+            (r.regions_home_p50_ms, r.regions_home_p99_ms) = (p50, p99);
+        } else {
+            (r.regions_peer_p50_ms, r.regions_peer_p99_ms) = (p50, p99);
+        }
+    }
+    drop(stream);
+    for node in regions {
+        node.stop()?;
+    }
     let _ = std::fs::remove_dir_all(dir);
     Ok(r)
 }
 
-/// Writes a new pointer for `patient` and waits for its event; records the time from
-/// the acknowledgement to the event (zero when the event came first).
+/// Three federated regions' nodes, each with every other as peer.
+fn start_regions(
+    world: &World,
+    bin: &Path,
+    data: &DataSet,
+    dir: &Path,
+    log_filter: &str,
+) -> anyhow::Result<Vec<NodeProc>> {
+    let regions = super::suite::REGIONS;
+    let ports: Vec<u16> = regions.iter().map(|_| super::proc::free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
+        let dir = dir.join(region);
+        let mut config = node_config(
+            world,
+            Some(region),
+            dir.join("data"),
+            log_filter,
+            data,
+            format!("127.0.0.1:{}", ports[i]).parse()?,
+        );
+        config.federation.peers = regions
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, r)| pil_tests::peer(r, format!("127.0.0.1:{}", ports[j]).parse().unwrap()))
+            .collect();
+        nodes.push(NodeProc::start(bin, &config, &dir, "node")?);
+    }
+    Ok(nodes)
+}
+
+/// Writes a new pointer for `patient` (through `writer`, at any region) and waits for
+/// its event; records the time from the acknowledgement to the event.
 async fn write_and_wait(
     writer: &PilClient,
     stream: &mut tonic::Streaming<v1::StreamEventsResponse>,

@@ -650,6 +650,23 @@ impl Results {
                     ),
                     format!("{} / {}", ms(e.latency_p50_ms), ms(e.latency_p99_ms)),
                 ),
+                (
+                    "three regions: write at the home region → event, p50 / p99 ms".to_string(),
+                    format!(
+                        "{} / {}",
+                        ms(e.regions_home_p50_ms),
+                        ms(e.regions_home_p99_ms)
+                    ),
+                ),
+                (
+                    "three regions: write at another region → event at the home node, p50 / p99 ms"
+                        .to_string(),
+                    format!(
+                        "{} / {}",
+                        ms(e.regions_peer_p50_ms),
+                        ms(e.regions_peer_p99_ms)
+                    ),
+                ),
             ] {
                 let _ = writeln!(s, "| {name} | {value} |");
             }

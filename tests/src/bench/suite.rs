@@ -520,13 +520,18 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         .await?;
         say(format!(
             "events: sync {:.0}/s unfollowed, {:.0}/s a tenth followed; {} events pulled at \
-             {:.0}/s; write → event p50 {:.2} ms p99 {:.2} ms",
+             {:.0}/s; write → event p50 {:.2} ms p99 {:.2} ms; three regions: home write \
+             p50 {:.2} p99 {:.2} ms, other region's write p50 {:.2} p99 {:.2} ms",
             r.sync_unfollowed_per_s,
             r.sync_followed_per_s,
             r.events_made,
             r.pull_events_per_s,
             r.latency_p50_ms,
-            r.latency_p99_ms
+            r.latency_p99_ms,
+            r.regions_home_p50_ms,
+            r.regions_home_p99_ms,
+            r.regions_peer_p50_ms,
+            r.regions_peer_p99_ms
         ));
         results.events = Some(r);
         save(&results);

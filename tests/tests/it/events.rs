@@ -362,6 +362,70 @@ async fn protections_set_after_subscribing_stop_delivery() {
     node.stop().await;
 }
 
+/// A subscription past its expiry makes no events (a write then has none, and is
+/// not delivered later); renewing it with a fresh token starts them again, numbered on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_subscription_makes_no_events_until_renewed() {
+    let world = World::new();
+    let config = world.config(true);
+    let node = TestNode::start(config.clone()).await;
+    let p = patient_id(520);
+    let gp = world.client(GP, node.addr()).await;
+    let sub = subscribe(&gp, &[&p]).await;
+    let hospital = world.client(ORG_A, node.addr()).await;
+    hospital
+        .upsert(pointer(&p, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    assert_eq!(gp.pull_events(&sub.id, 0, 100).await.unwrap().last_event, 1);
+    drop((gp, hospital));
+    node.stop().await;
+
+    // Its expiry passes while the node is stopped.
+    let (store, closer) = pil_node::server::open_store(&config).await.unwrap();
+    let id: [u8; 16] = hex::decode(&sub.id).unwrap().try_into().unwrap();
+    let mut stored = store.subscription(id).await.unwrap().unwrap();
+    stored.expires_at = pil_node::registry::now_nanos() - 1;
+    store.put_subscription(id, stored).await.unwrap();
+    drop(store);
+    closer.close().await;
+
+    let node = TestNode::start(config).await;
+    let gp = world.client(GP, node.addr()).await;
+    let hospital = world.client(ORG_A, node.addr()).await;
+    hospital
+        .upsert(pointer(&p, ORG_A, 2, &["medications"]))
+        .await
+        .unwrap();
+    let page = gp.pull_events(&sub.id, 1, 100).await.unwrap();
+    assert!(page.events.is_empty(), "expired: no event for the write");
+    assert_eq!(page.last_event, 1);
+    let listed = gp.subscriptions().await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(listed[0].expires_at.as_ref().unwrap().seconds <= now);
+
+    let renewed = gp.renew_subscription(&sub.id, 1).await.unwrap();
+    assert!(renewed.expires_at.unwrap().seconds > now + 3600);
+    hospital
+        .upsert(pointer(&p, ORG_A, 3, &["medications"]))
+        .await
+        .unwrap();
+    let page = gp.pull_events(&sub.id, 1, 100).await.unwrap();
+    assert_eq!(kinds(&page.events), [(2, v1::EventKind::PointerAppeared)]);
+    let endpoint = page.events[0]
+        .pointer
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .as_ref()
+        .unwrap();
+    assert!(endpoint.base_url.contains("fhir3"), "{}", endpoint.base_url);
+    node.stop().await;
+}
+
 /// An event is written with the write that makes it: a node killed right after
 /// acknowledging writes delivers all their events after it restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
