@@ -183,16 +183,7 @@ impl NodeService {
             }
             return Ok(());
         };
-        let patients = sub
-            .patients
-            .iter()
-            .filter(|p| !p.stopped)
-            .filter_map(|p| {
-                let pseudonym = Pseudonym::try_from(p.pseudonym.as_slice()).ok()?;
-                let (system, value) = self.registry.open_sealed(&p.sealed, &pseudonym).ok()?;
-                Some(v1::PatientIdentifier { system, value })
-            })
-            .collect();
+        let patients = self.followed_identifiers(sub);
         let request = v1::ForwardedSubscribeRequest {
             subscription_id: hex::encode(id),
             access_token: registration.access_token,
@@ -478,13 +469,7 @@ impl NodeService {
         let region = self.peer_region(&req)?;
         entry.forwarded_by = Some(region.clone());
         let r = req.into_inner();
-        let query_id = r.query_id.trim();
-        if !query_id.is_empty()
-            && query_id.len() <= 64
-            && query_id.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            entry.query_id = query_id.to_string();
-        }
+        super::federation::take_query_id(entry, &r.query_id);
         let id = parse_id(&r.subscription_id)?;
         let existing = self.registry.subscription(id).await.map_err(internal)?;
         if let Some(s) = &existing
@@ -506,18 +491,8 @@ impl NodeService {
             }
             return Ok(Response::new(v1::ForwardedSubscribeResponse::default()));
         }
-        let client_org =
-            pointer::org_number("client_organization_number", &r.client_organization_number)
-                .map_err(invalid)?;
-        let requester = self
-            .access
-            .authenticate_forwarded(client_org.as_str(), &r.access_token)
-            .map_err(|e| match e {
-                crate::access::AccessError::Unauthenticated(reason) => {
-                    Error::unauthenticated(reason)
-                }
-                other => super::internal_access(other),
-            })?;
+        let requester =
+            self.forwarded_requester(&region, &r.client_organization_number, &r.access_token)?;
         if let Some(s) = &existing
             && s.owner != requester.token.org_number
         {

@@ -125,6 +125,22 @@ impl NodeService {
             .last)
     }
 
+    /// The identifiers of the patients `s` follows now.
+    pub(super) fn followed_identifiers(
+        &self,
+        s: &StoredSubscription,
+    ) -> Vec<v1::PatientIdentifier> {
+        s.patients
+            .iter()
+            .filter(|p| !p.stopped)
+            .filter_map(|p| {
+                let pseudonym = Pseudonym::try_from(p.pseudonym.as_slice()).ok()?;
+                let (system, value) = self.registry.open_sealed(&p.sealed, &pseudonym).ok()?;
+                Some(v1::PatientIdentifier { system, value })
+            })
+            .collect()
+    }
+
     /// The subscription as its owner sees it, with how every other region follows it.
     async fn view(
         &self,
@@ -153,16 +169,7 @@ impl NodeService {
                 }
             })
             .collect();
-        let patients = s
-            .patients
-            .iter()
-            .filter(|p| !p.stopped)
-            .filter_map(|p| {
-                let pseudonym = Pseudonym::try_from(p.pseudonym.as_slice()).ok()?;
-                let (system, value) = self.registry.open_sealed(&p.sealed, &pseudonym).ok()?;
-                Some(v1::PatientIdentifier { system, value })
-            })
-            .collect();
+        let patients = self.followed_identifiers(s);
         Ok(v1::Subscription {
             id: hex::encode(id),
             organization_number: s.owner.clone(),

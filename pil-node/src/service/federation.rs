@@ -17,7 +17,39 @@ use crate::{
     tls::PeerInfo,
 };
 
+/// Keeps the home node's query id for the audit record, if it is one.
+pub(super) fn take_query_id(entry: &mut AuditRecord, query_id: &str) {
+    let query_id = query_id.trim();
+    if !query_id.is_empty()
+        && query_id.len() <= 64
+        && query_id.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        entry.query_id = query_id.to_string();
+    }
+}
+
 impl NodeService {
+    /// The requester of a call a peer forwarded, verified here.
+    pub(super) fn forwarded_requester(
+        &self,
+        region: &str,
+        client_organization_number: &str,
+        access_token: &str,
+    ) -> Result<crate::access::Requester, Error> {
+        let client_org =
+            pointer::org_number("client_organization_number", client_organization_number)
+                .map_err(invalid)?;
+        self.access
+            .authenticate_forwarded(client_org.as_str(), access_token)
+            .map_err(|e| match e {
+                crate::access::AccessError::Unauthenticated(reason) => {
+                    tracing::info!(peer = %region, %reason, "forwarded requester refused");
+                    Error::unauthenticated(reason)
+                }
+                other => super::internal_access(other),
+            })
+    }
+
     /// The calling peer's region; refuses organizations and unknown nodes.
     pub(super) fn peer_region<T>(&self, req: &Request<T>) -> Result<String, Error> {
         match req.extensions().get::<PeerInfo>().map(|i| &i.caller) {
@@ -57,13 +89,7 @@ impl NodeService {
             )));
         };
         let r = req.into_inner();
-        let query_id = r.query_id.trim();
-        if !query_id.is_empty()
-            && query_id.len() <= 64
-            && query_id.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            entry.query_id = query_id.to_string();
-        }
+        take_query_id(entry, &r.query_id);
         let lookup = r
             .lookup
             .ok_or_else(|| Error::invalid("lookup: is required"))?;
@@ -71,19 +97,8 @@ impl NodeService {
             pointer::patient(lookup.patient.as_ref(), self.config.test_data).map_err(invalid)?;
         let pseudonym = self.registry.pseudonym(&patient);
         entry.patient = Some(hex::encode(pseudonym));
-        let client_org =
-            pointer::org_number("client_organization_number", &r.client_organization_number)
-                .map_err(invalid)?;
-        let requester = self
-            .access
-            .authenticate_forwarded(client_org.as_str(), &r.access_token)
-            .map_err(|e| match e {
-                crate::access::AccessError::Unauthenticated(reason) => {
-                    tracing::info!(peer = %region, %reason, "forwarded requester refused");
-                    Error::unauthenticated(reason)
-                }
-                other => super::internal_access(other),
-            })?;
+        let requester =
+            self.forwarded_requester(&region, &r.client_organization_number, &r.access_token)?;
         let filter = super::lookup::lookup_filter(&lookup)?;
         if r.protections_only {
             entry.requester = Some(RequesterInfo::from(&requester));

@@ -391,15 +391,22 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
-async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult>>, StoreError> {
-    let mut c = client(pool).await?;
-    let tx = c.transaction().await.map_err(db_error)?;
+/// Takes the region's turn at pointer writes (the coordinator's row lock) for the
+/// rest of `tx`: groups, subscriptions and collected events number events in turn.
+async fn take_pointer_turn(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
         "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
         &[],
     )
     .await
     .map_err(db_error)?;
+    Ok(())
+}
+
+async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult>>, StoreError> {
+    let mut c = client(pool).await?;
+    let tx = c.transaction().await.map_err(db_error)?;
+    take_pointer_turn(&tx).await?;
     let mut keys: Vec<PointerKey> = jobs.iter().flatten().map(Op::key).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -1117,12 +1124,7 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_error)?;
         // In turn with pointer groups: a group sees the followers or committed first.
-        tx.execute(
-            "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(db_error)?;
+        take_pointer_turn(&tx).await?;
         tx.execute(
             "INSERT INTO subscriptions (id, owner, value) VALUES ($1, $2, $3)
              ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, value = EXCLUDED.value",
@@ -1317,12 +1319,7 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_error)?;
         // In turn with pointer groups, which number this subscription's events too.
-        tx.execute(
-            "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(db_error)?;
+        take_pointer_turn(&tx).await?;
         let position = tx
             .query_opt(
                 "SELECT position FROM peer_follows WHERE subscription = $1 AND region = $2",

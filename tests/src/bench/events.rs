@@ -163,7 +163,7 @@ pub async fn run(
     followed.stop()?;
 
     // Across three regions.
-    let regions = start_regions(world, bin, data, &dir.join("regions"), log_filter)?;
+    let regions = node::start_regions(world, bin, data, &dir.join("regions"), log_filter)?;
     let home = regions[0].addr;
     let subscriber = lookup_clients(world, home, 1).await?.remove(0);
     let patient = data.patient(1);
@@ -196,38 +196,6 @@ pub async fn run(
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(r)
-}
-
-/// Three federated regions' nodes, each with every other as peer.
-fn start_regions(
-    world: &World,
-    bin: &Path,
-    data: &DataSet,
-    dir: &Path,
-    log_filter: &str,
-) -> anyhow::Result<Vec<NodeProc>> {
-    let regions = super::suite::REGIONS;
-    let ports: Vec<u16> = regions.iter().map(|_| super::proc::free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, region) in regions.iter().enumerate() {
-        let dir = dir.join(region);
-        let mut config = node_config(
-            world,
-            Some(region),
-            dir.join("data"),
-            log_filter,
-            data,
-            format!("127.0.0.1:{}", ports[i]).parse()?,
-        );
-        config.federation.peers = regions
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, r)| pil_tests::peer(r, format!("127.0.0.1:{}", ports[j]).parse().unwrap()))
-            .collect();
-        nodes.push(NodeProc::start(bin, &config, &dir, "node")?);
-    }
-    Ok(nodes)
 }
 
 /// Writes a new pointer for `patient` (through `writer`, at any region) and waits for

@@ -418,3 +418,35 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Three federated regions' nodes, each with every other as peer.
+pub fn start_regions(
+    world: &World,
+    bin: &Path,
+    data: &DataSet,
+    dir: &Path,
+    log_filter: &str,
+) -> anyhow::Result<Vec<NodeProc>> {
+    let regions = super::suite::REGIONS;
+    let ports: Vec<u16> = regions.iter().map(|_| super::proc::free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
+        let dir = dir.join(region);
+        let mut config = node_config(
+            world,
+            Some(region),
+            dir.join("data"),
+            log_filter,
+            data,
+            format!("127.0.0.1:{}", ports[i]).parse()?,
+        );
+        config.federation.peers = regions
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, r)| pil_tests::peer(r, format!("127.0.0.1:{}", ports[j]).parse().unwrap()))
+            .collect();
+        nodes.push(NodeProc::start(bin, &config, &dir, "node")?);
+    }
+    Ok(nodes)
+}

@@ -624,26 +624,13 @@ async fn federated(
     bin: &Path,
     results: &mut Results,
 ) -> anyhow::Result<()> {
-    let ports: Vec<u16> = REGIONS.iter().map(|_| proc::free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, region) in REGIONS.iter().enumerate() {
-        let dir = world.path().join("fed").join(region);
-        let mut config = node_config(
-            world,
-            Some(region),
-            dir.join("data"),
-            &plan.node_log_filter,
-            data,
-            format!("127.0.0.1:{}", ports[i]).parse()?,
-        );
-        config.federation.peers = REGIONS
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, r)| pil_tests::peer(r, format!("127.0.0.1:{}", ports[j]).parse().unwrap()))
-            .collect();
-        nodes.push(NodeProc::start(bin, &config, &dir, "node")?);
-    }
+    let nodes = node::start_regions(
+        world,
+        bin,
+        data,
+        &world.path().join("fed"),
+        &plan.node_log_filter,
+    )?;
     // Each region holds its own organizations' pointers.
     let mut loaded = 0;
     for (i, node) in nodes.iter().enumerate() {
