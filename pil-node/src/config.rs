@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
+    pub metrics: MetricsConfig,
     /// The file this configuration was read from, re-read on reload for the peers.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -197,6 +199,21 @@ impl Limits {
     }
 }
 
+/// The Prometheus endpoint: plain HTTP on its own address, for the monitoring
+/// network only (it carries no patient data, but says how busy the node is).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of `GET /metrics`, e.g. `127.0.0.1:9464`; none: no metrics listener.
+    pub listen: Option<SocketAddr>,
+}
+
+impl MetricsConfig {
+    fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -315,6 +332,15 @@ impl NodeConfig {
                     problems.push(format!("writes_for: {org:?}: {e}"));
                 }
             }
+        }
+        if let Some(addr) = self.metrics.listen
+            && addr == self.listen
+            && addr.port() != 0
+        {
+            problems.push(format!(
+                "metrics.listen {addr} is the gRPC listener's address; give the metrics \
+                 endpoint its own port (it is plain HTTP, for the monitoring network)"
+            ));
         }
         if self.auth.dpop_replay_capacity < 1_000 {
             problems.push(

@@ -202,6 +202,7 @@ pub fn prepare(
         writes_for: [(vendor, vec![DEMO_ORGS[2].number.to_string()])].into(),
         limits: Limits::default(),
         log: LogConfig::default(),
+        metrics: Default::default(),
         source: None,
     };
     let config_path = dir.join("node.toml");

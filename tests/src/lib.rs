@@ -144,6 +144,7 @@ impl World {
                 ..Limits::default()
             },
             log: LogConfig::default(),
+            metrics: Default::default(),
             source: None,
         }
     }

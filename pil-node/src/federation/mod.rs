@@ -68,6 +68,20 @@ pub enum PeerOutcome {
     NotAsked(String),
 }
 
+impl PeerOutcome {
+    /// Its name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerOutcome::Answered(_) => "answered",
+            PeerOutcome::Protections(..) => "protections_only",
+            PeerOutcome::Denied(_) => "denied",
+            PeerOutcome::TimedOut => "timed_out",
+            PeerOutcome::Unavailable(_) => "unavailable",
+            PeerOutcome::NotAsked(_) => "not_asked",
+        }
+    }
+}
+
 /// A peer as this node sees it, for `pil peers`.
 #[derive(Debug, Clone)]
 pub struct PeerView {
@@ -444,7 +458,7 @@ impl Federation {
         deadline: Duration,
         ask: bool,
         pointers: bool,
-    ) -> Vec<(String, PeerOutcome)> {
+    ) -> Vec<(String, PeerOutcome, Option<Duration>)> {
         let peers = self.peers();
         let calls = peers.iter().map(|peer| {
             let mut request = request.clone();
@@ -455,6 +469,7 @@ impl Federation {
                     return (
                         region,
                         PeerOutcome::NotAsked("the patient has opted out of PIL".into()),
+                        None,
                     );
                 }
                 let takes_purpose = peer.config.purposes.is_empty()
@@ -486,6 +501,7 @@ impl Federation {
                             "not called: circuit open after repeated failures, next try in {} ms",
                             retry_in.as_millis()
                         )),
+                        None,
                     );
                 }
                 let mut client = peer.client.clone();
@@ -534,7 +550,7 @@ impl Federation {
                     PeerOutcome::NotAsked(_) => {}
                 }
                 drop(h);
-                (region, outcome)
+                (region, outcome, Some(elapsed))
             }
         });
         futures::future::join_all(calls).await

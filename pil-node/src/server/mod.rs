@@ -73,6 +73,7 @@ impl NodeError {
 /// A started node.
 pub struct RunningNode {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     registry: Registry,
     access: Arc<Access>,
     reloader: Reloader,
@@ -87,6 +88,11 @@ impl RunningNode {
     /// The address the listener is bound to (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `GET /metrics` is served, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The node's registry, for in-process use (demo data, tests).
@@ -164,10 +170,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .as_ref()
         .map_or(config.listen.port(), |(_, addr)| addr.port());
     let checked = preflight::check(&config, port);
-    let (listener, addr, checked) = match (listener, checked) {
-        (Ok((listener, addr)), Ok(checked)) => (listener, addr, checked),
-        (listener, checked) => {
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => crate::metrics::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| NodeError::Bind { addr, source }),
+        None => Ok(None),
+    };
+    let (listener, addr, checked, metrics_listener) = match (listener, checked, metrics_listener) {
+        (Ok((listener, addr)), Ok(checked), Ok(m)) => (listener, addr, checked, m),
+        (listener, checked, metrics_listener) => {
             let mut problems: Vec<NodeError> = listener.err().into_iter().collect();
+            problems.extend(metrics_listener.err());
             problems.extend(checked.err().unwrap_or_default());
             return Err(NodeError::all(problems));
         }
@@ -192,6 +206,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.source.clone(),
     );
 
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics_for_listener = metrics.clone();
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let service = NodeService::new(
         registry.clone(),
         config.clone(),
@@ -199,6 +216,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         reloader.clone(),
         audit.clone(),
         federation.clone(),
+        metrics.clone(),
     );
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
@@ -216,6 +234,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let collectors = tokio::spawn(service.clone().run_collectors());
+    let metrics_server = tokio::spawn(async move {
+        if let Some(listener) = metrics_listener {
+            crate::metrics::serve(listener, metrics_for_listener).await;
+        }
+    });
     let audit_svc = AuditServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -254,6 +277,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .layer(tower::util::MapRequestLayer::new(
             crate::service::remember_origin,
         ))
+        .layer(crate::metrics::MetricsLayer::new(metrics))
         .layer(crate::service::RefusalLayer::new(
             audit.clone(),
             config.region.clone(),
@@ -290,7 +314,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             );
             let _ = cut.send(true);
         }
-        for task in [collectors, purge, heads, retention] {
+        for task in [metrics_server, collectors, purge, heads, retention] {
             task.abort();
             let _ = task.await;
         }
@@ -309,6 +333,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     Ok(RunningNode {
         addr,
+        metrics_addr,
         registry,
         access,
         reloader,

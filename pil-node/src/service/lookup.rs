@@ -162,7 +162,8 @@ impl NodeService {
             .await;
         let mut shut = local.shut;
         let mut unchecked = Vec::new();
-        for (peer, outcome) in outcomes {
+        for (peer, outcome, took) in outcomes {
+            self.metrics.forwarded(&peer, outcome.name(), took);
             let asked = !matches!(outcome, PeerOutcome::NotAsked(_));
             // A region that did not answer may hold protections for this patient.
             let checked = matches!(

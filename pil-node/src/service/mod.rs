@@ -54,6 +54,7 @@ pub struct NodeService {
     forward_limit: Arc<tokio::sync::Semaphore>,
     /// Subscriptions made here, on their way to the other regions.
     relay: Arc<event_federation::Relay>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
@@ -93,6 +94,7 @@ impl NodeService {
         reloader: Reloader,
         audit: AuditLog,
         federation: Arc<Federation>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let limit = federation.config().max_concurrent_forwarded.max(1);
         Self {
@@ -104,6 +106,7 @@ impl NodeService {
             federation,
             forward_limit: Arc::new(tokio::sync::Semaphore::new(limit)),
             relay: Arc::default(),
+            metrics,
         }
     }
 
@@ -173,6 +176,16 @@ impl NodeService {
         }
         if entry.decision.outcome.is_empty() {
             entry.decision.outcome = "not_applicable".into();
+        }
+        if entry.action == Action::Lookup {
+            use crate::metrics::LookupDecision as D;
+            self.metrics.lookup(match entry.decision.outcome.as_str() {
+                "allowed" if entry.decision.emergency => D::Emergency,
+                "allowed" => D::Allowed,
+                "denied" => D::Denied,
+                "unauthenticated" => D::Unauthenticated,
+                _ => D::Failed,
+            });
         }
         match self.audit.append(entry).await {
             Ok(_) => result.map_err(Status::from),

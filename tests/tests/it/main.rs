@@ -9,6 +9,7 @@ mod events;
 mod events_across_regions;
 mod federation;
 mod high_availability;
+mod metrics;
 mod privacy;
 mod registry;
 mod sync;

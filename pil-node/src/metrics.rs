@@ -1,0 +1,432 @@
+//! Prometheus metrics, served as OpenMetrics text on their own plain-HTTP listener
+//! (`[metrics] listen`), off the client-facing mTLS port. The gRPC figures use the
+//! names the gRPC ecosystem's interceptors use, so existing dashboards work. No label
+//! names a patient or a person: only services, methods, status codes, decisions and
+//! peer regions.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::future::BoxFuture;
+use http_body::Frame;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// How long a request may take, in seconds: 0.25 ms to about 8 s.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rpc {
+    grpc_type: &'static str,
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Handled {
+    grpc_type: &'static str,
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Decision {
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerOutcome {
+    peer: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Peer {
+    peer: String,
+}
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    started: Family<Rpc, Counter>,
+    handled: Family<Handled, Counter>,
+    handling: Histograms<Rpc>,
+    lookups: Family<Decision, Counter>,
+    forwarded: Family<PeerOutcome, Counter>,
+    forwarded_seconds: Histograms<Peer>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a lookup was decided, as the metrics count it.
+#[derive(Debug, Clone, Copy)]
+pub enum LookupDecision {
+    Allowed,
+    Emergency,
+    Denied,
+    Unauthenticated,
+    /// Refused for another reason (bad input, overload, storage).
+    Failed,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let started = Family::<Rpc, Counter>::default();
+        registry.register(
+            "grpc_server_started",
+            "RPCs started on the server",
+            started.clone(),
+        );
+        let handled = Family::<Handled, Counter>::default();
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code",
+            handled.clone(),
+        );
+        let handling: Histograms<Rpc> = Family::new_with_constructor(latency_buckets);
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Time from an RPC's start to its last message, in seconds",
+            handling.clone(),
+        );
+        let lookups = Family::<Decision, Counter>::default();
+        registry.register(
+            "pil_lookups",
+            "Lookups answered by this node as home node, by decision",
+            lookups.clone(),
+        );
+        let forwarded = Family::<PeerOutcome, Counter>::default();
+        registry.register(
+            "pil_forwarded_lookups",
+            "Lookups this node forwarded to a peer region, by the peer's outcome",
+            forwarded.clone(),
+        );
+        let forwarded_seconds: Histograms<Peer> = Family::new_with_constructor(latency_buckets);
+        registry.register(
+            "pil_forwarded_lookup_seconds",
+            "Time a peer region took to answer a forwarded lookup, in seconds",
+            forwarded_seconds.clone(),
+        );
+        Self {
+            registry,
+            started,
+            handled,
+            handling,
+            lookups,
+            forwarded,
+            forwarded_seconds,
+        }
+    }
+
+    /// Counts a lookup answered (or refused) at this node as home node.
+    pub fn lookup(&self, decision: LookupDecision) {
+        let decision = match decision {
+            LookupDecision::Allowed => "allowed",
+            LookupDecision::Emergency => "emergency",
+            LookupDecision::Denied => "denied",
+            LookupDecision::Unauthenticated => "unauthenticated",
+            LookupDecision::Failed => "failed",
+        };
+        self.lookups.get_or_create(&Decision { decision }).inc();
+    }
+
+    /// Counts one forwarded lookup's outcome at `peer`, with its time when it was called.
+    pub fn forwarded(&self, peer: &str, outcome: &'static str, took: Option<std::time::Duration>) {
+        self.forwarded
+            .get_or_create(&PeerOutcome {
+                peer: peer.to_string(),
+                outcome,
+            })
+            .inc();
+        if let Some(took) = took {
+            self.forwarded_seconds
+                .get_or_create(&Peer {
+                    peer: peer.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The service and method of a gRPC path, `/pil.v1.LookupService/Lookup`; unknown
+/// paths are counted under one name, so a scanner cannot grow the label set.
+fn rpc_of(path: &str) -> (String, String, &'static str) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let known = (service.starts_with("pil.v1.") || service.starts_with("grpc."))
+        && !method.is_empty()
+        && method.len() <= 64
+        && method.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !known {
+        return ("unknown".into(), "unknown".into(), "unary");
+    }
+    let kind = match method {
+        "SyncPointers" => "client_stream",
+        "ExportPointers" | "StreamEvents" | "ExportAudit" | "ReadLog" | "Watch" => "server_stream",
+        "ServerReflectionInfo" => "bidi_stream",
+        _ => "unary",
+    };
+    (service.to_string(), method.to_string(), kind)
+}
+
+/// Counts every RPC the node serves: started, handled by code, and its handling time.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+type Body = tonic::body::Body;
+
+impl<S, B> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let (grpc_service, grpc_method, grpc_type) = rpc_of(req.uri().path());
+        let rpc = Rpc {
+            grpc_type,
+            grpc_service,
+            grpc_method,
+        };
+        self.metrics.started.get_or_create(&rpc).inc();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = self.metrics.clone();
+        let began = Instant::now();
+        Box::pin(async move {
+            let response = inner.call(req).await?;
+            let mut call = Finished {
+                metrics,
+                rpc,
+                began,
+                done: false,
+            };
+            // A trailers-only answer (most refusals) carries its status in the headers.
+            if let Some(code) = response.headers().get("grpc-status") {
+                call.finish(code.as_bytes());
+                return Ok(response);
+            }
+            let (parts, body) = response.into_parts();
+            Ok(http::Response::from_parts(
+                parts,
+                Body::new(Counted { body, call }),
+            ))
+        })
+    }
+}
+
+/// One RPC whose end is still to be counted.
+struct Finished {
+    metrics: Arc<Metrics>,
+    rpc: Rpc,
+    began: Instant,
+    done: bool,
+}
+
+impl Finished {
+    fn finish(&mut self, code: &[u8]) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let code = std::str::from_utf8(code)
+            .ok()
+            .and_then(|c| c.trim().parse::<i32>().ok())
+            .map_or("Unknown", |c| code_name(tonic::Code::from_i32(c)));
+        self.metrics
+            .handled
+            .get_or_create(&Handled {
+                grpc_type: self.rpc.grpc_type,
+                grpc_service: self.rpc.grpc_service.clone(),
+                grpc_method: self.rpc.grpc_method.clone(),
+                grpc_code: code,
+            })
+            .inc();
+        self.metrics
+            .handling
+            .get_or_create(&self.rpc)
+            .observe(self.began.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Finished {
+    /// A stream the client left before its end.
+    fn drop(&mut self) {
+        self.finish(b"1");
+    }
+}
+
+/// A response body that counts its RPC when the trailers (with the status) go out.
+struct Counted {
+    body: Body,
+    call: Finished,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(code) = f.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    this.call.finish(code.as_bytes());
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.call.finish(b"13"),
+            Poll::Ready(None) => this.call.finish(b"0"),
+            Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The code's name as gRPC's own libraries spell it in metrics (`OK`, `NotFound`, …).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The answer to one request on the metrics listener.
+fn answer(
+    req: &http::Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+) -> http::Result<http::Response<http_body_util::Full<bytes::Bytes>>> {
+    if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+        http::Response::builder()
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                metrics.render(),
+            )))
+    } else {
+        http::Response::builder()
+            .status(http::StatusCode::NOT_FOUND)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"only GET /metrics is served here\n",
+            )))
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            // Out of descriptors, say: try again shortly rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = answer(&req, &metrics);
+                async move { response }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

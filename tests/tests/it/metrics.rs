@@ -1,0 +1,132 @@
+//! The Prometheus endpoint: gRPC and PIL figures on their own plain-HTTP listener,
+//! with nothing that names a patient or a person.
+
+use std::net::SocketAddr;
+
+use pil_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET <path>` over plain HTTP/1.1: the status line and the body.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .trim()
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_rpcs_and_lookups_by_decision_and_name_no_one() {
+    let world = World::new();
+    let mut config = world.config(true);
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let node = TestNode::start(config).await;
+    let metrics = node.node.metrics_addr().expect("a metrics listener");
+    assert_ne!(metrics, node.addr(), "off the client-facing port");
+    let p = patient_id(800);
+    let hospital = world.client(ORG_A, node.addr()).await;
+    hospital
+        .upsert(pointer(&p, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    world
+        .client(ORG_A, node.addr())
+        .await
+        .lookup(lookup(&p))
+        .await
+        .unwrap();
+    world
+        .client(ORG_A, node.addr())
+        .await
+        .lookup(lookup(&p))
+        .await
+        .unwrap();
+    let refused = world
+        .client_as(ORG_A, node.addr(), |t| t.purpose = "HRESCH".into())
+        .await
+        .lookup(lookup(&p))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&refused), tonic::Code::PermissionDenied);
+    let emergency = world
+        .client_as(ORG_A, node.addr(), |t| {
+            t.purpose = "ETREAT".into();
+            t.care_relationship = false;
+        })
+        .await;
+    emergency.lookup(lookup(&p)).await.unwrap();
+
+    let (status, text) = get(metrics, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let lookups = r#"grpc_type="unary",grpc_service="pil.v1.LookupService",grpc_method="Lookup""#;
+    assert_eq!(
+        sample(&text, &format!("grpc_server_started_total{{{lookups}}}")),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("grpc_server_handled_total{{{lookups},grpc_code=\"OK\"}}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("grpc_server_handled_total{{{lookups},grpc_code=\"PermissionDenied\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("grpc_server_handling_seconds_count{{{lookups}}}")
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(&text, r#"pil_lookups_total{decision="allowed"}"#),
+        2.0
+    );
+    assert_eq!(
+        sample(&text, r#"pil_lookups_total{decision="emergency"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, r#"pil_lookups_total{decision="denied"}"#),
+        1.0
+    );
+    assert!(
+        text.contains(r#"grpc_method="UpsertPointer""#),
+        "every service is counted"
+    );
+    // Nothing that names a patient, a person or an organization.
+    for secret in [p.value.as_str(), HPR, ORG_A] {
+        assert!(!text.contains(secret), "{secret} in the metrics:\n{text}");
+    }
+    let (status, _) = get(metrics, "/other").await;
+    assert!(status.contains("404"), "{status}");
+    node.stop().await;
+}
