@@ -352,10 +352,20 @@ fn every_command_the_demo_prints_runs_as_printed() {
     assert!(commands.len() >= 9, "{text}");
     assert!(text.contains("auditor role"), "{text}");
     assert!(text.contains("audit public key"), "{text}");
+    // The commands name `pil` as a user's PATH finds it; here that is this build's CLI.
+    let bin = cwd.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pil-test-cli"), bin.join("pil")).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut outputs = Vec::new();
     for command in &commands {
         let out = Command::new("sh")
             .args(["-c", command])
+            .env("PATH", &path)
             .current_dir(cwd.path())
             .output()
             .unwrap();
