@@ -11,7 +11,7 @@ mod error;
 pub mod federation;
 mod identity;
 mod lookup;
-mod metrics;
+pub mod metrics;
 pub mod patient_keys;
 pub mod pki;
 pub mod pointer;

@@ -19,6 +19,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -62,9 +63,16 @@ struct Peer {
     peer: String,
 }
 
+/// Reads a figure that lives elsewhere (a peer's breaker) just before a scrape.
+type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// The node's metrics.
 pub struct Metrics {
     registry: Registry,
+    refresh: std::sync::Mutex<Vec<Refresh>>,
+    audit_append_seconds: Histogram,
+    audit_append_failures: Counter,
+    peer_circuit: Family<Peer, Gauge>,
     started: Family<Rpc, Counter>,
     handled: Family<Handled, Counter>,
     handling: Histograms<Rpc>,
@@ -129,8 +137,30 @@ impl Metrics {
             "Time a peer region took to answer a forwarded lookup, in seconds",
             forwarded_seconds.clone(),
         );
+        let audit_append_seconds = latency_buckets();
+        registry.register(
+            "pil_audit_append_seconds",
+            "Time to make one audit record durable (its group commit included), in seconds",
+            audit_append_seconds.clone(),
+        );
+        let audit_append_failures = Counter::default();
+        registry.register(
+            "pil_audit_append_failures",
+            "Audit records that could not be made durable (their requests were refused)",
+            audit_append_failures.clone(),
+        );
+        let peer_circuit = Family::<Peer, Gauge>::default();
+        registry.register(
+            "pil_peer_circuit_state",
+            "A peer region's circuit breaker: 0 closed, 1 half-open (one trial call), 2 open",
+            peer_circuit.clone(),
+        );
         Self {
             registry,
+            refresh: std::sync::Mutex::default(),
+            audit_append_seconds,
+            audit_append_failures,
+            peer_circuit,
             started,
             handled,
             handling,
@@ -169,8 +199,42 @@ impl Metrics {
         }
     }
 
+    /// Runs `refresh` before every scrape, to read figures kept elsewhere.
+    pub fn on_scrape(&self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(refresh));
+    }
+
+    /// One audit append: how long it took, or that it failed.
+    pub fn audit_append(&self, took: std::time::Duration, ok: bool) {
+        if ok {
+            self.audit_append_seconds.observe(took.as_secs_f64());
+        } else {
+            self.audit_append_failures.inc();
+        }
+    }
+
+    /// A peer's breaker as `pil_peer_circuit_state` says it.
+    pub fn peer_circuit(&self, peer: &str, state: i64) {
+        self.peer_circuit
+            .get_or_create(&Peer {
+                peer: peer.to_string(),
+            })
+            .set(state);
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn render(&self) -> String {
+        for refresh in self
+            .refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            refresh(self);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -33,6 +33,7 @@ pub enum AuditError {
 pub struct AuditLog {
     store: Arc<dyn Store>,
     signer: Arc<dyn HeadSigning>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AuditLog {
@@ -45,13 +46,25 @@ impl AuditLog {
                 signer,
                 origin: format!("pil-audit/{region}"),
             }),
+            metrics: None,
         }
+    }
+
+    /// The same log, timing every append into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Appends `record` (its `index` is assigned by the store) and returns once it is
     /// durable.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        Ok(self.store.audit_append(Box::new(record)).await?)
+        let began = std::time::Instant::now();
+        let appended = self.store.audit_append(Box::new(record)).await;
+        if let Some(m) = &self.metrics {
+            m.audit_append(began.elapsed(), appended.is_ok());
+        }
+        Ok(appended?)
     }
 
     /// Signs the current tree unless its size is already signed; returns the newest

@@ -195,7 +195,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     } = checked;
 
     let (store, closer) = open_store(&config).await?;
-    let audit = AuditLog::new(store.clone(), &config.region, signer);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let audit = AuditLog::new(store.clone(), &config.region, signer).with_metrics(metrics.clone());
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
     let registry = Registry::open(store, keys, config.region.clone());
@@ -206,8 +207,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.source.clone(),
     );
 
-    let metrics = Arc::new(crate::metrics::Metrics::new());
     let metrics_for_listener = metrics.clone();
+    let peers = federation.clone();
+    metrics.on_scrape(move |m| {
+        for peer in peers.view() {
+            let state = match peer.breaker {
+                crate::federation::BreakerState::Closed => 0,
+                crate::federation::BreakerState::HalfOpen => 1,
+                crate::federation::BreakerState::Open { .. } => 2,
+            };
+            m.peer_circuit(&peer.config.region, state);
+        }
+    });
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let service = NodeService::new(
         registry.clone(),

@@ -37,6 +37,19 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
+/// The PIL and gRPC server series a rules or dashboard file names.
+fn series_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("pil_") || w.starts_with("grpc_server_"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(!names.is_empty());
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rpcs_and_lookups_by_decision_and_name_no_one() {
     let world = World::new();
@@ -126,7 +139,62 @@ async fn metrics_count_rpcs_and_lookups_by_decision_and_name_no_one() {
     for secret in [p.value.as_str(), HPR, ORG_A] {
         assert!(!text.contains(secret), "{secret} in the metrics:\n{text}");
     }
+    assert!(sample(&text, "pil_audit_append_seconds_count") >= 5.0);
+    assert_eq!(sample(&text, "pil_audit_append_failures_total"), 0.0);
     let (status, _) = get(metrics, "/other").await;
     assert!(status.contains("404"), "{status}");
+    node.stop().await;
+}
+
+/// A peer that cannot be reached: its forwarded lookups are counted by outcome, with
+/// their time, and its circuit shows open once the breaker trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_down_shows_in_its_counts_and_circuit() {
+    let world = World::new();
+    let mut config = world.config(true);
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    config.federation.peers = vec![peer("helse-midt", dead_addr)];
+    config.federation.breaker_cooldown_ms = 60_000;
+    let node = TestNode::start(config).await;
+    let metrics = node.node.metrics_addr().unwrap();
+    let p = patient_id(801);
+    let doctor = world.client(ORG_A, node.addr()).await;
+    for _ in 0..5 {
+        doctor.lookup(lookup(&p)).await.unwrap();
+    }
+    let (_, text) = get(metrics, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"pil_forwarded_lookups_total{peer="helse-midt",outcome="unavailable"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"pil_forwarded_lookup_seconds_count{peer="helse-midt"}"#
+        ),
+        3.0,
+        "called until the breaker opened"
+    );
+    assert_eq!(
+        sample(&text, r#"pil_peer_circuit_state{peer="helse-midt"}"#),
+        2.0
+    );
+    // The shipped alert rules and dashboard use only series this node exports.
+    let docs = package_dir().join("../docs/monitoring");
+    for file in ["pil-alerts.yml", "pil-dashboard.json"] {
+        let rules = std::fs::read_to_string(docs.join(file)).unwrap();
+        for name in series_names(&rules) {
+            assert!(
+                text.lines().any(|l| l.starts_with(&name)),
+                "{file} uses {name}, which the node does not export"
+            );
+        }
+    }
     node.stop().await;
 }
