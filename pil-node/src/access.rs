@@ -80,6 +80,12 @@ impl Access {
         })
     }
 
+    /// The DPoP proofs remembered against replay at this node, and the most it holds.
+    pub fn replay_cache_use(&self) -> (usize, usize) {
+        let cache = self.verifier.replay_cache();
+        (cache.len(), cache.capacity())
+    }
+
     /// The legal configuration in force.
     pub fn legal(&self) -> Arc<LegalConfig> {
         self.legal

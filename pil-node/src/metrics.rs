@@ -73,6 +73,8 @@ pub struct Metrics {
     audit_append_seconds: Histogram,
     audit_append_failures: Counter,
     peer_circuit: Family<Peer, Gauge>,
+    replay_entries: Gauge,
+    replay_capacity: Gauge,
     started: Family<Rpc, Counter>,
     handled: Family<Handled, Counter>,
     handling: Histograms<Rpc>,
@@ -155,9 +157,23 @@ impl Metrics {
             "A peer region's circuit breaker: 0 closed, 1 half-open (one trial call), 2 open",
             peer_circuit.clone(),
         );
+        let replay_entries = Gauge::default();
+        registry.register(
+            "pil_dpop_replay_cache_entries",
+            "DPoP proofs remembered against replay at this node",
+            replay_entries.clone(),
+        );
+        let replay_capacity = Gauge::default();
+        registry.register(
+            "pil_dpop_replay_cache_capacity",
+            "The most DPoP proofs the replay cache holds; when full, new proofs are refused",
+            replay_capacity.clone(),
+        );
         Self {
             registry,
             refresh: std::sync::Mutex::default(),
+            replay_entries,
+            replay_capacity,
             audit_append_seconds,
             audit_append_failures,
             peer_circuit,
@@ -223,6 +239,12 @@ impl Metrics {
                 peer: peer.to_string(),
             })
             .set(state);
+    }
+
+    /// How full the DPoP replay cache is.
+    pub fn replay_cache(&self, entries: usize, capacity: usize) {
+        self.replay_entries.set(entries as i64);
+        self.replay_capacity.set(capacity as i64);
     }
 
     /// The OpenMetrics text of every metric.

@@ -219,6 +219,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             m.peer_circuit(&peer.config.region, state);
         }
     });
+    let replay = access.clone();
+    metrics.on_scrape(move |m| {
+        let (entries, capacity) = replay.replay_cache_use();
+        m.replay_cache(entries, capacity);
+    });
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let service = NodeService::new(
         registry.clone(),

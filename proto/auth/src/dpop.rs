@@ -205,6 +205,11 @@ impl ReplayCache {
         self.lock().seen.len()
     }
 
+    /// The most entries it holds; a full cache refuses every new proof.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -141,6 +141,14 @@ async fn metrics_count_rpcs_and_lookups_by_decision_and_name_no_one() {
     }
     assert!(sample(&text, "pil_audit_append_seconds_count") >= 5.0);
     assert_eq!(sample(&text, "pil_audit_append_failures_total"), 0.0);
+    assert!(
+        sample(&text, "pil_dpop_replay_cache_entries") >= 4.0,
+        "one per lookup's proof"
+    );
+    assert_eq!(
+        sample(&text, "pil_dpop_replay_cache_capacity"),
+        pil_node::config::DEFAULT_DPOP_REPLAY_CAPACITY as f64
+    );
     let (status, _) = get(metrics, "/other").await;
     assert!(status.contains("404"), "{status}");
     node.stop().await;
