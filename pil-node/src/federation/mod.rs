@@ -322,15 +322,17 @@ impl Federation {
             .collect()
     }
 
-    /// Calls the peer of `region` once, within `deadline`; a failure says what happened.
-    async fn call<T, F, Fut>(
+    /// Sends `message` to the peer of `region` once (through `f`), within `deadline`;
+    /// a failure says what happened.
+    async fn call<M, T, F, Fut>(
         &self,
         region: &str,
         deadline: Duration,
+        message: M,
         f: F,
     ) -> Result<T, PeerCallError>
     where
-        F: FnOnce(FederationServiceClient<Channel>, Duration) -> Fut,
+        F: FnOnce(FederationServiceClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let peer = self
@@ -341,7 +343,9 @@ impl Federation {
             .ok_or_else(|| {
                 PeerCallError::Unavailable(format!("{region} is not a configured peer"))
             })?;
-        match tokio::time::timeout(deadline, f(peer.client.clone(), deadline)).await {
+        let mut req = tonic::Request::new(message);
+        req.set_timeout(deadline);
+        match tokio::time::timeout(deadline, f(peer.client.clone(), req)).await {
             Err(_) => Err(PeerCallError::Unavailable(format!(
                 "no answer within {} ms",
                 deadline.as_millis()
@@ -367,9 +371,7 @@ impl Federation {
         request: v1::ForwardedSubscribeRequest,
         deadline: Duration,
     ) -> Result<v1::ForwardedSubscribeResponse, PeerCallError> {
-        self.call(region, deadline, |mut c, d| async move {
-            let mut req = tonic::Request::new(request);
-            req.set_timeout(d);
+        self.call(region, deadline, request, |mut c, req| async move {
             c.forwarded_subscribe(req).await
         })
         .await
@@ -382,9 +384,7 @@ impl Federation {
         request: v1::ForwardedPullEventsRequest,
         deadline: Duration,
     ) -> Result<v1::ForwardedPullEventsResponse, PeerCallError> {
-        self.call(region, deadline, |mut c, d| async move {
-            let mut req = tonic::Request::new(request);
-            req.set_timeout(d);
+        self.call(region, deadline, request, |mut c, req| async move {
             c.forwarded_pull_events(req).await
         })
         .await
@@ -403,9 +403,7 @@ impl Federation {
             let request = request.clone();
             async move {
                 let answer = self
-                    .call(&region, deadline, |mut c, d| async move {
-                        let mut req = tonic::Request::new(request);
-                        req.set_timeout(d);
+                    .call(&region, deadline, request, |mut c, req| async move {
                         c.forwarded_protections(req).await
                     })
                     .await;
