@@ -171,7 +171,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .map_or(config.listen.port(), |(_, addr)| addr.port());
     let checked = preflight::check(&config, port);
     let metrics_listener = match config.metrics.listen {
-        Some(addr) => crate::metrics::bind(addr)
+        Some(addr) => TcpListener::bind(addr)
             .await
             .map(Some)
             .map_err(|source| NodeError::Bind { addr, source }),
