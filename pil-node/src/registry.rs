@@ -24,7 +24,7 @@ use crate::{
 
 /// Pointer lifetime until the legal configuration sets one.
 const DEFAULT_LIFETIME_DAYS: u32 = 365;
-const NANOS_PER_DAY: i64 = 24 * 3600 * 1_000_000_000;
+pub const NANOS_PER_DAY: i64 = 24 * 3600 * 1_000_000_000;
 
 /// The pointer lifetime in force, in days; changed by reloads, applied to pointers
 /// written from then on.

@@ -18,13 +18,13 @@ use tonic::{Request, Response};
 
 use super::{NodeService, events::parse_id, internal, invalid, unrecorded};
 use crate::{
-    access::Blocked,
+    access::{Blocked, Requester},
     audit::AuditRecord,
     error::Error,
     federation::PeerCallError,
     patient_keys::Pseudonym,
     pointer::{self, to_timestamp},
-    registry::now_nanos,
+    registry::{NANOS_PER_DAY, now_nanos},
     store::{
         PeerState, StoredEvent, StoredSubscription, SubscriptionId,
         events::{EventKind, FollowedPatient},
@@ -50,10 +50,21 @@ const RETRY_MOST: Duration = Duration::from_secs(10);
 /// What a token presented at subscribing or renewing lets the home node do at the
 /// peers it has not reached yet. Kept in memory only: a credential is never stored.
 #[derive(Clone)]
-struct Registration {
+pub(super) struct Registration {
     access_token: String,
     client_organization_number: String,
     query_id: String,
+}
+
+impl Registration {
+    /// What `requester`'s call (on a certificate of `client_org`) lets be forwarded.
+    pub(super) fn of(requester: &Requester, client_org: String, query_id: &str) -> Self {
+        Self {
+            access_token: requester.presented.clone(),
+            client_organization_number: client_org,
+            query_id: query_id.to_string(),
+        }
+    }
 }
 
 /// The home node's side: registrations waiting for a peer, and a wake-up for the
@@ -109,17 +120,10 @@ impl NodeService {
         &self,
         id: SubscriptionId,
         sub: &StoredSubscription,
-        registration: Option<(String, String, String)>,
+        registration: Option<Registration>,
     ) {
-        if let Some((access_token, client_organization_number, query_id)) = registration {
-            self.relay.remember(
-                id,
-                Registration {
-                    access_token,
-                    client_organization_number,
-                    query_id,
-                },
-            );
+        if let Some(registration) = registration {
+            self.relay.remember(id, registration);
         }
         let calls = self
             .federation
@@ -134,6 +138,21 @@ impl NodeService {
         self.relay.changed.notify_waiters();
     }
 
+    /// How `region` follows subscription `id`, if it was ever tried there.
+    async fn peer_follow(
+        &self,
+        id: SubscriptionId,
+        region: &str,
+    ) -> Result<Option<crate::store::PeerFollow>, Error> {
+        Ok(self
+            .registry
+            .peer_follows(id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .find(|f| f.region == region))
+    }
+
     /// Brings `region`'s part of subscription `id` to what it should be now.
     async fn register_at(
         &self,
@@ -141,10 +160,9 @@ impl NodeService {
         id: SubscriptionId,
         sub: &StoredSubscription,
     ) -> Result<(), Error> {
-        let follows = self.registry.peer_follows(id).await.map_err(internal)?;
-        let state = follows
-            .iter()
-            .find(|f| f.region == region)
+        let state = self
+            .peer_follow(id, region)
+            .await?
             .map_or(PeerState::Pending, |f| f.state());
         let set = |state, detail: String| async move {
             self.registry
@@ -289,10 +307,8 @@ impl NodeService {
     /// Where this node stands at `region` in each subscription registered there,
     /// registering those that are not yet.
     async fn positions_at(&self, region: &str) -> Result<Vec<v1::FeedPosition>, Error> {
-        let keep_for = i64::from(self.access.legal().settings().subscriptions.events_days)
-            * 24
-            * 3600
-            * 1_000_000_000;
+        let keep_for =
+            i64::from(self.access.legal().settings().subscriptions.events_days) * NANOS_PER_DAY;
         let now = now_nanos();
         let mut out = Vec::new();
         for (id, sub) in self.registry.all_subscriptions().await.map_err(internal)? {
@@ -301,8 +317,7 @@ impl NodeService {
             if !sub.home.is_empty() || sub.expires_at.saturating_add(keep_for) < now {
                 continue;
             }
-            let follows = self.registry.peer_follows(id).await.map_err(internal)?;
-            let follow = follows.into_iter().find(|f| f.region == region);
+            let follow = self.peer_follow(id, region).await?;
             let state = follow.as_ref().map_or(PeerState::Pending, |f| f.state());
             if state == PeerState::Pending || (sub.ended && state == PeerState::Following) {
                 // Not reached yet, or to be ended there: the pull waits for no one.
@@ -340,12 +355,8 @@ impl NodeService {
             if !feed.error.is_empty() {
                 tracing::warn!(peer = %region, subscription = %feed.subscription_id, error = %feed.error, "peer could not give events");
                 let state = self
-                    .registry
-                    .peer_follows(id)
-                    .await
-                    .map_err(internal)?
-                    .into_iter()
-                    .find(|f| f.region == region)
+                    .peer_follow(id, region)
+                    .await?
                     .map_or(PeerState::Pending, |f| f.state());
                 self.registry
                     .set_peer_follow(id, region, state, feed.error)
@@ -376,9 +387,10 @@ impl NodeService {
                 {
                     continue;
                 }
-                let at = event.time.as_ref().map_or(now_nanos(), |t| {
-                    t.seconds * 1_000_000_000 + i64::from(t.nanos)
-                });
+                let at = pointer::timestamp("time", event.time.as_ref())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(now_nanos);
                 collected.push(StoredEvent {
                     kind: wire_kind(event.kind()) as i32,
                     key: pseudonym.to_vec(),
@@ -508,9 +520,9 @@ impl NodeService {
             )));
         }
         let most = self.may_follow(&requester, entry, 0)?;
-        let home_expiry = r
-            .expires_at
-            .map_or(most, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
+        let home_expiry = pointer::timestamp("expires_at", r.expires_at.as_ref())
+            .map_err(invalid)?
+            .unwrap_or(most);
         let mut patients: BTreeMap<Pseudonym, FollowedPatient> = BTreeMap::new();
         for (i, p) in r.patients.iter().enumerate() {
             let patient = pointer::patient(Some(p), self.config.test_data)

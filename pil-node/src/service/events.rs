@@ -9,7 +9,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use super::{NodeService, denied, internal, unrecorded};
+use super::{NodeService, denied, event_federation::Registration, internal, unrecorded};
 use crate::{
     access::{Blocked, Requester},
     audit::{
@@ -21,7 +21,7 @@ use crate::{
     lookup,
     patient_keys::Pseudonym,
     pointer::{self, to_timestamp},
-    registry::now_nanos,
+    registry::{NANOS_PER_DAY, now_nanos},
     store::{
         PeerState, StoredEvent, StoredSubscription, SubscriptionId,
         events::{EventKind, FollowedPatient},
@@ -36,7 +36,6 @@ const MAX_PAGE: usize = 1000;
 /// How often a stream looks for events written through other nodes of the region.
 pub(super) const STREAM_POLL: Duration = Duration::from_millis(500);
 const DEFAULT_HEARTBEAT_SECS: u32 = 15;
-const NANOS_PER_DAY: i64 = 24 * 3600 * 1_000_000_000;
 
 /// Who subscribed, as every delivery is decided for: the legal facts of their token
 /// and the identities a block may name.
@@ -330,11 +329,7 @@ impl NodeService {
             sub.patients.len()
         ));
         tracing::info!(caller = %sub.owner, subscription = %hex::encode(id), patients = sub.patients.len(), "subscribed");
-        let forward = (
-            requester.presented.clone(),
-            cert_org,
-            entry.query_id.clone(),
-        );
+        let forward = Registration::of(&requester, cert_org, &entry.query_id);
         self.register_everywhere(id, &sub, Some(forward)).await;
         Ok(Response::new(v1::SubscribeResponse {
             subscription: Some(self.view(id, &sub, 0).await?),
@@ -382,11 +377,7 @@ impl NodeService {
             .map_err(internal)?;
         entry.detail = Some(format!("subscription {} renewed", req.id));
         // Every region again, with the fresh token.
-        let forward = (
-            requester.presented.clone(),
-            cert_org,
-            entry.query_id.clone(),
-        );
+        let forward = Registration::of(&requester, cert_org, &entry.query_id);
         self.register_everywhere(id, &sub, Some(forward)).await;
         Ok(Response::new(v1::RenewSubscriptionResponse {
             subscription: Some(self.view(id, &sub, self.last_event(id).await?).await?),
