@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pil/v1/audit.proto",
         "pil/v1/federation.proto",
         "pil/v1/events.proto",
+        "pil/v1/control.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -49,7 +49,8 @@ pub enum AuditCommand {
     /// Check the whole log against the node's signed tree heads, with only its
     /// public key: every record, its position and every signed root.
     Verify {
-        /// The node's tree-head public key (PEM), obtained from its operator.
+        /// The node's tree-head public key (PEM), obtained from its operator; after
+        /// a key rotation, its key history (every public key, oldest first).
         #[arg(long)]
         public_key: PathBuf,
         /// Have the node sign its current tree first, so every record is covered.
@@ -68,7 +69,7 @@ pub enum AuditCommand {
         /// Save the note to this file (keep it: later heads must extend it).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Check the head's signature with this public key first.
+        /// Check the head's signature with this public key (or key history) first.
         #[arg(long)]
         public_key: Option<PathBuf>,
     },
@@ -77,7 +78,7 @@ pub enum AuditCommand {
         /// The record's index.
         #[arg(long)]
         index: u64,
-        /// The node's tree-head public key (PEM).
+        /// The node's tree-head public key or key history (PEM).
         #[arg(long)]
         public_key: PathBuf,
         /// Prove against this saved head instead of the node's newest.
@@ -90,7 +91,7 @@ pub enum AuditCommand {
         /// The saved head (from `pil audit head --out`).
         #[arg(long)]
         from: PathBuf,
-        /// The node's tree-head public key (PEM).
+        /// The node's tree-head public key or key history (PEM).
         #[arg(long)]
         public_key: PathBuf,
         /// Save the new head here once it is proven consistent.

@@ -560,8 +560,15 @@ async fn policy(client: &PilClient, command: PolicyCommand, json: bool) -> anyho
     match command {
         PolicyCommand::Check { .. } => unreachable!("handled offline"),
         PolicyCommand::Reload => {
-            let policies = client.reload_legal_config().await?;
-            println!("legal configuration reloaded: {policies} policies in force");
+            let r = client.reload_legal_config().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"policies": r.policies, "peers": r.peers, "detail": r.detail})
+                );
+            } else {
+                println!("configuration reloaded: {}", r.detail);
+            }
         }
         PolicyCommand::Explain {
             categories,

@@ -408,17 +408,16 @@ impl PilClient {
         Ok(self.admin.clone().get_opt_out(req).await?.into_inner())
     }
 
-    /// Makes the node re-read its legal configuration; returns the number of
-    /// policies now in force.
-    pub async fn reload_legal_config(&self) -> Result<u32, ClientError> {
+    /// Makes the node re-read its configuration (legal configuration, peers, TLS
+    /// files, issuer keys, audit signing key); returns what is in force now.
+    pub async fn reload_legal_config(&self) -> Result<v1::ReloadLegalConfigResponse, ClientError> {
         let req = v1::ReloadLegalConfigRequest {};
         Ok(self
             .admin
             .clone()
             .reload_legal_config(req)
             .await?
-            .into_inner()
-            .policies)
+            .into_inner())
     }
 }
 

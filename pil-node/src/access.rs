@@ -13,7 +13,7 @@ use std::{
 };
 
 use pil_auth::dpop::normalize_htu;
-use pil_auth::verify::{RequestContext, TokenVerifier, VerifiedRequester, VerifierConfig};
+use pil_auth::verify::{Jwks, RequestContext, TokenVerifier, VerifiedRequester, VerifierConfig};
 use pil_legal::{LegalConfig, PolicyError};
 use pil_proto::ident::PatientId;
 
@@ -27,8 +27,6 @@ pub const BLOCK_ORGANIZATION: i32 = 3;
 /// Why access could not be set up or a requester not authenticated.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
-    #[error("cannot load the issuer keys: {0}")]
-    Jwks(String),
     #[error("{0}")]
     Legal(#[from] PolicyError),
     #[error("legal configuration is for region {found:?}, this node serves {expected:?}")]
@@ -49,7 +47,8 @@ pub struct Requester {
 
 /// Token verification and the legal configuration in force.
 pub struct Access {
-    verifier: TokenVerifier,
+    /// Swapped when the issuer's keys are reloaded; the replay cache is carried over.
+    verifier: RwLock<Arc<TokenVerifier>>,
     /// The node's own base URLs (normalized `https://host:port`): a call must be
     /// addressed to one of them, so a DPoP proof made for another node never fits.
     names: Vec<String>,
@@ -59,20 +58,20 @@ pub struct Access {
 }
 
 impl Access {
-    /// Loads the issuer keys and the legal configuration; refuses an invalid one.
-    /// `names` are the base URLs clients may address the node by (see [`own_names`]).
-    pub fn load(config: &NodeConfig, names: Vec<String>) -> Result<Self, AccessError> {
+    /// Verifies with the issuer keys `jwks` and loads the legal configuration;
+    /// refuses an invalid one. `names` are the base URLs clients may address the node
+    /// by (see [`own_names`]).
+    pub fn load(config: &NodeConfig, names: Vec<String>, jwks: Jwks) -> Result<Self, AccessError> {
         let auth = &config.auth;
         let mut vc = VerifierConfig::new(&auth.issuer, &auth.audience, &auth.required_scope);
         vc.leeway = Duration::from_secs(auth.leeway_secs);
         vc.require_dpop = auth.require_dpop;
         vc.replay_capacity = auth.dpop_replay_capacity;
         vc.token_cache_capacity = auth.token_cache;
-        let verifier = TokenVerifier::from_jwks_file(vc, &auth.jwks_file)
-            .map_err(|e| AccessError::Jwks(format!("{}: {e}", auth.jwks_file.display())))?;
+        let verifier = TokenVerifier::new(vc, jwks);
         let legal = load_legal(&config.legal_config, &config.region)?;
         Ok(Self {
-            verifier,
+            verifier: RwLock::new(Arc::new(verifier)),
             names,
             legal_dir: config.legal_config.clone(),
             region: config.region.clone(),
@@ -80,10 +79,45 @@ impl Access {
         })
     }
 
+    fn verifier(&self) -> Arc<TokenVerifier> {
+        self.verifier
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |v| v.clone())
+    }
+
     /// The DPoP proofs remembered against replay at this node, and the most it holds.
     pub fn replay_cache_use(&self) -> (usize, usize) {
-        let cache = self.verifier.replay_cache();
+        let cache = self.verifier().replay_cache();
         (cache.len(), cache.capacity())
+    }
+
+    /// Verification so far: `(signature checks reused, signatures checked, DPoP
+    /// proofs refused as replays, refused because the replay cache was full)`.
+    pub fn verification_counts(&self) -> (u64, u64, u64, u64) {
+        let verifier = self.verifier();
+        let (hits, misses) = verifier.token_cache_counts();
+        let (replays, full) = verifier.replay_cache().refused();
+        (hits, misses, replays, full)
+    }
+
+    /// The key ids of the issuer keys in force.
+    pub fn issuer_kids(&self) -> Vec<String> {
+        self.verifier()
+            .jwks()
+            .kids()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Verifies with `jwks` from now on. The replay cache is kept, so a key reload
+    /// does not let a used DPoP proof in again.
+    pub fn install_jwks(&self, jwks: Jwks) {
+        let fresh = Arc::new(self.verifier().with_keys(jwks));
+        match self.verifier.write() {
+            Ok(mut v) => *v = fresh,
+            Err(e) => *e.into_inner() = fresh,
+        }
     }
 
     /// The legal configuration in force.
@@ -182,7 +216,7 @@ impl Access {
         ctx: &RequestContext<'_>,
     ) -> Result<Requester, AccessError> {
         let token = self
-            .verifier
+            .verifier()
             .verify(presented, ctx)
             .map_err(|e| AccessError::Unauthenticated(format!("access token refused: {e}")))?;
         let facts = pil_legal::Requester {

@@ -55,6 +55,48 @@ enum Command {
         #[arg(long, env = "PIL_CONFIG")]
         config: PathBuf,
     },
+    /// What a running node is doing: version, storage, audit log, peers, queues, keys.
+    /// Asks the node through its control socket in the data directory, so it runs on
+    /// the node's machine as the node's user.
+    Status {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a consistent backup of a running node's store into a new directory (the
+    /// node keeps serving). Keys are not in it: back them up apart (see the operator
+    /// guide). PostgreSQL regions use the database's own tools instead.
+    Backup {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+        /// A new (or empty) directory for the backup.
+        #[arg(long)]
+        to: PathBuf,
+        /// Print the backup's manifest as JSON instead of a progress bar and summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a stopped node's data directory. Records written after
+    /// the backup are lost; the node says so when it next starts.
+    Restore {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+        /// The backup directory (as `pil-node backup --to` made it).
+        #[arg(long)]
+        from: PathBuf,
+        /// Move a data directory that holds data aside (it is kept, renamed) instead
+        /// of refusing.
+        #[arg(long)]
+        replace: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate a development PKI: CA, node certificate, organization certificates, and
     /// a development token issuer (signing key and JWKS) for `[auth]`.
     DevPki {
@@ -139,7 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let cfg = NodeConfig::load(&config)?;
-            match crate::server::preflight::check(&cfg, cfg.listen.port()) {
+            match crate::server::preflight::check(&cfg, cfg.listen.port()).await {
                 Ok(checked) => println!(
                     "{} is valid: region {}, {} policies in force, {} peers",
                     config.display(),
@@ -168,6 +210,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
         }
+        Command::Status { config, json } => status(&NodeConfig::load(&config)?, json).await?,
+        Command::Backup { config, to, json } => {
+            backup(&NodeConfig::load(&config)?, &to, json).await?
+        }
+        Command::Restore {
+            config,
+            from,
+            replace,
+            json,
+        } => restore(&NodeConfig::load(&config)?, &from, replace, json).await?,
         Command::DevPki { out, region, orgs } => {
             let orgs: Vec<(&str, &str)> =
                 orgs.iter().map(|(n, m)| (n.as_str(), m.as_str())).collect();
@@ -320,6 +372,263 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A byte count for people.
+fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// A progress bar of bytes, or nothing when the output is for a program.
+fn byte_bar(hidden: bool) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
+    let mut control = crate::control::connect(&cfg.data_dir).await?;
+    let s = control
+        .status(pil_proto::v1::StatusRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    if json {
+        let queue = |q: Option<pil_proto::v1::QueueStatus>| {
+            let q = q.unwrap_or_default();
+            serde_json::json!({"waiting": q.waiting, "groups": q.groups, "items": q.items})
+        };
+        let audit = s.audit.clone().unwrap_or_default();
+        let started = s
+            .started_at
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let out = serde_json::json!({
+            "version": s.version,
+            "region": s.region,
+            "engine": s.engine,
+            "started_at": started,
+            "data_dir_bytes": s.data_dir_bytes,
+            "figures": s.figures.iter().map(|f| (f.name.clone(), f.value)).collect::<std::collections::BTreeMap<_, _>>(),
+            "audit": {
+                "records": audit.records,
+                "signed": audit.signed,
+                "newest_head": audit.newest_head,
+                "signing_key_id": audit.signing_key_id,
+            },
+            "peers": s.peers.iter().map(|p| serde_json::json!({"region": p.region, "circuit": p.circuit})).collect::<Vec<_>>(),
+            "writer": queue(s.writer),
+            "audit_queue": queue(s.audit_queue),
+            "policies": s.policies,
+            "certificate": {"sha256": s.cert_sha256, "not_after": s.cert_not_after},
+            "issuer_key_ids": s.issuer_key_ids,
+            "restored": (!s.restored.is_empty()).then_some(&s.restored),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let audit = s.audit.unwrap_or_default();
+    println!(
+        "pil-node {} serving region {} on {}",
+        s.version, s.region, s.engine
+    );
+    if let Some(t) = &s.started_at {
+        println!("  started        {t}");
+    }
+    println!(
+        "  data directory {} ({})",
+        cfg.data_dir.display(),
+        bytes(s.data_dir_bytes)
+    );
+    for f in &s.figures {
+        let value = if f.name.ends_with("_bytes") {
+            bytes(f.value)
+        } else {
+            f.value.to_string()
+        };
+        println!("    {:<26} {value}", f.name);
+    }
+    println!(
+        "  audit log      {} records, {} under the newest signed head ({} awaiting          the next), heads signed by key {}",
+        audit.records,
+        audit.signed,
+        audit.records.saturating_sub(audit.signed),
+        audit.signing_key_id
+    );
+    for (name, q) in [("writer", s.writer), ("audit queue", s.audit_queue)] {
+        let q = q.unwrap_or_default();
+        let mean = if q.groups == 0 {
+            0.0
+        } else {
+            q.items as f64 / q.groups as f64
+        };
+        println!(
+            "  {name:<14} {} waiting; {} group commits so far, {mean:.1} per group",
+            q.waiting, q.groups
+        );
+    }
+    if s.peers.is_empty() {
+        println!("  peers          none");
+    }
+    for p in &s.peers {
+        println!("  peer           {} (circuit {})", p.region, p.circuit);
+    }
+    println!("  legal config   {} policies in force", s.policies);
+    println!(
+        "  certificate    sha256 {} valid until {}",
+        s.cert_sha256, s.cert_not_after
+    );
+    println!("  issuer keys    {}", s.issuer_key_ids.join(", "));
+    if !s.restored.is_empty() {
+        println!("  restored       {}", s.restored);
+    }
+    Ok(())
+}
+
+async fn backup(cfg: &NodeConfig, to: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let to = std::path::absolute(to).with_context(|| format!("{}", to.display()))?;
+    let mut control = crate::control::connect(&cfg.data_dir).await?;
+    let mut steps = control
+        .backup(pil_proto::v1::BackupRequest {
+            directory: to.display().to_string(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    let bar = byte_bar(json);
+    bar.set_message("copying");
+    use pil_proto::v1::backup_response::Step;
+    loop {
+        let step = steps
+            .message()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        match step.and_then(|s| s.step) {
+            Some(Step::Progress(p)) => {
+                bar.set_length(p.total_bytes);
+                bar.set_position(p.copied_bytes);
+            }
+            Some(Step::Done(done)) => {
+                bar.finish_and_clear();
+                if json {
+                    println!("{}", done.manifest_json);
+                } else {
+                    let m: crate::store::backup::Manifest =
+                        serde_json::from_str(&done.manifest_json)?;
+                    println!(
+                        "backup of region {} in {}: {} files, {}, taken at {}, holding at                          least the {} audit records of the head signed before it",
+                        m.region,
+                        to.display(),
+                        m.files.len(),
+                        bytes(m.files.iter().map(|f| f.bytes).sum()),
+                        m.taken_at,
+                        m.signed_size
+                    );
+                    println!(
+                        "the keys are not in it: keep the pseudonym, storage, TLS and audit                          signing keys backed up apart"
+                    );
+                }
+                return Ok(());
+            }
+            None => anyhow::bail!("the node ended the backup without finishing it"),
+        }
+    }
+}
+
+async fn restore(
+    cfg: &NodeConfig,
+    from: &std::path::Path,
+    replace: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::store::backup;
+    if cfg.storage.engine != crate::config::Engine::Rocksdb {
+        anyhow::bail!(
+            "this node stores in PostgreSQL: restore the database with its own tools (see              the operator guide, \"Backups\")"
+        );
+    }
+    if crate::control::connect(&cfg.data_dir).await.is_ok() {
+        anyhow::bail!(
+            "the node is running on {}; stop it before restoring",
+            cfg.data_dir.display()
+        );
+    }
+    let from = std::path::absolute(from).with_context(|| format!("{}", from.display()))?;
+    let manifest = backup::read_manifest(&from, &cfg.region)?;
+    let bar = byte_bar(json);
+    bar.set_message("restoring");
+    let progress = bar.clone();
+    let moved = backup::restore_files(
+        from.clone(),
+        manifest.clone(),
+        cfg.data_dir.clone(),
+        replace,
+        move |copied, total| {
+            progress.set_length(total);
+            progress.set_position(copied);
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    // Opening checks the restored log against the newest head it holds.
+    let (store, closer) = server::open_store(cfg).await?;
+    let size = store.audit_size().await?;
+    drop(store);
+    closer.close().await;
+    if size.size < manifest.signed_size {
+        anyhow::bail!(
+            "the restored audit log holds {} records, fewer than the {} its backup's head              covers; the backup is damaged",
+            size.size,
+            manifest.signed_size
+        );
+    }
+    let note = backup::RestoredNote {
+        backup: from.display().to_string(),
+        taken_at: manifest.taken_at.clone(),
+        restored_at: backup::now_rfc3339(),
+        records: size.size,
+        signed_size: size.signed,
+    };
+    backup::leave_note(&cfg.data_dir, &note)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "restored": cfg.data_dir.display().to_string(),
+                "backup": note.backup,
+                "taken_at": note.taken_at,
+                "audit_records": note.records,
+                "moved_aside": moved.map(|m| m.display().to_string()),
+            })
+        );
+    } else {
+        println!(
+            "restored {} from the backup taken at {}: {} audit records",
+            cfg.data_dir.display(),
+            note.taken_at,
+            note.records
+        );
+        if let Some(moved) = moved {
+            println!(
+                "the data directory it replaces is kept as {}",
+                moved.display()
+            );
+        }
+        println!(
+            "records written after the backup are lost; the node announces this when it              starts, since its peers and auditors may hold newer heads"
+        );
+    }
+    Ok(())
+}
+
 /// A path as the user would type it: relative to where they stand when it is below
 /// it, else absolute.
 fn shown(path: &std::path::Path) -> String {
@@ -331,7 +640,7 @@ fn shown(path: &std::path::Path) -> String {
         .to_string()
 }
 
-/// Reloads the legal configuration on SIGHUP; an invalid one leaves the old in force.
+/// Reloads the configuration on SIGHUP; anything invalid leaves all of it as it was.
 fn reload_on_sighup(reload: crate::reload::SignalReload) {
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -341,13 +650,10 @@ fn reload_on_sighup(reload: crate::reload::SignalReload) {
         };
         while hup.recv().await.is_some() {
             match reload.run().await {
-                Ok(r) => tracing::info!(
-                    policies = r.policies, peers = ?r.peers,
-                    "legal configuration reloaded"
-                ),
+                Ok(r) => tracing::info!(detail = %r.describe(), "configuration reloaded"),
                 Err(e) => tracing::error!(
                     error = %e,
-                    "legal configuration reload refused; the previous one stays in force"
+                    "configuration reload refused; everything in force before stays"
                 ),
             }
         }

@@ -88,8 +88,23 @@ pub struct AuthConfig {
     /// Scope every token must carry.
     #[serde(default = "default_scope")]
     pub required_scope: String,
-    /// The issuer's signing keys as a JWKS file; keys are chosen by `kid`.
-    pub jwks_file: PathBuf,
+    /// The issuer's signing keys as a JWKS file; keys are chosen by `kid`. Re-read on
+    /// reload. Exactly one of `jwks_file` and `jwks_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// The issuer's published JWKS (`https://…`, e.g. HelseID's `jwks_uri`), fetched
+    /// at start, on reload and every `jwks_refresh_secs` (sooner when the answer's
+    /// `Cache-Control: max-age` says so). The last good copy is kept in the data
+    /// directory, so the node starts while the issuer is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// PEM bundle of CAs the JWKS URL's server certificate must chain to. Default:
+    /// the system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Longest time between fetches of `jwks_url`, in seconds (default 300).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
     /// Clock skew tolerated on `exp`, `nbf` and DPoP `iat`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
@@ -125,6 +140,13 @@ fn default_replay_capacity() -> usize {
 
 fn default_token_cache() -> usize {
     DEFAULT_TOKEN_CACHE
+}
+
+/// Default of `[auth] jwks_refresh_secs`.
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = 300;
+
+fn default_jwks_refresh() -> u64 {
+    DEFAULT_JWKS_REFRESH_SECS
 }
 
 /// The audit log's tree-head signing.
@@ -292,7 +314,6 @@ impl NodeConfig {
         for p in [
             &mut self.data_dir,
             &mut self.legal_config,
-            &mut self.auth.jwks_file,
             &mut self.tls.client_ca,
             &mut self.tls.cert,
             &mut self.tls.key,
@@ -304,14 +325,20 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         }
-        if let Some(ca) = self
-            .storage
-            .postgres
-            .as_mut()
-            .and_then(|pg| pg.ca_file.as_mut())
-            && ca.is_relative()
+        for p in [
+            self.storage
+                .postgres
+                .as_mut()
+                .and_then(|pg| pg.ca_file.as_mut()),
+            self.auth.jwks_file.as_mut(),
+            self.auth.jwks_ca_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
-            *ca = base.join(&*ca);
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
         }
     }
 
@@ -341,6 +368,27 @@ impl NodeConfig {
                 "metrics.listen {addr} is the gRPC listener's address; give the metrics \
                  endpoint its own port (it is plain HTTP, for the monitoring network)"
             ));
+        }
+        match (&self.auth.jwks_file, &self.auth.jwks_url) {
+            (Some(_), Some(_)) => problems
+                .push("auth: give the issuer keys as jwks_file or as jwks_url, not both".into()),
+            (None, None) => problems.push(
+                "auth: the issuer keys are missing: set jwks_file (a JWKS file) or jwks_url \
+                 (the issuer's published JWKS)"
+                    .into(),
+            ),
+            (None, Some(url)) => match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+                Ok(_) => problems.push(format!(
+                    "auth.jwks_url {url:?} must be an https:// URL: the keys decide who may \
+                     look patients up"
+                )),
+                Err(e) => problems.push(format!("auth.jwks_url {url:?}: {e}")),
+            },
+            (Some(_), None) => {}
+        }
+        if self.auth.jwks_refresh_secs == 0 {
+            problems.push("auth.jwks_refresh_secs must be at least 1".into());
         }
         if self.auth.dpop_replay_capacity < 1_000 {
             problems.push(

@@ -62,6 +62,75 @@ struct Peer {
     peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: &'static str,
+}
+
+/// The engine figures exported, by the store's name for them: metric name and help.
+const FIGURES: &[(&str, &str, &str)] = &[
+    (
+        "estimated_pointers",
+        "pil_rocksdb_estimated_pointers",
+        "Pointers stored, as RocksDB estimates them",
+    ),
+    (
+        "estimated_audit_records",
+        "pil_rocksdb_estimated_audit_records",
+        "Audit records stored, as RocksDB estimates them",
+    ),
+    (
+        "sst_bytes",
+        "pil_rocksdb_sst_bytes",
+        "Bytes of RocksDB table files",
+    ),
+    (
+        "memtable_bytes",
+        "pil_rocksdb_memtable_bytes",
+        "Bytes of RocksDB memtables",
+    ),
+    (
+        "block_cache_bytes",
+        "pil_rocksdb_block_cache_bytes",
+        "Bytes in RocksDB's block cache",
+    ),
+    (
+        "pending_compaction_bytes",
+        "pil_rocksdb_pending_compaction_bytes",
+        "Bytes RocksDB estimates compaction still has to rewrite",
+    ),
+    (
+        "running_compactions",
+        "pil_rocksdb_running_compactions",
+        "RocksDB compactions running now",
+    ),
+    (
+        "background_errors",
+        "pil_rocksdb_background_errors",
+        "RocksDB background errors (a full disk, I/O errors) since start",
+    ),
+    (
+        "pool_max_connections",
+        "pil_postgres_pool_max_connections",
+        "Most connections the PostgreSQL pool opens",
+    ),
+    (
+        "pool_connections",
+        "pil_postgres_pool_connections",
+        "Connections the PostgreSQL pool holds",
+    ),
+    (
+        "pool_idle_connections",
+        "pil_postgres_pool_idle_connections",
+        "Pool connections not in use",
+    ),
+    (
+        "pool_waiting",
+        "pil_postgres_pool_waiting",
+        "Tasks waiting for a pool connection",
+    ),
+];
+
 /// Reads a figure that lives elsewhere (a peer's breaker) just before a scrape.
 type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -80,11 +149,28 @@ pub struct Metrics {
     lookups: Family<Decision, Counter>,
     forwarded: Family<PeerOutcome, Counter>,
     forwarded_seconds: Histograms<Peer>,
+    queue_waiting: Family<Queue, Gauge>,
+    queue_groups: Family<Queue, Counter>,
+    queue_items: Family<Queue, Counter>,
+    figures: std::collections::HashMap<&'static str, Gauge>,
+    token_cache_hits: Counter,
+    token_cache_misses: Counter,
+    dpop_replays: Counter,
+    dpop_full: Counter,
+    event_delivery_seconds: Histogram,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Raises a counter that mirrors a count kept elsewhere to that count.
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }
 
@@ -101,6 +187,12 @@ pub enum LookupDecision {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::for_engine(&[])
+    }
+
+    /// The node's metrics, with a gauge for each of `figures` (the names the store
+    /// engine reports; see [`crate::store::Store::figures`]).
+    pub fn for_engine(figures: &[&str]) -> Self {
         let mut registry = Registry::default();
         let started = Family::<Rpc, Counter>::default();
         registry.register(
@@ -168,9 +260,75 @@ impl Metrics {
             "The most DPoP proofs the replay cache holds; when full, new proofs are refused",
             replay_capacity.clone(),
         );
+        let queue_waiting = Family::<Queue, Gauge>::default();
+        registry.register(
+            "pil_store_queue_waiting",
+            "Jobs waiting in the store's pointer writer or audit appender queue",
+            queue_waiting.clone(),
+        );
+        let queue_groups = Family::<Queue, Counter>::default();
+        registry.register(
+            "pil_store_groups",
+            "Group commits of the pointer writer or the audit appender",
+            queue_groups.clone(),
+        );
+        let queue_items = Family::<Queue, Counter>::default();
+        registry.register(
+            "pil_store_group_items",
+            "What the group commits held (pointer operations; audit records and head \
+             signings): divided by pil_store_groups_total, the mean group size",
+            queue_items.clone(),
+        );
+        let mut gauges = std::collections::HashMap::new();
+        for (figure, name, help) in FIGURES {
+            if figures.contains(figure) {
+                let gauge = Gauge::default();
+                registry.register(*name, *help, gauge.clone());
+                gauges.insert(*figure, gauge);
+            }
+        }
+        let token_cache_hits = Counter::default();
+        registry.register(
+            "pil_token_cache_hits",
+            "Access tokens whose signature check was reused from the token cache",
+            token_cache_hits.clone(),
+        );
+        let token_cache_misses = Counter::default();
+        registry.register(
+            "pil_token_cache_misses",
+            "Access tokens whose signature was checked (not in the token cache)",
+            token_cache_misses.clone(),
+        );
+        let dpop_replays = Counter::default();
+        registry.register(
+            "pil_dpop_replays_refused",
+            "DPoP proofs refused because they had been used before",
+            dpop_replays.clone(),
+        );
+        let dpop_full = Counter::default();
+        registry.register(
+            "pil_dpop_replay_cache_full_refusals",
+            "DPoP proofs refused because the replay cache was full",
+            dpop_full.clone(),
+        );
+        let event_delivery_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "pil_event_delivery_lag_seconds",
+            "Time from a change to its event's delivery to the subscriber, in seconds",
+            event_delivery_seconds.clone(),
+        );
         Self {
             registry,
             refresh: std::sync::Mutex::default(),
+            queue_waiting,
+            queue_groups,
+            queue_items,
+            figures: gauges,
+            token_cache_hits,
+            token_cache_misses,
+            dpop_replays,
+            dpop_full,
+            event_delivery_seconds,
             replay_entries,
             replay_capacity,
             audit_append_seconds,
@@ -238,6 +396,36 @@ impl Metrics {
                 peer: peer.to_string(),
             })
             .set(state);
+    }
+
+    /// The store's queues and figures as they are now.
+    pub fn store(&self, queues: crate::store::Queues, figures: &[crate::store::Figure]) {
+        for (queue, q) in [("writer", queues.writer), ("audit", queues.audit)] {
+            let label = Queue { queue };
+            self.queue_waiting
+                .get_or_create(&label)
+                .set(q.waiting as i64);
+            catch_up(&self.queue_groups.get_or_create(&label), q.groups);
+            catch_up(&self.queue_items.get_or_create(&label), q.items);
+        }
+        for f in figures {
+            if let Some(gauge) = self.figures.get(f.name) {
+                gauge.set(f.value as i64);
+            }
+        }
+    }
+
+    /// Token and DPoP checks so far (see [`crate::access::Access::verification_counts`]).
+    pub fn verification(&self, (hits, misses, replays, full): (u64, u64, u64, u64)) {
+        catch_up(&self.token_cache_hits, hits);
+        catch_up(&self.token_cache_misses, misses);
+        catch_up(&self.dpop_replays, replays);
+        catch_up(&self.dpop_full, full);
+    }
+
+    /// An event delivered `lag` after the change it tells of.
+    pub fn event_delivered(&self, lag: std::time::Duration) {
+        self.event_delivery_seconds.observe(lag.as_secs_f64());
     }
 
     /// How full the DPoP replay cache is.

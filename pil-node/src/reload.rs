@@ -1,18 +1,28 @@
 //! Re-reading configuration while the node serves: on SIGHUP or an operator's call.
 //!
 //! One place decides what a reload covers, so both triggers behave the same: the
-//! legal configuration (swapped atomically, or kept when the new one is invalid), the
-//! settings that follow from it, and the federation peers from the node configuration
-//! file. It holds no registry handle, so it never keeps the database open past
-//! shutdown.
+//! legal configuration and the settings that follow from it, the federation peers
+//! from the node configuration file, the node's TLS certificate, key and client CA
+//! bundle, the token issuer's keys, and the audit signing key. Everything is read and
+//! checked before anything is put in force, so a bad file leaves the node as it was.
+//! It holds no registry handle, so it never keeps the database open past shutdown.
 
 use std::{path::PathBuf, sync::Arc};
 
+use pil_transparency::HeadSigner;
+
 use crate::{
     access::{Access, AccessError},
-    config::NodeConfig,
+    audit::{
+        WeakAuditLog,
+        log::KeyRotation,
+        record::{Action, AuditRecord, CallerInfo},
+    },
+    config::{NodeConfig, TlsConfig},
     federation::Federation,
+    issuer_keys::{IssuerKeys, KeysError},
     registry::PointerLifetime,
+    tls::{ServerTls, TlsError, TlsSummary},
 };
 
 /// Why a reload was refused; the previous configuration stays in force.
@@ -22,6 +32,16 @@ pub enum ReloadError {
     Access(#[from] AccessError),
     #[error("node configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    IssuerKeys(#[from] KeysError),
+    #[error("audit signing key {path}: {reason}")]
+    AuditKey { path: String, reason: String },
+    #[error(transparent)]
+    Secret(#[from] crate::secret_file::SecretFileError),
+    #[error("the audit signing key could not be rotated: {0}")]
+    Rotation(#[from] crate::audit::AuditError),
 }
 
 /// What a reload put in force.
@@ -29,72 +49,200 @@ pub enum ReloadError {
 pub struct Reloaded {
     pub policies: usize,
     pub peers: Vec<String>,
+    pub tls: TlsSummary,
+    pub issuer_kids: Vec<String>,
+    /// The key id heads are signed with now.
+    pub audit_key: String,
+    pub rotation: Option<KeyRotation>,
+}
+
+impl Reloaded {
+    /// One line for the operator and the audit record.
+    pub fn describe(&self) -> String {
+        let rotated = self
+            .rotation
+            .as_ref()
+            .map(|r| {
+                format!(
+                    " (rotated from {}, announced in record {})",
+                    r.from, r.announced_at
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "{} policies in force; peers [{}]; node certificate sha256 {} valid until {}; \
+             {} client CA certificate(s); issuer keys [{}]; heads signed by key {}{rotated}",
+            self.policies,
+            self.peers.join(", "),
+            self.tls.cert_sha256,
+            self.tls.not_after,
+            self.tls.client_cas,
+            self.issuer_kids.join(", "),
+            self.audit_key,
+        )
+    }
+}
+
+/// What a reload re-reads and where it puts it, as the node was started with.
+#[derive(Clone)]
+pub struct Reloadable {
+    pub access: Arc<Access>,
+    pub lifetime: PointerLifetime,
+    pub federation: Arc<Federation>,
+    /// The node configuration file, re-read for the peers.
+    pub source: Option<PathBuf>,
+    pub region: String,
+    pub tls_files: TlsConfig,
+    pub tls: ServerTls,
+    /// The names in the node certificate at start, which a new one must keep.
+    pub cert_names: Vec<String>,
+    pub issuer_keys: Arc<IssuerKeys>,
+    pub signing_key_file: PathBuf,
+    pub audit: WeakAuditLog,
 }
 
 /// Reloads a running node's configuration. Cheap to clone.
 #[derive(Clone)]
 pub struct Reloader {
-    access: Arc<Access>,
-    lifetime: PointerLifetime,
-    federation: Arc<Federation>,
-    source: Option<PathBuf>,
+    parts: Arc<Reloadable>,
+    /// The node certificate and CA bundle in force, as the last reload (or the
+    /// start) put them.
+    tls_in_force: Arc<std::sync::Mutex<TlsSummary>>,
+    /// One reload at a time, so two cannot interleave their checks and installs.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reloader {
     /// Applies the settings of the legal configuration now in force.
-    pub fn new(
-        access: Arc<Access>,
-        lifetime: PointerLifetime,
-        federation: Arc<Federation>,
-        source: Option<PathBuf>,
-    ) -> Self {
+    pub fn new(parts: Reloadable, tls_in_force: TlsSummary) -> Self {
         let this = Self {
-            access,
-            lifetime,
-            federation,
-            source,
+            parts: Arc::new(parts),
+            tls_in_force: Arc::new(std::sync::Mutex::new(tls_in_force)),
+            turn: Default::default(),
         };
         this.apply_settings();
         this
     }
 
-    /// Re-reads the node configuration's peers and the legal configuration. Both are
-    /// checked before either is put in force, so on any error nothing changes.
-    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let peers = match &self.source {
+    /// Re-reads everything a reload covers; on any error nothing changes.
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let _turn = self.turn.lock().await;
+        let p = &*self.parts;
+        let peers = match &p.source {
             Some(path) => {
                 let federation = NodeConfig::load(path)
                     .map_err(|e| ReloadError::Config(e.to_string()))?
                     .federation;
                 Some(
-                    self.federation
+                    p.federation
                         .prepare(&federation)
                         .map_err(|e| ReloadError::Config(e.to_string()))?,
                 )
             }
             None => None,
         };
-        let legal = self.access.read_legal()?;
+        let legal = p.access.read_legal()?;
+        crate::secret_file::check_private("the TLS private key", &p.tls_files.key)?;
+        crate::secret_file::check_private("the audit signing key", &p.signing_key_file)?;
+        let (tls, tls_summary) = crate::tls::reload_config(&p.tls_files, &p.region, &p.cert_names)?;
+        let keys = p.issuer_keys.load().await?;
+        let signer = HeadSigner::load(&p.signing_key_file).map_err(|e| ReloadError::AuditKey {
+            path: p.signing_key_file.display().to_string(),
+            reason: e.to_string(),
+        })?;
+
         let policies = legal.summary().policies;
-        self.access.install_legal(legal);
+        p.access.install_legal(legal);
         if let Some(peers) = peers {
-            self.federation.install(peers);
+            p.federation.install(peers);
         }
+        p.tls.install(tls);
+        *self.tls_in_force.lock().unwrap_or_else(|e| e.into_inner()) = tls_summary.clone();
+        p.access.install_jwks(keys.jwks);
         self.apply_settings();
+        let announcement = AuditRecord::not_decided(
+            &p.region,
+            Action::PolicyReload,
+            CallerInfo::default(),
+            "OK",
+            String::new(),
+        );
+        let rotation = p.audit.rotate_signing_key(signer, announcement).await?;
         Ok(Reloaded {
             policies,
-            peers: self
+            peers: p
                 .federation
                 .view()
                 .into_iter()
                 .map(|p| p.config.region)
                 .collect(),
+            tls: tls_summary,
+            issuer_kids: p.access.issuer_kids(),
+            audit_key: p.audit.signing_key_id(),
+            rotation,
         })
     }
 
+    /// Fetches the issuer's keys again (for keys published at a URL) and puts them in
+    /// force when they changed, with an audit record. Returns when to fetch next.
+    pub async fn refresh_issuer_keys(&self) -> Option<std::time::Duration> {
+        let _turn = self.turn.lock().await;
+        let p = &*self.parts;
+        let (status, detail, next) = match p.issuer_keys.load().await {
+            Ok(loaded) => {
+                let before = p.access.issuer_kids();
+                let mut after: Vec<String> =
+                    loaded.jwks.kids().into_iter().map(str::to_string).collect();
+                after.sort();
+                if after == before {
+                    return loaded.next_fetch;
+                }
+                p.access.install_jwks(loaded.jwks);
+                tracing::info!(kids = ?after, origin = %loaded.origin, "issuer keys changed");
+                (
+                    "OK",
+                    format!(
+                        "issuer keys fetched from {}: [{}] in force (were [{}])",
+                        loaded.origin,
+                        after.join(", "),
+                        before.join(", ")
+                    ),
+                    loaded.next_fetch,
+                )
+            }
+            Err(e) => {
+                // Kept quiet in the audit log: nothing changed, and an unreachable
+                // issuer would otherwise fill it.
+                tracing::warn!(error = %e, "the issuer's keys could not be refreshed; the ones in force stay");
+                return Some(std::time::Duration::from_secs(30));
+            }
+        };
+        let mut record = AuditRecord::not_decided(
+            &p.region,
+            Action::PolicyReload,
+            CallerInfo::default(),
+            status,
+            detail.clone(),
+        );
+        record.detail = Some(detail);
+        if let Err(e) = p.audit.append(record).await {
+            tracing::error!(error = %e, "the change of issuer keys could not be recorded in the audit log");
+        }
+        next
+    }
+
+    /// The node certificate and CA bundle in force.
+    pub fn tls_in_force(&self) -> TlsSummary {
+        self.tls_in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn apply_settings(&self) {
-        let legal = self.access.legal();
-        self.lifetime
+        let legal = self.parts.access.legal();
+        self.parts
+            .lifetime
             .set_days(legal.settings().retention.pointer_lifetime_days);
     }
 }
@@ -110,16 +258,9 @@ pub struct SignalReload {
 impl SignalReload {
     /// Reloads and records the outcome.
     pub async fn run(&self) -> Result<Reloaded, ReloadError> {
-        use crate::audit::record::{Action, AuditRecord, CallerInfo};
-        let result = self.reloader.reload();
+        let result = self.reloader.reload().await;
         let (status, detail) = match &result {
-            Ok(r) => (
-                "OK".to_string(),
-                format!(
-                    "SIGHUP: {} policies in force, peers {:?}",
-                    r.policies, r.peers
-                ),
-            ),
+            Ok(r) => ("OK".to_string(), format!("SIGHUP: {}", r.describe())),
             Err(e) => ("FAILED_PRECONDITION".to_string(), format!("SIGHUP: {e}")),
         };
         let mut record = AuditRecord::not_decided(

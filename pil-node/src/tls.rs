@@ -4,7 +4,11 @@
 //! cannot hold up others. The caller's identity is read from its certificate once per
 //! connection and attached to every request on it as [`PeerInfo`].
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use rustls::{ServerConfig, server::WebPkiClientVerifier};
 use tokio::{
@@ -60,6 +64,101 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The server's TLS configuration in force. A reload swaps it: new connections
+/// handshake with the new certificate and CA bundle, established ones keep theirs.
+#[derive(Clone)]
+pub struct ServerTls(Arc<RwLock<Arc<ServerConfig>>>);
+
+impl ServerTls {
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+
+    fn current(&self) -> Arc<ServerConfig> {
+        self.0
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |c| c.clone())
+    }
+
+    /// Puts a checked configuration in force for the next handshakes.
+    pub fn install(&self, fresh: Arc<ServerConfig>) {
+        match self.0.write() {
+            Ok(mut c) => *c = fresh,
+            Err(e) => *e.into_inner() = fresh,
+        }
+    }
+}
+
+/// What a reload is about to put in force, as the audit record and operator see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSummary {
+    /// SHA-256 of the node certificate (DER), hex.
+    pub cert_sha256: String,
+    /// The certificate's notAfter, RFC 3339.
+    pub not_after: String,
+    /// Certificates in the client CA bundle.
+    pub client_cas: usize,
+}
+
+/// Loads the TLS files of a running node of `region` for a reload: the server
+/// configuration they make, refused unless the certificate is this node's
+/// (`urn:pil:node:<region>`), still carries every name in `names` and is valid now.
+pub fn reload_config(
+    tls: &TlsConfig,
+    region: &str,
+    names: &[String],
+) -> Result<(Arc<ServerConfig>, TlsSummary), TlsError> {
+    let config = server_config(tls)?;
+    let certs = pki::load_certs(&tls.cert)?;
+    let first = certs.first().map(|c| c.as_ref()).unwrap_or_default();
+    let bad =
+        |why: String| TlsError::Rustls(format!("node certificate {}: {why}", tls.cert.display()));
+    match caller_from_cert(first) {
+        Ok(Caller::Node { region: r }) if r == region => {}
+        Ok(other) => {
+            return Err(bad(format!(
+                "it identifies {other:?}, not the node of region {region}"
+            )));
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    let have = crate::identity::host_names(first).map_err(|e| bad(e.to_string()))?;
+    if let Some(missing) = names.iter().find(|n| !have.contains(n)) {
+        return Err(bad(format!(
+            "it is not valid for {missing}, a name clients address this node by"
+        )));
+    }
+    let (_, parsed) = x509_parser::parse_x509_certificate(first).map_err(|e| bad(e.to_string()))?;
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(bad(format!(
+            "it is valid only from {} to {}",
+            validity.not_before, validity.not_after
+        )));
+    }
+    Ok((config, summary(tls)?))
+}
+
+/// The node certificate and client CA bundle in `tls`, as status and audit show them.
+pub fn summary(tls: &TlsConfig) -> Result<TlsSummary, TlsError> {
+    use sha2::Digest as _;
+    let certs = pki::load_certs(&tls.cert)?;
+    let first = certs.first().map(|c| c.as_ref()).unwrap_or_default();
+    let not_after = x509_parser::parse_x509_certificate(first)
+        .map(|(_, c)| {
+            let at = c.validity().not_after;
+            at.to_datetime()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| at.to_string())
+        })
+        .unwrap_or_default();
+    Ok(TlsSummary {
+        cert_sha256: hex::encode(sha2::Sha256::digest(first)),
+        not_after,
+        client_cas: pki::load_certs(&tls.client_ca)?.len(),
+    })
 }
 
 /// The DNS names and IP addresses in the node's own certificate: the names clients
@@ -255,12 +354,11 @@ impl AsyncWrite for TlsConn {
 /// every connection fails once `cut` turns true.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: ServerTls,
     handshake_timeout: Duration,
     cut: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -275,7 +373,7 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             let cut = cut.clone();
             tokio::spawn(async move {

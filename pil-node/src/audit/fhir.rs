@@ -168,7 +168,8 @@ struct EventKind {
 
 /// Queries follow BALP; everything else takes the DICOM audit event id that says what
 /// happened (PS3.15 A.5.3): pointers, blocks and opt-outs are parts of the patient's
-/// record at this node (110110 "Patient Record"), an export is 110106, a sync is an
+/// record at this node (110110 "Patient Record"), an export (and a backup, which
+/// copies everything) is 110106, a sync is an
 /// import (110107), a reload of the legal configuration is a security configuration
 /// change (110113 "Security Alert", subtype 110129), and audit access is 110101
 /// "Audit Log Used". An operator's look at the federation peers is application
@@ -190,7 +191,7 @@ fn event_kind(action: Action) -> EventKind {
         Action::PointerUpsert => (patient_record(), None, "U", false),
         Action::PointerDelete => (patient_record(), None, "D", false),
         Action::PointerSync => (dicom("110107", "Import"), None, "U", false),
-        Action::PointerExport => (dicom("110106", "Export"), None, "R", false),
+        Action::PointerExport | Action::Backup => (dicom("110106", "Export"), None, "R", false),
         Action::BlockCreate | Action::OptOutSet => (patient_record(), None, "C", false),
         Action::BlockLift | Action::OptOutLift => (patient_record(), None, "D", false),
         Action::BlockList | Action::OptOutGet => (patient_record(), None, "R", false),

@@ -3,7 +3,7 @@
 //! commit, in whichever engine) and this module says what is appended and signed.
 
 use std::{
-    sync::{Arc, Weak},
+    sync::{Arc, RwLock, Weak},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -32,7 +32,7 @@ pub enum AuditError {
 #[derive(Clone)]
 pub struct AuditLog {
     store: Arc<dyn Store>,
-    signer: Arc<dyn HeadSigning>,
+    signer: Arc<NoteSigner>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -43,7 +43,7 @@ impl AuditLog {
         Self {
             store,
             signer: Arc::new(NoteSigner {
-                signer,
+                signer: RwLock::new(Arc::new(signer)),
                 origin: format!("pil-audit/{region}"),
             }),
             metrics: None,
@@ -78,6 +78,7 @@ impl AuditLog {
     pub fn downgrade(&self) -> WeakAuditLog {
         WeakAuditLog {
             store: Arc::downgrade(&self.store),
+            signer: self.signer.clone(),
         }
     }
 
@@ -96,6 +97,18 @@ impl AuditLog {
 #[derive(Clone)]
 pub struct WeakAuditLog {
     store: Weak<dyn Store>,
+    signer: Arc<NoteSigner>,
+}
+
+/// An audit signing key put in force by [`WeakAuditLog::rotate_signing_key`].
+#[derive(Debug, Clone)]
+pub struct KeyRotation {
+    /// Signed-note key ids under the log's origin.
+    pub from: String,
+    pub to: String,
+    /// The index of the record announcing the new key; the head over it is the
+    /// last one the old key signed.
+    pub announced_at: u64,
 }
 
 impl WeakAuditLog {
@@ -109,12 +122,77 @@ impl WeakAuditLog {
     pub fn store(&self) -> Result<Arc<dyn Store>, AuditError> {
         self.store.upgrade().ok_or(AuditError::Closed)
     }
+
+    /// Signs like [`AuditLog::sign_head`]; fails with `Closed` once the node stopped.
+    pub async fn sign_head(&self) -> Result<Option<(u64, String)>, AuditError> {
+        Ok(self.store()?.audit_sign(self.signer.clone()).await?)
+    }
+
+    /// The key id heads are signed with now.
+    pub fn signing_key_id(&self) -> String {
+        self.signer.current().key_id(&self.signer.origin)
+    }
+
+    /// Signs heads with `fresh` from now on, unless it is the key in use. The new key
+    /// is announced first, in `announcement` (its detail gets the new public key),
+    /// and the old key signs the head over that record: an auditor holding only the
+    /// old key can learn the new one from the log.
+    pub async fn rotate_signing_key(
+        &self,
+        fresh: HeadSigner,
+        mut announcement: AuditRecord,
+    ) -> Result<Option<KeyRotation>, AuditError> {
+        let old = self.signer.current();
+        if old.verifier() == fresh.verifier() {
+            return Ok(None);
+        }
+        let store = self.store()?;
+        let (from, to) = (
+            old.key_id(&self.signer.origin),
+            fresh.key_id(&self.signer.origin),
+        );
+        let public = fresh
+            .public_key_pem()
+            .map_err(|e| AuditError::Key(e.to_string()))?;
+        announcement.outcome.detail = format!(
+            "audit signing key rotated: heads after this record are signed by key {to} \
+             (was {from}); public key: {}",
+            public.trim().replace('\n', " ")
+        );
+        announcement.detail = Some(announcement.outcome.detail.clone());
+        let announced_at = store.audit_append(Box::new(announcement)).await?;
+        store.audit_sign(self.signer.clone()).await?;
+        self.signer.install(fresh);
+        store.audit_sign(self.signer.clone()).await?;
+        Ok(Some(KeyRotation {
+            from,
+            to,
+            announced_at,
+        }))
+    }
 }
 
-/// Signs heads as C2SP signed notes with the node's key.
+/// Signs heads as C2SP signed notes with the node's key, which an operator may
+/// rotate while the node runs.
 struct NoteSigner {
-    signer: HeadSigner,
+    signer: RwLock<Arc<HeadSigner>>,
     origin: String,
+}
+
+impl NoteSigner {
+    fn current(&self) -> Arc<HeadSigner> {
+        self.signer
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |s| s.clone())
+    }
+
+    fn install(&self, fresh: HeadSigner) {
+        let fresh = Arc::new(fresh);
+        match self.signer.write() {
+            Ok(mut s) => *s = fresh,
+            Err(e) => *e.into_inner() = fresh,
+        }
+    }
 }
 
 impl HeadSigning for NoteSigner {
@@ -128,7 +206,7 @@ impl HeadSigning for NoteSigner {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        self.signer
+        self.current()
             .sign(head)
             .and_then(|signed| signed.to_note())
             .map_err(|e| StoreError::Record(format!("signing the tree head: {e}")))

@@ -40,6 +40,9 @@ pub enum Action {
     EventDelivery,
     /// A subscription listed or ended by its owner.
     SubscriptionManage,
+    /// A backup of the store taken through the node's control socket, or a restore
+    /// from one, announced when the restored node starts.
+    Backup,
     /// A request refused before any service handled it: not valid protobuf, over the
     /// message size limit, or for a method this node does not have. `detail` names
     /// the method.

@@ -36,6 +36,8 @@ pub enum NodeError {
     #[error(transparent)]
     Access(#[from] AccessError),
     #[error(transparent)]
+    IssuerKeys(#[from] crate::issuer_keys::KeysError),
+    #[error(transparent)]
     Secret(#[from] SecretFileError),
     #[error("cannot open the store: {0}")]
     Storage(#[from] StoreError),
@@ -52,6 +54,8 @@ pub enum NodeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("internal task failed: {0}")]
     Task(String),
     /// More than one of the above, found together before start.
@@ -169,7 +173,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let port = listener
         .as_ref()
         .map_or(config.listen.port(), |(_, addr)| addr.port());
-    let checked = preflight::check(&config, port);
+    let checked = preflight::check(&config, port).await;
     let metrics_listener = match config.metrics.listen {
         Some(addr) => TcpListener::bind(addr)
             .await
@@ -189,22 +193,40 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let preflight::Checked {
         keys,
         tls: tls_config,
+        cert_names,
         signer,
         federation,
         access,
+        issuer_keys,
+        next_key_fetch,
     } = checked;
+    let server_tls = tls::ServerTls::new(tls_config);
 
     let (store, closer) = open_store(&config).await?;
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let figures: Vec<&str> = store.figures().iter().map(|f| f.name).collect();
+    let metrics = Arc::new(crate::metrics::Metrics::for_engine(&figures));
+    // Weak, so a scrape never keeps the store open past shutdown.
+    let engine = Arc::downgrade(&store);
     let audit = AuditLog::new(store.clone(), &config.region, signer).with_metrics(metrics.clone());
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
+    let restored = announce_restore(&audit, &config).await?;
     let registry = Registry::open(store, keys, config.region.clone());
     let reloader = Reloader::new(
-        access.clone(),
-        registry.pointer_lifetime(),
-        federation.clone(),
-        config.source.clone(),
+        crate::reload::Reloadable {
+            access: access.clone(),
+            lifetime: registry.pointer_lifetime(),
+            federation: federation.clone(),
+            source: config.source.clone(),
+            region: config.region.clone(),
+            tls_files: config.tls.clone(),
+            tls: server_tls.clone(),
+            cert_names,
+            issuer_keys,
+            signing_key_file: config.audit.signing_key_file.clone(),
+            audit: audit.downgrade(),
+        },
+        tls::summary(&config.tls)?,
     );
 
     let metrics_for_listener = metrics.clone();
@@ -223,6 +245,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     metrics.on_scrape(move |m| {
         let (entries, capacity) = replay.replay_cache_use();
         m.replay_cache(entries, capacity);
+        m.verification(replay.verification_counts());
+    });
+    metrics.on_scrape(move |m| {
+        if let Some(store) = engine.upgrade() {
+            m.store(store.queues(), &store.figures());
+        }
     });
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let service = NodeService::new(
@@ -273,12 +301,26 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (cut, cut_rx) = tokio::sync::watch::channel(false);
     let incoming = tls::incoming(
         listener,
-        tls_config,
+        server_tls,
         std::time::Duration::from_secs(config.limits.handshake_timeout_secs),
         cut_rx,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let purge = tokio::spawn(purge_loop(registry.clone(), access.clone(), config.clone()));
+    let key_refresh = tokio::spawn(key_refresh_loop(reloader.clone(), next_key_fetch));
+    crate::store::backup::remove_stale_checkpoints(&config.data_dir);
+    let control_socket = crate::control::socket_path(&config.data_dir);
+    let control = crate::control::serve(crate::control::Control {
+        region: config.region.clone(),
+        engine: audit.store().engine(),
+        data_dir: config.data_dir.clone(),
+        started_at: std::time::SystemTime::now(),
+        audit: audit.downgrade(),
+        federation: federation.clone(),
+        access: access.clone(),
+        reloader: reloader.clone(),
+        restored,
+    })?;
     let heads = tokio::spawn(head_loop(audit.clone(), config.clone()));
     let retention = tokio::spawn(retention_loop(
         audit.clone(),
@@ -330,10 +372,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             );
             let _ = cut.send(true);
         }
-        for task in [metrics_server, collectors, purge, heads, retention] {
+        for task in [
+            metrics_server,
+            control,
+            collectors,
+            purge,
+            key_refresh,
+            heads,
+            retention,
+        ] {
             task.abort();
             let _ = task.await;
         }
+        let _ = std::fs::remove_file(&control_socket);
         // The last records get a signed head, so tampering with them while the node
         // is stopped shows.
         if let Err(e) = final_head.sign_head().await {
@@ -404,6 +455,40 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
             Ok(n) => tracing::info!(records = n, "audit record contents past retention removed"),
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
         }
+    }
+}
+
+/// A store restored from a backup is announced once, at the first start after the
+/// restore: in the log and in the audit log. Returns what was announced.
+async fn announce_restore(
+    audit: &AuditLog,
+    config: &NodeConfig,
+) -> Result<Option<String>, NodeError> {
+    let Some(note) = crate::store::backup::restored_note(&config.data_dir) else {
+        return Ok(None);
+    };
+    let said = note.describe();
+    tracing::warn!(restored = %said, "starting on a restored store");
+    let mut record = crate::audit::AuditRecord::not_decided(
+        &config.region,
+        crate::audit::record::Action::Backup,
+        Default::default(),
+        "OK",
+        said.clone(),
+    );
+    record.detail = Some(said.clone());
+    audit.append(record).await?;
+    audit.sign_head().await?;
+    crate::store::backup::forget_note(&config.data_dir);
+    Ok(Some(said))
+}
+
+/// Fetches the issuer's published keys again when they are due (never, for a file).
+async fn key_refresh_loop(reloader: Reloader, first: Option<std::time::Duration>) {
+    let mut next = first;
+    while let Some(wait) = next {
+        tokio::time::sleep(wait).await;
+        next = reloader.refresh_issuer_keys().await;
     }
 }
 

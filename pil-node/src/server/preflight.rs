@@ -11,6 +11,7 @@ use crate::{
     audit::AuditError,
     config::NodeConfig,
     federation::Federation,
+    issuer_keys::IssuerKeys,
     patient_keys::PatientKeys,
     secret_file::check_private,
     server::NodeError,
@@ -21,14 +22,19 @@ use crate::{
 pub struct Checked {
     pub keys: PatientKeys,
     pub tls: Arc<rustls::ServerConfig>,
+    /// The names in the node certificate, which a rotated one must keep.
+    pub cert_names: Vec<String>,
     pub signer: HeadSigner,
     pub federation: Arc<Federation>,
     pub access: Arc<Access>,
+    pub issuer_keys: Arc<IssuerKeys>,
+    /// When to fetch the issuer's keys again, when they are fetched.
+    pub next_key_fetch: Option<std::time::Duration>,
 }
 
 /// Loads and checks everything `config` names, for a node listening on `port`.
 /// Returns every problem found, not only the first.
-pub fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeError>> {
+pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeError>> {
     let mut problems = Vec::new();
     for (what, path) in [
         ("the pseudonym key", &config.keys.pseudonym_key_file),
@@ -55,30 +61,62 @@ pub fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeError>> 
     let federation = Federation::new(&config.federation, &config.tls, &config.region)
         .map(Arc::new)
         .map_err(|e| NodeError::Task(e.to_string()));
-    let access = tls::own_host_names(&config.tls)
-        .map_err(NodeError::from)
-        .and_then(|names| {
-            let names = own_names(config.auth.public_url.as_deref(), &names, port);
-            Access::load(config, names)
-                .map(Arc::new)
-                .map_err(NodeError::from)
-        });
-    match (keys, tls_config, signer, federation, access) {
-        (Ok(keys), Ok(tls), Ok(signer), Ok(federation), Ok(access)) if problems.is_empty() => {
-            Ok(Checked {
-                keys,
-                tls,
-                signer,
-                federation,
-                access,
-            })
+    let issuer_keys = match IssuerKeys::new(&config.auth, &config.data_dir) {
+        Ok(source) => source
+            .load_at_start()
+            .await
+            .map(|loaded| (Arc::new(source), loaded)),
+        Err(e) => Err(e),
+    }
+    .map_err(NodeError::from);
+    let cert_names = tls::own_host_names(&config.tls).map_err(NodeError::from);
+    // Access is tried only when its inputs loaded; their problems are reported above.
+    let access = match (&cert_names, issuer_keys.as_ref()) {
+        (Ok(names), Ok((_, loaded))) => {
+            let names = own_names(config.auth.public_url.as_deref(), names, port);
+            Some(
+                Access::load(config, names, loaded.jwks.clone())
+                    .map(Arc::new)
+                    .map_err(NodeError::from),
+            )
         }
-        (keys, tls, signer, federation, access) => {
+        _ => None,
+    };
+    match (
+        keys,
+        tls_config,
+        signer,
+        federation,
+        issuer_keys,
+        cert_names,
+        access,
+    ) {
+        (
+            Ok(keys),
+            Ok(tls),
+            Ok(signer),
+            Ok(federation),
+            Ok((issuer_keys, loaded)),
+            Ok(cert_names),
+            Some(Ok(access)),
+        ) if problems.is_empty() => Ok(Checked {
+            keys,
+            tls,
+            cert_names,
+            signer,
+            federation,
+            access,
+            issuer_keys,
+            next_key_fetch: loaded.next_fetch,
+        }),
+        (keys, tls, signer, federation, issuer_keys, cert_names, access) => {
             problems.extend(keys.err());
             problems.extend(tls.err());
+            problems.extend(issuer_keys.err());
+            problems.extend(cert_names.err());
             problems.extend(signer.err());
             problems.extend(federation.err());
-            problems.extend(access.err());
+            problems.extend(access.and_then(Result::err));
             Err(problems)
         }
     }

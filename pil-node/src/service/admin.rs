@@ -231,16 +231,16 @@ impl NodeService {
         req: Request<v1::ReloadLegalConfigRequest>,
     ) -> Result<Response<v1::ReloadLegalConfigResponse>, Error> {
         let caller = self.require_role(&req, Role::Operator)?;
-        entry.detail = Some("legal configuration reload".into());
-        match self.reloader.reload() {
-            Ok(crate::reload::Reloaded { policies, peers }) => {
-                tracing::info!(caller = %caller, policies, "legal configuration reloaded");
-                entry.detail = Some(format!(
-                    "legal configuration reloaded: {policies} policies in force"
-                ));
+        entry.detail = Some("configuration reload".into());
+        match self.reloader.reload().await {
+            Ok(reloaded) => {
+                let detail = reloaded.describe();
+                tracing::info!(caller = %caller, %detail, "configuration reloaded");
+                entry.detail = Some(format!("configuration reloaded: {detail}"));
                 Ok(Response::new(v1::ReloadLegalConfigResponse {
-                    policies: policies as u32,
-                    peers,
+                    policies: reloaded.policies as u32,
+                    peers: reloaded.peers,
+                    detail,
                 }))
             }
             Err(crate::reload::ReloadError::Access(AccessError::Legal(e))) => {

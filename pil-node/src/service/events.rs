@@ -536,6 +536,10 @@ impl NodeService {
                 r
             });
             let collected = !event.region.is_empty();
+            self.metrics
+                .event_delivered(std::time::Duration::from_nanos(
+                    u64::try_from(crate::store::now_nanos().saturating_sub(event.at)).unwrap_or(0),
+                ));
             let mut wire = v1::Event {
                 number: n,
                 id: format!("{}-{n}", hex::encode(id)),

@@ -12,6 +12,7 @@
 //! a region on one replicated database) and [`memory`] (for tests). The same store
 //! tests run on every engine.
 
+pub mod backup;
 pub mod events;
 pub mod memory;
 mod model;
@@ -20,7 +21,10 @@ pub mod postgres;
 pub mod rocks;
 mod tree;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use crate::patient_keys::Pseudonym;
 pub use events::{
@@ -57,6 +61,9 @@ pub enum StoreError {
     /// The stored tree is incomplete or a proof was asked outside it.
     #[error("audit log: {0}")]
     Tree(String),
+    /// The engine cannot do this.
+    #[error("{0}")]
+    Unsupported(String),
     /// The stored log disagrees with a head it signed: records were removed or
     /// rewritten while the node was stopped.
     #[error(
@@ -95,6 +102,26 @@ impl StoreError {
 pub trait Store: Send + Sync {
     /// The engine's name, for logs.
     fn engine(&self) -> &'static str;
+
+    /// How the writer and audit queues are doing.
+    fn queues(&self) -> Queues {
+        Queues::default()
+    }
+
+    /// The engine's own figures, read when asked (a scrape, a status call).
+    fn figures(&self) -> Vec<Figure> {
+        Vec::new()
+    }
+
+    /// Makes a consistent copy of everything stored into `dir`, which must not exist,
+    /// while the node serves. Engines with their own backup tools refuse.
+    async fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
+        let _ = dir;
+        Err(StoreError::Unsupported(format!(
+            "the {} engine has no online checkpoint; use its own backup tools",
+            self.engine()
+        )))
+    }
 
     // Pointers.
 
@@ -275,12 +302,13 @@ pub trait Store: Send + Sync {
 }
 
 /// `first` and whatever else is queued in `rx`, up to `max` by `weight`: what one
-/// group commit takes.
+/// group commit takes. Counted in `stats`.
 pub(crate) fn take_queued<T>(
     rx: &mut tokio::sync::mpsc::Receiver<T>,
     first: T,
     max: usize,
     weight: impl Fn(&T) -> usize,
+    stats: &GroupStats,
 ) -> Vec<T> {
     let mut n = weight(&first);
     let mut jobs = vec![first];
@@ -293,7 +321,52 @@ pub(crate) fn take_queued<T>(
             Err(_) => break,
         }
     }
+    stats.groups.fetch_add(1, Ordering::Relaxed);
+    stats.items.fetch_add(n as u64, Ordering::Relaxed);
     jobs
+}
+
+/// How one of an engine's queues groups its work: groups committed and what they
+/// held (operations for the writer, records and signings for the audit log).
+#[derive(Debug, Default)]
+pub struct GroupStats {
+    groups: AtomicU64,
+    items: AtomicU64,
+}
+
+impl GroupStats {
+    /// The figures now, with `waiting` jobs in the queue of `tx`.
+    pub(crate) fn figures<T>(&self, tx: &tokio::sync::mpsc::Sender<T>) -> QueueFigures {
+        QueueFigures {
+            waiting: (tx.max_capacity() - tx.capacity()) as u64,
+            groups: self.groups.load(Ordering::Relaxed),
+            items: self.items.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A queue's figures: jobs waiting now, and groups and items committed so far (their
+/// ratio is the mean group size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueFigures {
+    pub waiting: u64,
+    pub groups: u64,
+    pub items: u64,
+}
+
+/// The engine's pointer writer and audit appender queues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queues {
+    pub writer: QueueFigures,
+    pub audit: QueueFigures,
+}
+
+/// One of the engine's own figures (RocksDB's statistics, the PostgreSQL pool), by a
+/// stable name the metrics endpoint exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Figure {
+    pub name: &'static str,
+    pub value: u64,
 }
 
 /// Waits for an engine's threads once every [`Store`] handle is gone.

@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
-    PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    AuditEntry, Closer, Figure, GroupStats, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult,
+    PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
+    StoredPointer,
     events::{
         self, EventPage, Follower, Followers, PeerFollow, PeerState, StoredEvent,
         StoredSubscription, SubscriptionId,
@@ -277,12 +278,18 @@ pub async fn open(config: &PgConfig) -> Result<(Arc<dyn Store>, Closer), StoreEr
     check_log(&pool).await?;
     let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
     let (audit_tx, audit_rx) = mpsc::channel(QUEUE_DEPTH);
-    let writer = tokio::spawn(write_loop(pool.clone(), write_rx));
-    let appender = tokio::spawn(audit_loop(pool.clone(), audit_rx));
+    let (write_stats, audit_stats) = (
+        Arc::new(GroupStats::default()),
+        Arc::new(GroupStats::default()),
+    );
+    let writer = tokio::spawn(write_loop(pool.clone(), write_rx, write_stats.clone()));
+    let appender = tokio::spawn(audit_loop(pool.clone(), audit_rx, audit_stats.clone()));
     let store = PgStore {
         pool,
         writes: write_tx,
         audit: audit_tx,
+        write_stats,
+        audit_stats,
     };
     let closer = Closer::new(move || {
         for task in [writer, appender] {
@@ -298,6 +305,8 @@ struct PgStore {
     pool: Pool,
     writes: mpsc::Sender<WriteJob>,
     audit: mpsc::Sender<AuditJob>,
+    write_stats: Arc<GroupStats>,
+    audit_stats: Arc<GroupStats>,
 }
 
 struct WriteJob {
@@ -371,9 +380,9 @@ async fn read_keys(
 
 /// Takes what is queued and commits it in one transaction, in turn with the other
 /// nodes of the region.
-async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>) {
+async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>, stats: Arc<GroupStats>) {
     while let Some(first) = rx.recv().await {
-        let jobs = take_queued(&mut rx, first, MAX_GROUP, |j| j.ops.len());
+        let jobs = take_queued(&mut rx, first, MAX_GROUP, |j| j.ops.len(), &stats);
         let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
         match write_group(&pool, ops).await {
             Ok(results) => {
@@ -559,9 +568,9 @@ async fn lock_tree(tx: &deadpool_postgres::Transaction<'_>) -> Result<Sequencer,
     )
 }
 
-async fn audit_loop(pool: Pool, mut rx: mpsc::Receiver<AuditJob>) {
+async fn audit_loop(pool: Pool, mut rx: mpsc::Receiver<AuditJob>, stats: Arc<GroupStats>) {
     while let Some(first) = rx.recv().await {
-        let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1);
+        let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1, &stats);
         let mut owed = None;
         let written = async {
             let mut c = client(&pool).await?;
@@ -715,6 +724,35 @@ impl PgStore {
 impl Store for PgStore {
     fn engine(&self) -> &'static str {
         "postgres"
+    }
+
+    fn queues(&self) -> Queues {
+        Queues {
+            writer: self.write_stats.figures(&self.writes),
+            audit: self.audit_stats.figures(&self.audit),
+        }
+    }
+
+    fn figures(&self) -> Vec<Figure> {
+        let status = self.pool.status();
+        vec![
+            Figure {
+                name: "pool_max_connections",
+                value: status.max_size as u64,
+            },
+            Figure {
+                name: "pool_connections",
+                value: status.size as u64,
+            },
+            Figure {
+                name: "pool_idle_connections",
+                value: status.available as u64,
+            },
+            Figure {
+                name: "pool_waiting",
+                value: status.waiting as u64,
+            },
+        ]
     }
 
     async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {

@@ -181,6 +181,9 @@ impl Default for DpopConfig {
 pub struct ReplayCache {
     capacity: usize,
     inner: Mutex<ReplayInner>,
+    /// Proofs refused because they were seen before, and because the cache was full.
+    replays: std::sync::atomic::AtomicU64,
+    full: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -197,7 +200,15 @@ impl ReplayCache {
         ReplayCache {
             capacity,
             inner: Mutex::new(ReplayInner::default()),
+            replays: Default::default(),
+            full: Default::default(),
         }
+    }
+
+    /// Proofs refused so far: `(replayed, refused because the cache was full)`.
+    pub fn refused(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.replays.load(Relaxed), self.full.load(Relaxed))
     }
 
     /// Number of remembered entries (including expired ones not yet purged).
@@ -238,9 +249,12 @@ impl ReplayCache {
         if let Some(exp) = inner.seen.get(key)
             && *exp > now
         {
+            self.replays
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(DpopError::Replayed(key.to_owned()));
         }
         if inner.seen.len() >= self.capacity {
+            self.full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(DpopError::ReplayCacheFull(self.capacity));
         }
         inner.seen.insert(key.to_owned(), expires_at);

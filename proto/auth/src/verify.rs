@@ -494,6 +494,15 @@ pub struct TokenVerifier {
     jwks: Jwks,
     dpop: DpopVerifier,
     verified: SignatureCache,
+    counts: Arc<CacheCounts>,
+}
+
+/// How often a token's signature check was reused, kept across key reloads so the
+/// counts only grow.
+#[derive(Debug, Default)]
+struct CacheCounts {
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl TokenVerifier {
@@ -513,7 +522,27 @@ impl TokenVerifier {
             jwks,
             dpop,
             verified,
+            counts: Default::default(),
         }
+    }
+
+    /// The same verifier with the issuer's keys `jwks`: the replay cache and the
+    /// counts are kept (so a key reload reopens no replay window), the reused
+    /// signature checks are not.
+    pub fn with_keys(&self, jwks: Jwks) -> Self {
+        let mut fresh = Self::with_replay_cache(self.config.clone(), jwks, self.replay_cache());
+        fresh.counts = self.counts.clone();
+        fresh
+    }
+
+    /// Tokens whose signature check was reused, and tokens whose signature was
+    /// checked, so far.
+    pub fn token_cache_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counts.hits.load(Relaxed),
+            self.counts.misses.load(Relaxed),
+        )
     }
 
     /// A verifier whose JWKS is read from a file.
@@ -745,9 +774,12 @@ impl TokenVerifier {
     /// The token's claims once its signature is good: checked now, or reused from an
     /// earlier check of the same token.
     fn signed_claims(&self, token: &str) -> Result<AccessTokenClaims, TokenError> {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(claims) = self.verified.0.get(token) {
+            self.counts.hits.fetch_add(1, Relaxed);
             return Ok((*claims).clone());
         }
+        self.counts.misses.fetch_add(1, Relaxed);
         let claims = self.verify_signature(token)?;
         self.verified
             .0

@@ -93,9 +93,12 @@ impl HeadSigner {
 
     /// The matching verifier.
     pub fn verifier(&self) -> HeadVerifier {
-        HeadVerifier {
-            key: self.key.verifying_key(),
-        }
+        HeadVerifier::from(self.key.verifying_key())
+    }
+
+    /// The signed-note key id of this key for a log named `origin`.
+    pub fn key_id(&self, origin: &str) -> String {
+        hex::encode(key_id(origin, &self.key.verifying_key()))
     }
 
     /// Loads a private key file written by [`HeadSigner::write_new`] (or any
@@ -140,64 +143,126 @@ impl HeadSigner {
     }
 }
 
-/// A log's public key, for checking its signed tree heads.
+/// A log's public keys, for checking its signed tree heads: the key in use and,
+/// after rotations, the keys before it. A head verifies when one of them signed it;
+/// which one is told by the signature's key id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeadVerifier {
-    key: VerifyingKey,
+    /// Oldest first, as an operator lists its key history; never empty.
+    keys: Vec<VerifyingKey>,
 }
 
 impl From<VerifyingKey> for HeadVerifier {
     fn from(key: VerifyingKey) -> Self {
-        Self { key }
+        Self { keys: vec![key] }
     }
 }
 
+const PUBLIC_KEY_END: &str = "-----END PUBLIC KEY-----";
+
 impl HeadVerifier {
-    /// Reads an SPKI PEM public key (`BEGIN PUBLIC KEY`).
+    /// Reads one or more SPKI PEM public keys (`BEGIN PUBLIC KEY`), oldest first: a
+    /// node's key history is its public keys concatenated.
     pub fn from_public_key_pem(pem: &str) -> Result<Self, KeyError> {
-        let key = VerifyingKey::from_public_key_pem(pem).map_err(KeyError::PublicKeyPem)?;
-        Ok(Self { key })
+        let mut keys = Vec::new();
+        let mut rest = pem;
+        while let Some(end) = rest.find(PUBLIC_KEY_END) {
+            let block = &rest[..end + PUBLIC_KEY_END.len()];
+            let block = block.trim_start();
+            keys.push(VerifyingKey::from_public_key_pem(block).map_err(KeyError::PublicKeyPem)?);
+            rest = &rest[end + PUBLIC_KEY_END.len()..];
+        }
+        if keys.is_empty() || !rest.trim().is_empty() {
+            // Let the parser say what is wrong with the text that is not a key.
+            let text = if keys.is_empty() { pem } else { rest.trim() };
+            return Err(KeyError::PublicKeyPem(
+                VerifyingKey::from_public_key_pem(text)
+                    .err()
+                    .unwrap_or(ed25519_dalek::pkcs8::spki::Error::KeyMalformed),
+            ));
+        }
+        Ok(Self { keys })
     }
 
-    /// The public key as SPKI PEM.
+    /// This history followed by `newer`'s keys not already in it.
+    pub fn and(mut self, newer: &HeadVerifier) -> Self {
+        for key in &newer.keys {
+            if !self.keys.contains(key) {
+                self.keys.push(*key);
+            }
+        }
+        self
+    }
+
+    /// The newest public key as SPKI PEM.
     pub fn public_key_pem(&self) -> Result<String, KeyError> {
-        self.key
+        self.newest()
             .to_public_key_pem(LineEnding::LF)
             .map_err(KeyError::PublicKeyPem)
     }
 
-    /// Loads an SPKI PEM public key file.
+    /// Every key as SPKI PEM, oldest first: the key history to hand an auditor.
+    pub fn history_pem(&self) -> Result<String, KeyError> {
+        let mut out = String::new();
+        for key in &self.keys {
+            out.push_str(
+                &key.to_public_key_pem(LineEnding::LF)
+                    .map_err(KeyError::PublicKeyPem)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Loads a file of one or more SPKI PEM public keys.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();
         let pem = fs::read_to_string(path).map_err(io_error(path))?;
         Self::from_public_key_pem(&pem)
     }
 
-    /// The Ed25519 public key (`as_bytes()` gives the raw 32 bytes).
+    /// The newest Ed25519 public key (`as_bytes()` gives the raw 32 bytes).
     pub fn verifying_key(&self) -> &VerifyingKey {
-        &self.key
+        self.newest()
     }
 
-    /// The signed-note key id of this key for a log named `origin`.
+    /// How many keys the history holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Never true: a verifier holds at least one key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn newest(&self) -> &VerifyingKey {
+        self.keys.last().expect("a verifier holds at least one key")
+    }
+
+    /// The signed-note key id of the newest key for a log named `origin`.
     pub fn key_id(&self, origin: &str) -> String {
-        hex::encode(key_id(origin, &self.key))
+        hex::encode(key_id(origin, self.newest()))
     }
 
-    /// Checks that `sth` was signed by this key: the key id must be this
-    /// key's id under the head's origin, and the signature must verify
-    /// (strictly, rejecting malleable encodings) over the checkpoint body.
+    /// The key whose id under `origin` is `id`.
+    fn key_with_id(&self, origin: &str, id: &[u8]) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|k| key_id(origin, k)[..] == *id)
+    }
+
+    /// Checks that `sth` was signed by one of these keys: the key id must be one of
+    /// theirs under the head's origin, and the signature must verify (strictly,
+    /// rejecting malleable encodings) over the checkpoint body.
     pub fn verify(&self, sth: &SignedTreeHead) -> Result<(), VerifyError> {
         sth.head.validate()?;
-        let expected = self.key_id(&sth.head.origin);
-        if sth.key_id != expected {
-            return Err(VerifyError::KeyIdMismatch {
-                expected,
+        let key = hex::decode(&sth.key_id)
+            .ok()
+            .and_then(|id| self.key_with_id(&sth.head.origin, &id))
+            .ok_or_else(|| VerifyError::KeyIdMismatch {
+                expected: self.key_id(&sth.head.origin),
                 got: sth.key_id.clone(),
-            });
-        }
+            })?;
         let signature = Signature::from_bytes(&sth.signature);
-        self.key
-            .verify_strict(sth.head.body().as_bytes(), &signature)
+        key.verify_strict(sth.head.body().as_bytes(), &signature)
             .map_err(|_| VerifyError::BadSignature)
     }
 
@@ -210,20 +275,21 @@ impl HeadVerifier {
     pub fn verify_note(&self, note: &str) -> Result<SignedTreeHead, VerifyError> {
         let (text, signatures) = split_note(note)?;
         let head = TreeHead::parse_body(text)?;
-        let id = key_id(&head.origin, &self.key);
         let line = signatures
             .iter()
-            .find(|s| s.name == head.origin && s.bytes[..4] == id)
+            .find(|s| {
+                s.name == head.origin && self.key_with_id(&head.origin, &s.bytes[..4]).is_some()
+            })
             .ok_or_else(|| VerifyError::NoMatchingSignature {
                 name: head.origin.clone(),
-                key_id: hex::encode(id),
+                key_id: self.key_id(&head.origin),
             })?;
         let signature: [u8; 64] = line.bytes[4..]
             .try_into()
             .map_err(|_| VerifyError::BadSignature)?;
         let sth = SignedTreeHead {
             head,
-            key_id: hex::encode(id),
+            key_id: hex::encode(&line.bytes[..4]),
             signature,
         };
         self.verify(&sth)?;

@@ -424,3 +424,42 @@ fn signed_note_roundtrip() {
         Err(CheckpointError::InvalidKeyId(_))
     ));
 }
+
+// ---- key history -----------------------------------------------------------
+
+#[test]
+fn a_key_history_verifies_heads_of_every_key_in_it_and_no_other() {
+    let old = HeadSigner::generate();
+    let new = HeadSigner::generate();
+    let stranger = HeadSigner::generate();
+    let pem = format!(
+        "{}\n{}",
+        old.public_key_pem().unwrap(),
+        new.public_key_pem().unwrap()
+    );
+    let history = HeadVerifier::from_public_key_pem(&pem).unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history, old.verifier().and(&new.verifier()));
+    assert_eq!(
+        HeadVerifier::from_public_key_pem(&history.history_pem().unwrap()).unwrap(),
+        history
+    );
+    // The newest key is the one a fresh head is signed with.
+    assert_eq!(history.key_id("o"), new.key_id("o"));
+    for signer in [&old, &new] {
+        let sth = signer.sign(head()).unwrap();
+        history.verify(&sth).unwrap();
+        history.verify_note(&sth.to_note().unwrap()).unwrap();
+    }
+    let foreign = stranger.sign(head()).unwrap();
+    assert!(matches!(
+        history.verify(&foreign),
+        Err(VerifyError::KeyIdMismatch { .. })
+    ));
+    assert!(matches!(
+        history.verify_note(&foreign.to_note().unwrap()),
+        Err(VerifyError::NoMatchingSignature { .. })
+    ));
+    // Text after the last key that is not a key is refused, not ignored.
+    assert!(HeadVerifier::from_public_key_pem(&format!("{pem}\ngarbage")).is_err());
+}

@@ -36,7 +36,12 @@ pub async fn serve(tls: TlsConfig) -> anyhow::Result<()> {
     let config = pil_node::tls::server_config(&tls)?;
     // The same listener as the node's, cut-off signal included (never sent here).
     let (_never_cut, cut) = tokio::sync::watch::channel(false);
-    let incoming = pil_node::tls::incoming(listener, config, Duration::from_secs(10), cut);
+    let incoming = pil_node::tls::incoming(
+        listener,
+        pil_node::tls::ServerTls::new(config),
+        Duration::from_secs(10),
+        cut,
+    );
     let answer = v1::LookupResponse {
         regions: vec![v1::RegionStatus {
             region: "floor".into(),

@@ -317,7 +317,7 @@ fn check_config_reports_every_problem_and_touches_nothing() {
         std::fs::set_permissions(&config.keys.storage_key_file, mode).unwrap();
     }
     let mut broken = config.clone();
-    broken.auth.jwks_file = world.path().join("no-jwks.json");
+    broken.auth.jwks_file = Some(world.path().join("no-jwks.json"));
     std::fs::write(&path, toml::to_string_pretty(&broken).unwrap()).unwrap();
     let out = pil_node(&[
         "check-config".as_ref(),

@@ -795,7 +795,7 @@ async fn blocks_and_opt_outs_hold_for_every_regions_pointers() {
             "emergency_legal_basis = \"helsepersonelloven § 7\"",
         );
     std::fs::write(&settings, text).unwrap();
-    midt.node.reloader().reload().expect("reload");
+    midt.node.reloader().reload().await.expect("reload");
     let r = emergency.lookup(lookup(&patient)).await.unwrap();
     assert_eq!(r.pointers.len(), 3, "{r:?}");
     assert!(r.withheld.is_empty());

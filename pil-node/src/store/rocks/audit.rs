@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::db::Db;
 use crate::store::{
-    AuditEntry, HeadSigning, LogSize, StoreError, take_queued,
+    AuditEntry, GroupStats, HeadSigning, LogSize, QueueFigures, StoreError, take_queued,
     tree::{AuditJob as Job, Group, Head, Sequencer, sequence},
 };
 
@@ -27,6 +27,7 @@ pub struct Appender {
     tx: mpsc::Sender<Job>,
     size: Arc<AtomicU64>,
     signed: Arc<AtomicU64>,
+    stats: Arc<GroupStats>,
 }
 
 impl Appender {
@@ -39,12 +40,14 @@ impl Appender {
             tx,
             size: Arc::new(AtomicU64::new(sequencer.size())),
             signed: Arc::new(AtomicU64::new(sequencer.signed())),
+            stats: Default::default(),
         };
         let thread = AppendThread {
             db,
             sequencer,
             size: appender.size.clone(),
             signed: appender.signed.clone(),
+            stats: appender.stats.clone(),
         };
         let handle = thread::Builder::new()
             .name("pil-audit".into())
@@ -71,6 +74,10 @@ impl Appender {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    pub fn queue(&self) -> QueueFigures {
+        self.stats.figures(&self.tx)
+    }
+
     pub fn size(&self) -> LogSize {
         LogSize {
             size: self.size.load(Ordering::Acquire),
@@ -84,12 +91,13 @@ struct AppendThread {
     sequencer: Sequencer,
     size: Arc<AtomicU64>,
     signed: Arc<AtomicU64>,
+    stats: Arc<GroupStats>,
 }
 
 impl AppendThread {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(first) = rx.blocking_recv() {
-            let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1);
+            let jobs = take_queued(&mut rx, first, MAX_GROUP, |_| 1, &self.stats);
             self.commit(jobs);
         }
     }

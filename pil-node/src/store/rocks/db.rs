@@ -42,8 +42,8 @@ use super::events::FollowState;
 use crate::{
     patient_keys::{PSEUDONYM_LEN, Pseudonym},
     store::{
-        Change, KEY_LEN, ORG_LEN, PointerKey, StoreError, StoredBlock, StoredOptOut, StoredPointer,
-        tree::Group,
+        Change, Figure, KEY_LEN, ORG_LEN, PointerKey, StoreError, StoredBlock, StoredOptOut,
+        StoredPointer, tree::Group,
     },
 };
 
@@ -275,6 +275,83 @@ impl Db {
         store.check_format()?;
         store.follow_state().any = store.any_followers()?;
         Ok(store)
+    }
+
+    /// RocksDB's own figures, summed over the column families where they are kept
+    /// per family.
+    pub fn figures(&self) -> Vec<Figure> {
+        let every = [
+            CF_POINTERS,
+            CF_BY_ORG,
+            CF_EXPIRY,
+            CF_META,
+            CF_BLOCKS,
+            CF_OPT_OUTS,
+            CF_AUDIT_RECORDS,
+            CF_AUDIT_NODES,
+            CF_AUDIT_HEADS,
+            CF_AUDIT_BY_PATIENT,
+            CF_SUBSCRIPTIONS,
+            CF_FOLLOWERS,
+            CF_EVENTS,
+            CF_EVENT_COUNTERS,
+        ];
+        let of = |cf: &str, property: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), property)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let sum = |property: &str| every.iter().map(|cf| of(cf, property)).sum::<u64>();
+        let db = |property: &str| {
+            self.db
+                .property_int_value(property)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        vec![
+            Figure {
+                name: "estimated_pointers",
+                value: of(CF_POINTERS, "rocksdb.estimate-num-keys"),
+            },
+            Figure {
+                name: "estimated_audit_records",
+                value: of(CF_AUDIT_RECORDS, "rocksdb.estimate-num-keys"),
+            },
+            Figure {
+                name: "sst_bytes",
+                value: sum("rocksdb.total-sst-files-size"),
+            },
+            Figure {
+                name: "memtable_bytes",
+                value: sum("rocksdb.cur-size-all-mem-tables"),
+            },
+            Figure {
+                name: "block_cache_bytes",
+                value: of(CF_POINTERS, "rocksdb.block-cache-usage"),
+            },
+            Figure {
+                name: "pending_compaction_bytes",
+                value: sum("rocksdb.estimate-pending-compaction-bytes"),
+            },
+            Figure {
+                name: "running_compactions",
+                value: db("rocksdb.num-running-compactions"),
+            },
+            Figure {
+                name: "background_errors",
+                value: db("rocksdb.background-errors"),
+            },
+        ]
+    }
+
+    /// A consistent copy of the database in `dir` (which must not exist): hard links
+    /// to the immutable table files where `dir` is on the same file system.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), DbError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
     }
 
     fn check_format(&self) -> Result<(), DbError> {

@@ -14,8 +14,9 @@ use std::{path::Path, sync::Arc};
 use db::{Db, DbError, Tier};
 
 use super::{
-    AuditEntry, Closer, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords,
-    PointerKey, Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    AuditEntry, Closer, Figure, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult,
+    PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
+    StoredPointer,
     events::{EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId},
     tree::{self, TreeReader},
 };
@@ -100,6 +101,22 @@ impl TreeReader for Db {
 impl Store for RocksStore {
     fn engine(&self) -> &'static str {
         "rocksdb"
+    }
+
+    fn queues(&self) -> Queues {
+        Queues {
+            writer: self.writer.queue(),
+            audit: self.audit.queue(),
+        }
+    }
+
+    fn figures(&self) -> Vec<Figure> {
+        self.db.figures()
+    }
+
+    async fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        let dir = dir.to_path_buf();
+        self.blocking(move |db| Ok(db.checkpoint(&dir)?)).await
     }
 
     async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::db::Db;
 use crate::store::{
-    Change, Op, OpResult, PointerKey, StoreError, StoredPointer,
+    Change, GroupStats, Op, OpResult, PointerKey, QueueFigures, StoreError, StoredPointer,
     plan::{Current, plan as plan_ops},
     take_queued,
 };
@@ -46,6 +46,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    stats: Arc<GroupStats>,
 }
 
 impl Writer {
@@ -53,11 +54,17 @@ impl Writer {
     /// the last `Writer` clone is dropped and the queue is drained.
     pub fn start(store: Arc<Db>) -> (Self, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(GroupStats::default());
+        let counted = stats.clone();
         let handle = thread::Builder::new()
             .name("pil-writer".into())
-            .spawn(move || run(store, rx))
+            .spawn(move || run(store, rx, &counted))
             .expect("spawning the writer thread");
-        (Self { tx }, handle)
+        (Self { tx, stats }, handle)
+    }
+
+    pub fn queue(&self) -> QueueFigures {
+        self.stats.figures(&self.tx)
     }
 
     /// Applies `ops` atomically; returns once they are durable.
@@ -95,7 +102,7 @@ struct Planned {
     replies: Vec<oneshot::Sender<Result<Vec<OpResult>, StoreError>>>,
 }
 
-fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>) {
+fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>, stats: &GroupStats) {
     let pending = Arc::new(Mutex::new(Pending::default()));
     let (planned_tx, planned_rx) = std_mpsc::sync_channel(PLANNED_DEPTH);
     let committer = {
@@ -108,7 +115,7 @@ fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>) {
     };
     let mut group = 0u64;
     while let Some(first) = rx.blocking_recv() {
-        let jobs = take_queued(&mut rx, first, MAX_GROUP_OPS, |j| j.ops.len());
+        let jobs = take_queued(&mut rx, first, MAX_GROUP_OPS, |j| j.ops.len(), stats);
         group += 1;
         let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
         match plan(&store, &pending, group, ops) {
