@@ -172,6 +172,34 @@ async fn metrics_count_rpcs_and_lookups_by_decision_and_name_no_one() {
     );
     assert!(hits + misses >= 4.0, "{hits} + {misses}");
     assert_eq!(sample(&text, "pil_dpop_replays_refused_total"), 0.0);
+    // Scraped while writes go on, the counters move between scrapes.
+    let upserts = r#"grpc_server_started_total{grpc_type="unary",grpc_service="pil.v1.RegistryService",grpc_method="UpsertPointer"}"#;
+    let load = {
+        let hospital = world.client(ORG_A, node.addr()).await;
+        tokio::spawn(async move {
+            for i in 0..200 {
+                hospital
+                    .upsert(pointer(&patient_id(900 + i), ORG_A, 1, &["medications"]))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    while !load.is_finished() {
+        let (_, during) = get(metrics, "/metrics").await;
+        seen.push(sample(&during, upserts));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    load.await.unwrap();
+    let (_, after) = get(metrics, "/metrics").await;
+    seen.push(sample(&after, upserts));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&201.0), "{seen:?}");
+    assert!(
+        seen.iter().any(|n| *n > 1.0 && *n < 201.0),
+        "no scrape saw the load under way: {seen:?}"
+    );
     let (status, _) = get(metrics, "/other").await;
     assert!(status.contains("404"), "{status}");
     node.stop().await;

@@ -62,6 +62,24 @@ pub(super) const CF_SUBSCRIPTIONS: &str = "subscriptions";
 pub(super) const CF_FOLLOWERS: &str = "followers";
 pub(super) const CF_EVENTS: &str = "events";
 pub(super) const CF_EVENT_COUNTERS: &str = "event_counters";
+
+/// Every column family, for what is done to all of them.
+const EVERY_CF: [&str; 14] = [
+    CF_POINTERS,
+    CF_BY_ORG,
+    CF_EXPIRY,
+    CF_META,
+    CF_BLOCKS,
+    CF_OPT_OUTS,
+    CF_AUDIT_RECORDS,
+    CF_AUDIT_NODES,
+    CF_AUDIT_HEADS,
+    CF_AUDIT_BY_PATIENT,
+    CF_SUBSCRIPTIONS,
+    CF_FOLLOWERS,
+    CF_EVENTS,
+    CF_EVENT_COUNTERS,
+];
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
 /// The newest signed head again, apart from the heads' family: cutting the log's end
@@ -280,22 +298,6 @@ impl Db {
     /// RocksDB's own figures, summed over the column families where they are kept
     /// per family.
     pub fn figures(&self) -> Vec<Figure> {
-        let every = [
-            CF_POINTERS,
-            CF_BY_ORG,
-            CF_EXPIRY,
-            CF_META,
-            CF_BLOCKS,
-            CF_OPT_OUTS,
-            CF_AUDIT_RECORDS,
-            CF_AUDIT_NODES,
-            CF_AUDIT_HEADS,
-            CF_AUDIT_BY_PATIENT,
-            CF_SUBSCRIPTIONS,
-            CF_FOLLOWERS,
-            CF_EVENTS,
-            CF_EVENT_COUNTERS,
-        ];
         let of = |cf: &str, property: &str| {
             self.db
                 .property_int_value_cf(self.cf(cf), property)
@@ -303,7 +305,7 @@ impl Db {
                 .flatten()
                 .unwrap_or(0)
         };
-        let sum = |property: &str| every.iter().map(|cf| of(cf, property)).sum::<u64>();
+        let sum = |property: &str| EVERY_CF.iter().map(|cf| of(cf, property)).sum::<u64>();
         let db = |property: &str| {
             self.db
                 .property_int_value(property)
@@ -568,22 +570,7 @@ impl Db {
     /// Flushes memtables to SST files, e.g. before a backup or in tests that inspect
     /// the files.
     pub fn flush(&self) -> Result<(), DbError> {
-        for name in [
-            CF_POINTERS,
-            CF_BY_ORG,
-            CF_EXPIRY,
-            CF_META,
-            CF_BLOCKS,
-            CF_OPT_OUTS,
-            CF_AUDIT_RECORDS,
-            CF_AUDIT_NODES,
-            CF_AUDIT_HEADS,
-            CF_AUDIT_BY_PATIENT,
-            CF_SUBSCRIPTIONS,
-            CF_FOLLOWERS,
-            CF_EVENTS,
-            CF_EVENT_COUNTERS,
-        ] {
+        for name in EVERY_CF {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
