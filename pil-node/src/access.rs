@@ -6,18 +6,14 @@
 //! The legal configuration can be swapped at run time: a reload that does not validate
 //! leaves the old one in force.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use pil_auth::dpop::normalize_htu;
 use pil_auth::verify::{Jwks, RequestContext, TokenVerifier, VerifiedRequester, VerifierConfig};
 use pil_legal::{LegalConfig, PolicyError};
 use pil_proto::ident::PatientId;
 
-use crate::{config::NodeConfig, store::StoredBlock};
+use crate::{config::NodeConfig, in_force::InForce, store::StoredBlock};
 
 /// Block target kinds as stored.
 pub const BLOCK_HPR: i32 = 1;
@@ -48,13 +44,13 @@ pub struct Requester {
 /// Token verification and the legal configuration in force.
 pub struct Access {
     /// Swapped when the issuer's keys are reloaded; the replay cache is carried over.
-    verifier: RwLock<Arc<TokenVerifier>>,
+    verifier: InForce<TokenVerifier>,
     /// The node's own base URLs (normalized `https://host:port`): a call must be
     /// addressed to one of them, so a DPoP proof made for another node never fits.
     names: Vec<String>,
     legal_dir: PathBuf,
     region: String,
-    legal: RwLock<Arc<LegalConfig>>,
+    legal: InForce<LegalConfig>,
 }
 
 impl Access {
@@ -71,18 +67,16 @@ impl Access {
         let verifier = TokenVerifier::new(vc, jwks);
         let legal = load_legal(&config.legal_config, &config.region)?;
         Ok(Self {
-            verifier: RwLock::new(Arc::new(verifier)),
+            verifier: InForce::new(verifier),
             names,
             legal_dir: config.legal_config.clone(),
             region: config.region.clone(),
-            legal: RwLock::new(Arc::new(legal)),
+            legal: InForce::new(legal),
         })
     }
 
     fn verifier(&self) -> Arc<TokenVerifier> {
-        self.verifier
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |v| v.clone())
+        self.verifier.get()
     }
 
     /// The DPoP proofs remembered against replay at this node, and the most it holds.
@@ -113,19 +107,12 @@ impl Access {
     /// Verifies with `jwks` from now on. The replay cache is kept, so a key reload
     /// does not let a used DPoP proof in again.
     pub fn install_jwks(&self, jwks: Jwks) {
-        let fresh = Arc::new(self.verifier().with_keys(jwks));
-        match self.verifier.write() {
-            Ok(mut v) => *v = fresh,
-            Err(e) => *e.into_inner() = fresh,
-        }
+        self.verifier.set(self.verifier().with_keys(jwks));
     }
 
     /// The legal configuration in force.
     pub fn legal(&self) -> Arc<LegalConfig> {
-        self.legal
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
+        self.legal.get()
     }
 
     /// Reads and checks the legal configuration on disk without putting it in force.
@@ -135,10 +122,7 @@ impl Access {
 
     /// Puts a checked legal configuration in force.
     pub fn install_legal(&self, fresh: LegalConfig) {
-        match self.legal.write() {
-            Ok(mut l) => *l = Arc::new(fresh),
-            Err(e) => *e.into_inner() = Arc::new(fresh),
-        }
+        self.legal.set(fresh);
     }
 
     /// Verifies the token (and DPoP proof) of a call to `path` that arrived on

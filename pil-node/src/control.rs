@@ -18,7 +18,7 @@ use crate::{
     access::Access,
     audit::{
         WeakAuditLog,
-        record::{Action, AuditRecord, CallerInfo},
+        record::{Action, AuditRecord},
     },
     federation::{BreakerState, Federation},
     reload::Reloader,
@@ -122,15 +122,7 @@ pub async fn connect(
 
 impl Control {
     fn record(&self, status: &str, detail: String) -> AuditRecord {
-        let mut record = AuditRecord::not_decided(
-            &self.region,
-            Action::Backup,
-            CallerInfo::default(),
-            status,
-            detail.clone(),
-        );
-        record.detail = Some(detail);
-        record
+        AuditRecord::operation(&self.region, Action::Backup, status, detail)
     }
 
     async fn backup_inner(

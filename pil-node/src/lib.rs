@@ -11,6 +11,7 @@ pub mod demo;
 mod error;
 pub mod federation;
 mod identity;
+mod in_force;
 mod issuer_keys;
 mod lookup;
 pub mod metrics;

@@ -16,7 +16,7 @@ use crate::{
     audit::{
         WeakAuditLog,
         log::KeyRotation,
-        record::{Action, AuditRecord, CallerInfo},
+        record::{Action, AuditRecord},
     },
     config::{NodeConfig, TlsConfig},
     federation::Federation,
@@ -105,19 +105,15 @@ pub struct Reloadable {
 #[derive(Clone)]
 pub struct Reloader {
     parts: Arc<Reloadable>,
-    /// The node certificate and CA bundle in force, as the last reload (or the
-    /// start) put them.
-    tls_in_force: Arc<std::sync::Mutex<TlsSummary>>,
     /// One reload at a time, so two cannot interleave their checks and installs.
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reloader {
     /// Applies the settings of the legal configuration now in force.
-    pub fn new(parts: Reloadable, tls_in_force: TlsSummary) -> Self {
+    pub fn new(parts: Reloadable) -> Self {
         let this = Self {
             parts: Arc::new(parts),
-            tls_in_force: Arc::new(std::sync::Mutex::new(tls_in_force)),
             turn: Default::default(),
         };
         this.apply_settings();
@@ -156,17 +152,11 @@ impl Reloader {
         if let Some(peers) = peers {
             p.federation.install(peers);
         }
-        p.tls.install(tls);
-        *self.tls_in_force.lock().unwrap_or_else(|e| e.into_inner()) = tls_summary.clone();
+        p.tls.install(tls, tls_summary.clone());
         p.access.install_jwks(keys.jwks);
         self.apply_settings();
-        let announcement = AuditRecord::not_decided(
-            &p.region,
-            Action::PolicyReload,
-            CallerInfo::default(),
-            "OK",
-            String::new(),
-        );
+        let announcement =
+            AuditRecord::operation(&p.region, Action::PolicyReload, "OK", String::new());
         let rotation = p.audit.rotate_signing_key(signer, announcement).await?;
         Ok(Reloaded {
             policies,
@@ -191,9 +181,8 @@ impl Reloader {
         let (status, detail, next) = match p.issuer_keys.load().await {
             Ok(loaded) => {
                 let before = p.access.issuer_kids();
-                let mut after: Vec<String> =
+                let after: Vec<String> =
                     loaded.jwks.kids().into_iter().map(str::to_string).collect();
-                after.sort();
                 if after == before {
                     return loaded.next_fetch;
                 }
@@ -217,14 +206,7 @@ impl Reloader {
                 return Some(std::time::Duration::from_secs(30));
             }
         };
-        let mut record = AuditRecord::not_decided(
-            &p.region,
-            Action::PolicyReload,
-            CallerInfo::default(),
-            status,
-            detail.clone(),
-        );
-        record.detail = Some(detail);
+        let record = AuditRecord::operation(&p.region, Action::PolicyReload, status, detail);
         if let Err(e) = p.audit.append(record).await {
             tracing::error!(error = %e, "the change of issuer keys could not be recorded in the audit log");
         }
@@ -233,10 +215,7 @@ impl Reloader {
 
     /// The node certificate and CA bundle in force.
     pub fn tls_in_force(&self) -> TlsSummary {
-        self.tls_in_force
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.parts.tls.summary()
     }
 
     fn apply_settings(&self) {
@@ -260,17 +239,10 @@ impl SignalReload {
     pub async fn run(&self) -> Result<Reloaded, ReloadError> {
         let result = self.reloader.reload().await;
         let (status, detail) = match &result {
-            Ok(r) => ("OK".to_string(), format!("SIGHUP: {}", r.describe())),
-            Err(e) => ("FAILED_PRECONDITION".to_string(), format!("SIGHUP: {e}")),
+            Ok(r) => ("OK", format!("SIGHUP: {}", r.describe())),
+            Err(e) => ("FAILED_PRECONDITION", format!("SIGHUP: {e}")),
         };
-        let mut record = AuditRecord::not_decided(
-            &self.region,
-            Action::PolicyReload,
-            CallerInfo::default(),
-            &status,
-            detail.clone(),
-        );
-        record.detail = Some(detail);
+        let record = AuditRecord::operation(&self.region, Action::PolicyReload, status, detail);
         if let Err(e) = self.audit.append(record).await {
             tracing::error!(error = %e, "the reload could not be recorded in the audit log");
         }

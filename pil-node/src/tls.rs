@@ -4,11 +4,7 @@
 //! cannot hold up others. The caller's identity is read from its certificate once per
 //! connection and attached to every request on it as [`PeerInfo`].
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{ServerConfig, server::WebPkiClientVerifier};
 use tokio::{
@@ -23,6 +19,7 @@ use tonic::transport::server::Connected;
 use crate::{
     config::TlsConfig,
     identity::{Caller, caller_from_cert},
+    in_force::InForce,
     pki::{self, PkiError},
 };
 
@@ -66,33 +63,34 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The server's TLS configuration in force. A reload swaps it: new connections
-/// handshake with the new certificate and CA bundle, established ones keep theirs.
+/// The server's TLS configuration in force, with what it holds. A reload swaps it:
+/// new connections handshake with the new certificate and CA bundle, established
+/// ones keep theirs.
 #[derive(Clone)]
-pub struct ServerTls(Arc<RwLock<Arc<ServerConfig>>>);
+pub struct ServerTls(Arc<InForce<(Arc<ServerConfig>, TlsSummary)>>);
 
 impl ServerTls {
-    pub fn new(config: Arc<ServerConfig>) -> Self {
-        Self(Arc::new(RwLock::new(config)))
+    pub fn new(config: Arc<ServerConfig>, summary: TlsSummary) -> Self {
+        Self(Arc::new(InForce::new((config, summary))))
     }
 
     fn current(&self) -> Arc<ServerConfig> {
-        self.0
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |c| c.clone())
+        self.0.get().0.clone()
+    }
+
+    /// The certificate and CA bundle in force.
+    pub fn summary(&self) -> TlsSummary {
+        self.0.get().1.clone()
     }
 
     /// Puts a checked configuration in force for the next handshakes.
-    pub fn install(&self, fresh: Arc<ServerConfig>) {
-        match self.0.write() {
-            Ok(mut c) => *c = fresh,
-            Err(e) => *e.into_inner() = fresh,
-        }
+    pub fn install(&self, fresh: Arc<ServerConfig>, summary: TlsSummary) {
+        self.0.set((fresh, summary));
     }
 }
 
 /// What a reload is about to put in force, as the audit record and operator see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSummary {
     /// SHA-256 of the node certificate (DER), hex.
     pub cert_sha256: String,
@@ -138,25 +136,31 @@ pub fn reload_config(
             validity.not_before, validity.not_after
         )));
     }
-    Ok((config, summary(tls)?))
+    Ok((config, summarize(first, &parsed, tls)?))
 }
 
 /// The node certificate and client CA bundle in `tls`, as status and audit show them.
 pub fn summary(tls: &TlsConfig) -> Result<TlsSummary, TlsError> {
-    use sha2::Digest as _;
     let certs = pki::load_certs(&tls.cert)?;
     let first = certs.first().map(|c| c.as_ref()).unwrap_or_default();
-    let not_after = x509_parser::parse_x509_certificate(first)
-        .map(|(_, c)| {
-            let at = c.validity().not_after;
-            at.to_datetime()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| at.to_string())
-        })
-        .unwrap_or_default();
+    let (_, parsed) = x509_parser::parse_x509_certificate(first)
+        .map_err(|e| TlsError::Rustls(format!("node certificate {}: {e}", tls.cert.display())))?;
+    summarize(first, &parsed, tls)
+}
+
+fn summarize(
+    der: &[u8],
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    tls: &TlsConfig,
+) -> Result<TlsSummary, TlsError> {
+    use sha2::Digest as _;
+    let at = cert.validity().not_after;
     Ok(TlsSummary {
-        cert_sha256: hex::encode(sha2::Sha256::digest(first)),
-        not_after,
+        cert_sha256: hex::encode(sha2::Sha256::digest(der)),
+        not_after: at
+            .to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| at.to_string()),
         client_cas: pki::load_certs(&tls.client_ca)?.len(),
     })
 }

@@ -3,7 +3,7 @@
 //! commit, in whichever engine) and this module says what is appended and signed.
 
 use std::{
-    sync::{Arc, RwLock, Weak},
+    sync::{Arc, Weak},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -11,6 +11,7 @@ use pil_transparency::{HeadSigner, TreeHead};
 
 use super::record::AuditRecord;
 use crate::{
+    in_force::InForce,
     patient_keys::{PSEUDONYM_LEN, Pseudonym},
     store::{AuditEntry, HeadSigning, LogSize, Store, StoreError},
 };
@@ -43,7 +44,7 @@ impl AuditLog {
         Self {
             store,
             signer: Arc::new(NoteSigner {
-                signer: RwLock::new(Arc::new(signer)),
+                signer: InForce::new(signer),
                 origin: format!("pil-audit/{region}"),
             }),
             metrics: None,
@@ -130,7 +131,7 @@ impl WeakAuditLog {
 
     /// The key id heads are signed with now.
     pub fn signing_key_id(&self) -> String {
-        self.signer.current().key_id(&self.signer.origin)
+        self.signer.signer.get().key_id(&self.signer.origin)
     }
 
     /// Signs heads with `fresh` from now on, unless it is the key in use. The new key
@@ -142,7 +143,7 @@ impl WeakAuditLog {
         fresh: HeadSigner,
         mut announcement: AuditRecord,
     ) -> Result<Option<KeyRotation>, AuditError> {
-        let old = self.signer.current();
+        let old = self.signer.signer.get();
         if old.verifier() == fresh.verifier() {
             return Ok(None);
         }
@@ -162,7 +163,7 @@ impl WeakAuditLog {
         announcement.detail = Some(announcement.outcome.detail.clone());
         let announced_at = store.audit_append(Box::new(announcement)).await?;
         store.audit_sign(self.signer.clone()).await?;
-        self.signer.install(fresh);
+        self.signer.signer.set(fresh);
         store.audit_sign(self.signer.clone()).await?;
         Ok(Some(KeyRotation {
             from,
@@ -175,24 +176,8 @@ impl WeakAuditLog {
 /// Signs heads as C2SP signed notes with the node's key, which an operator may
 /// rotate while the node runs.
 struct NoteSigner {
-    signer: RwLock<Arc<HeadSigner>>,
+    signer: InForce<HeadSigner>,
     origin: String,
-}
-
-impl NoteSigner {
-    fn current(&self) -> Arc<HeadSigner> {
-        self.signer
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |s| s.clone())
-    }
-
-    fn install(&self, fresh: HeadSigner) {
-        let fresh = Arc::new(fresh);
-        match self.signer.write() {
-            Ok(mut s) => *s = fresh,
-            Err(e) => *e.into_inner() = fresh,
-        }
-    }
 }
 
 impl HeadSigning for NoteSigner {
@@ -206,7 +191,8 @@ impl HeadSigning for NoteSigner {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        self.current()
+        self.signer
+            .get()
             .sign(head)
             .and_then(|signed| signed.to_note())
             .map_err(|e| StoreError::Record(format!("signing the tree head: {e}")))

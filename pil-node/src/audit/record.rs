@@ -193,6 +193,20 @@ impl AuditRecord {
     }
 
     /// A record of a request no policy decided, with its final status and detail.
+    /// A record of the node's own operation (a reload, a backup): nobody's request,
+    /// nothing decided, `detail` saying what happened.
+    pub fn operation(region: &str, action: Action, status: &str, detail: String) -> Self {
+        let mut record = Self::not_decided(
+            region,
+            action,
+            CallerInfo::default(),
+            status,
+            detail.clone(),
+        );
+        record.detail = Some(detail);
+        record
+    }
+
     pub fn not_decided(
         region: &str,
         action: Action,

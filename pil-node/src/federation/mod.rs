@@ -8,7 +8,7 @@
 mod breaker;
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -20,6 +20,7 @@ pub use breaker::{Breaker, BreakerState};
 use crate::{
     config::{FederationConfig, PeerConfig, TlsConfig},
     error::status_name,
+    in_force::InForce,
 };
 
 /// Opens TCP and TLS to one peer, checking its node certificate.
@@ -113,8 +114,8 @@ pub struct PreparedPeers {
 
 /// The node's peers and how to reach them. Reloadable.
 pub struct Federation {
-    config: RwLock<Arc<FederationConfig>>,
-    peers: RwLock<Arc<Vec<Arc<Peer>>>>,
+    config: InForce<FederationConfig>,
+    peers: InForce<Vec<Arc<Peer>>>,
     tls: TlsConfig,
     region: String,
 }
@@ -144,8 +145,8 @@ impl Federation {
         region: &str,
     ) -> Result<Self, FederationError> {
         let this = Self {
-            config: RwLock::new(Arc::new(config.clone())),
-            peers: RwLock::new(Arc::new(Vec::new())),
+            config: InForce::new(config.clone()),
+            peers: InForce::new(Vec::new()),
             tls: tls.clone(),
             region: region.to_string(),
         };
@@ -215,8 +216,8 @@ impl Federation {
 
     /// Puts a prepared peer list in force.
     pub fn install(&self, prepared: PreparedPeers) {
-        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prepared.peers);
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prepared.config);
+        self.peers.set(prepared.peers);
+        self.config.set(prepared.config);
     }
 
     fn client_for(
@@ -244,14 +245,11 @@ impl Federation {
     }
 
     fn peers(&self) -> Arc<Vec<Arc<Peer>>> {
-        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.peers.get()
     }
 
     pub fn config(&self) -> Arc<FederationConfig> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.config.get()
     }
 
     /// Whether `region` is a configured peer.

@@ -200,7 +200,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         issuer_keys,
         next_key_fetch,
     } = checked;
-    let server_tls = tls::ServerTls::new(tls_config);
+    let server_tls = tls::ServerTls::new(tls_config, tls::summary(&config.tls)?);
 
     let (store, closer) = open_store(&config).await?;
     let figures: Vec<&str> = store.figures().iter().map(|f| f.name).collect();
@@ -212,22 +212,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     audit.sign_head().await?;
     let restored = announce_restore(&audit, &config).await?;
     let registry = Registry::open(store, keys, config.region.clone());
-    let reloader = Reloader::new(
-        crate::reload::Reloadable {
-            access: access.clone(),
-            lifetime: registry.pointer_lifetime(),
-            federation: federation.clone(),
-            source: config.source.clone(),
-            region: config.region.clone(),
-            tls_files: config.tls.clone(),
-            tls: server_tls.clone(),
-            cert_names,
-            issuer_keys,
-            signing_key_file: config.audit.signing_key_file.clone(),
-            audit: audit.downgrade(),
-        },
-        tls::summary(&config.tls)?,
-    );
+    let reloader = Reloader::new(crate::reload::Reloadable {
+        access: access.clone(),
+        lifetime: registry.pointer_lifetime(),
+        federation: federation.clone(),
+        source: config.source.clone(),
+        region: config.region.clone(),
+        tls_files: config.tls.clone(),
+        tls: server_tls.clone(),
+        cert_names,
+        issuer_keys,
+        signing_key_file: config.audit.signing_key_file.clone(),
+        audit: audit.downgrade(),
+    });
 
     let metrics_for_listener = metrics.clone();
     let peers = federation.clone();
@@ -469,15 +466,14 @@ async fn announce_restore(
     };
     let said = note.describe();
     tracing::warn!(restored = %said, "starting on a restored store");
-    let mut record = crate::audit::AuditRecord::not_decided(
-        &config.region,
-        crate::audit::record::Action::Backup,
-        Default::default(),
-        "OK",
-        said.clone(),
-    );
-    record.detail = Some(said.clone());
-    audit.append(record).await?;
+    audit
+        .append(crate::audit::AuditRecord::operation(
+            &config.region,
+            crate::audit::record::Action::Backup,
+            "OK",
+            said.clone(),
+        ))
+        .await?;
     audit.sign_head().await?;
     crate::store::backup::forget_note(&config.data_dir);
     Ok(Some(said))

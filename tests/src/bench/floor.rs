@@ -38,7 +38,7 @@ pub async fn serve(tls: TlsConfig) -> anyhow::Result<()> {
     let (_never_cut, cut) = tokio::sync::watch::channel(false);
     let incoming = pil_node::tls::incoming(
         listener,
-        pil_node::tls::ServerTls::new(config),
+        pil_node::tls::ServerTls::new(config, Default::default()),
         Duration::from_secs(10),
         cut,
     );
