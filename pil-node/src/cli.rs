@@ -23,6 +23,42 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum KeyStep {
+    /// Add a new key to the ring as staged: read from the next reload, not yet
+    /// written. In a region of several nodes on one database, stage and reload every
+    /// node before rotating any.
+    Stage {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Put the staged key in force (a new one when none is staged); the key in force
+    /// becomes an earlier key. Reload the node next (SIGHUP or `pil policy reload`):
+    /// it moves every patient to the new key in the background while serving.
+    Rotate {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Follow the running node's re-keying until it is done, with a progress bar.
+    Progress {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+        /// Print the state once as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire the earlier keys once re-keying is done: the registry is no longer read
+    /// under them; audit search by patient still is. Reload the node next.
+    Retire {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a node from a configuration file.
     Serve {
@@ -96,6 +132,12 @@ enum Command {
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Rotate the pseudonym key: stage a key, put it in force, follow the re-keying,
+    /// retire the old key. See the operator guide.
+    PseudonymKey {
+        #[command(subcommand)]
+        step: KeyStep,
     },
     /// Generate a development PKI: CA, node certificate, organization certificates, and
     /// a development token issuer (signing key and JWKS) for `[auth]`.
@@ -220,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
             json,
         } => restore(&NodeConfig::load(&config)?, &from, replace, json).await?,
+        Command::PseudonymKey { step } => pseudonym_key(step).await?,
         Command::DevPki { out, region, orgs } => {
             let orgs: Vec<(&str, &str)> =
                 orgs.iter().map(|(n, m)| (n.as_str(), m.as_str())).collect();
@@ -431,6 +474,10 @@ async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
             "certificate": {"sha256": s.cert_sha256, "not_after": s.cert_not_after},
             "issuer_key_ids": s.issuer_key_ids,
             "restored": (!s.restored.is_empty()).then_some(&s.restored),
+            "pseudonym_keys": s.pseudonym_keys.as_ref().map(|k| serde_json::json!({
+                "key": k.key, "earlier": k.earlier, "staged": k.staged, "retired": k.retired,
+                "state": k.state, "progress": k.progress, "patients_moved": k.patients_moved,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -457,7 +504,7 @@ async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
         println!("    {:<26} {value}", f.name);
     }
     println!(
-        "  audit log      {} records, {} under the newest signed head ({} awaiting          the next), heads signed by key {}",
+        "  audit log      {} records, {} under the newest signed head ({} awaiting the next), heads signed by key {}",
         audit.records,
         audit.signed,
         audit.records.saturating_sub(audit.signed),
@@ -487,10 +534,120 @@ async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
         s.cert_sha256, s.cert_not_after
     );
     println!("  issuer keys    {}", s.issuer_key_ids.join(", "));
+    if let Some(k) = &s.pseudonym_keys {
+        let others = [
+            ("earlier", &k.earlier),
+            ("staged", &k.staged),
+            ("retired", &k.retired),
+        ]
+        .iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(what, ids)| format!(", {what} {}", ids.join(" ")))
+        .collect::<String>();
+        println!("  pseudonym key  {}{others}", k.key);
+        if k.state == "moving" {
+            println!(
+                "  re-keying      pass {}, {:.0}% walked, {} patients moved",
+                k.pass,
+                k.progress * 100.0,
+                k.patients_moved
+            );
+        } else if !k.detail.is_empty() {
+            println!("  re-keying      {}: {}", k.state, k.detail);
+        }
+    }
     if !s.restored.is_empty() {
         println!("  restored       {}", s.restored);
     }
     Ok(())
+}
+
+async fn pseudonym_key(step: KeyStep) -> anyhow::Result<()> {
+    use crate::patient_keys::{retire_ring_file, rotate_ring_file, stage_ring_file};
+    let reload = "reload the node next (SIGHUP, or `pil policy reload`)";
+    match step {
+        KeyStep::Stage { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let change = stage_ring_file(&cfg.keys.pseudonym_key_file)?;
+            println!(
+                "key {} staged beside {} in force; {reload}",
+                change.changed[0], change.current
+            );
+        }
+        KeyStep::Rotate { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let change = rotate_ring_file(&cfg.keys.pseudonym_key_file)?;
+            println!(
+                "key {} in force, {} now an earlier key; {reload}, then follow it with \
+                 `pil-node pseudonym-key progress`",
+                change.current, change.changed[0]
+            );
+        }
+        KeyStep::Retire { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let keys = rekey_status(&cfg).await?;
+            if keys.state != "done" || keys.unidentified > 0 {
+                anyhow::bail!(
+                    "re-keying is not done (state {}: {}); earlier keys are still needed",
+                    keys.state,
+                    keys.detail
+                );
+            }
+            let change = retire_ring_file(&cfg.keys.pseudonym_key_file)?;
+            println!(
+                "retired {}; audit search by patient still uses them; {reload}",
+                change.changed.join(", ")
+            );
+        }
+        KeyStep::Progress { config, json } => {
+            let cfg = NodeConfig::load(&config)?;
+            if json {
+                let s = rekey_status(&cfg).await?;
+                let out = serde_json::json!({
+                    "key": s.key, "earlier": s.earlier, "staged": s.staged, "retired": s.retired,
+                    "state": s.state, "pass": s.pass, "progress": s.progress,
+                    "patients_seen": s.patients_seen, "patients_moved": s.patients_moved,
+                    "pointers_moved": s.pointers_moved, "protections_moved": s.protections_moved,
+                    "unidentified": s.unidentified, "detail": s.detail,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            let bar = indicatif::ProgressBar::new(1000);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {percent}% ({elapsed}, {eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            loop {
+                let s = rekey_status(&cfg).await?;
+                bar.set_position((s.progress * 1000.0) as u64);
+                bar.set_message(format!(
+                    "pass {}: {} patients moved, {} pointers",
+                    s.pass, s.patients_moved, s.pointers_moved
+                ));
+                if s.state != "moving" {
+                    bar.finish_and_clear();
+                    println!("re-keying {} (key {}): {}", s.state, s.key, s.detail);
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn rekey_status(cfg: &NodeConfig) -> anyhow::Result<pil_proto::v1::PseudonymKeyStatus> {
+    let mut control = crate::control::connect(&cfg.data_dir).await?;
+    let s = control
+        .status(pil_proto::v1::StatusRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    Ok(s.pseudonym_keys.unwrap_or_default())
 }
 
 async fn backup(cfg: &NodeConfig, to: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -58,6 +58,7 @@ pub struct Control {
     pub(crate) reloader: Reloader,
     /// What a restore said, when the node started on a restored store.
     pub(crate) restored: Option<String>,
+    pub(crate) rekeying: crate::rekey::Rekeying,
 }
 
 /// Binds the socket (owner-only, replacing one a killed node left) and serves it
@@ -261,6 +262,7 @@ impl ControlService for Control {
             cert_not_after: tls.not_after,
             issuer_key_ids: self.access.issuer_kids(),
             restored: self.restored.clone().unwrap_or_default(),
+            pseudonym_keys: Some(pseudonym_key_status(self.rekeying.status())),
         }))
     }
 
@@ -313,5 +315,23 @@ impl ControlService for Control {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+fn pseudonym_key_status(s: crate::rekey::RekeyStatus) -> v1::PseudonymKeyStatus {
+    v1::PseudonymKeyStatus {
+        key: s.keys.current,
+        earlier: s.keys.earlier,
+        staged: s.keys.staged,
+        retired: s.keys.retired,
+        state: s.state,
+        pass: s.pass,
+        progress: s.progress,
+        patients_seen: s.patients_seen,
+        patients_moved: s.patients_moved,
+        pointers_moved: s.pointers_moved,
+        protections_moved: s.protections_moved,
+        unidentified: s.unidentified,
+        detail: s.detail,
     }
 }

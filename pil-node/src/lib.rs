@@ -19,6 +19,7 @@ pub mod patient_keys;
 pub mod pki;
 pub mod pointer;
 pub mod registry;
+mod rekey;
 mod reload;
 mod secret_file;
 pub mod server;

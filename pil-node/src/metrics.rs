@@ -158,6 +158,9 @@ pub struct Metrics {
     dpop_replays: Counter,
     dpop_full: Counter,
     event_delivery_seconds: Histogram,
+    rekey_progress: Gauge<f64, std::sync::atomic::AtomicU64>,
+    rekey_moved: Gauge,
+    pseudonym_keys_read: Gauge,
 }
 
 impl Default for Metrics {
@@ -317,9 +320,30 @@ impl Metrics {
             "Time from a change to its event's delivery to the subscriber, in seconds",
             event_delivery_seconds.clone(),
         );
+        let rekey_progress = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "pil_pseudonym_rekey_progress_ratio",
+            "Share of the store the current re-keying pass has walked (1 when done or idle)",
+            rekey_progress.clone(),
+        );
+        let rekey_moved = Gauge::default();
+        registry.register(
+            "pil_pseudonym_rekey_patients_moved",
+            "Patients moved to the pseudonym key in force since the key ring last changed",
+            rekey_moved.clone(),
+        );
+        let pseudonym_keys_read = Gauge::default();
+        registry.register(
+            "pil_pseudonym_keys_read",
+            "Pseudonym keys a lookup reads the registry under (more than 1 during a rotation)",
+            pseudonym_keys_read.clone(),
+        );
         Self {
             registry,
             refresh: std::sync::Mutex::default(),
+            rekey_progress,
+            rekey_moved,
+            pseudonym_keys_read,
             queue_waiting,
             queue_groups,
             queue_items,
@@ -413,6 +437,13 @@ impl Metrics {
                 gauge.set(f.value as i64);
             }
         }
+    }
+
+    /// Where re-keying stands, and how many keys the registry is read under.
+    pub fn rekeying(&self, progress: f64, moved: u64, keys_read: usize) {
+        self.rekey_progress.set(progress);
+        self.rekey_moved.set(moved as i64);
+        self.pseudonym_keys_read.set(keys_read as i64);
     }
 
     /// Token and DPoP checks so far (see [`crate::access::Access::verification_counts`]).

@@ -8,6 +8,11 @@
 //! under a second key, bound to its pseudonym so a sealed value cannot be moved to
 //! another record unnoticed.
 //!
+//! The pseudonym key is versioned: its file is a key ring, the key in force on its
+//! first line and earlier keys (or one staged to come) after it. Patients are stored
+//! under the key in force; while any are still stored under an earlier key (a rotation
+//! is moving them), reads look under every key in the ring.
+//!
 //! The seal is deterministic: its nonce is derived from the pseudonym, so nothing but
 //! the ciphertext is stored (28 bytes per pointer instead of 81). This reveals nothing
 //! the key already does: equal seals mean equal pseudonyms, which the key shows
@@ -48,15 +53,135 @@ pub enum KeyError {
     },
     #[error("key file {path} must hold 32 bytes as 64 hex characters")]
     Format { path: String },
+    #[error(
+        "pseudonym key file {path}, line {line}: expected a key as 64 hex characters, \
+         optionally after the word `staged`"
+    )]
+    Ring { path: String, line: usize },
+    #[error("pseudonym key file {path} holds no key in force (its first key line)")]
+    NoCurrent { path: String },
+    #[error("cannot write key file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Change(String),
     #[error("a stored patient identifier could not be decrypted (wrong storage key?)")]
     Open,
 }
 
-/// The node's two patient secrets.
+/// The node's patient secrets: the pseudonym key ring and the storage key.
 #[derive(Clone)]
 pub struct PatientKeys {
     pseudonym: Hmac<Sha256>,
+    /// The keys besides the one in force that the registry is read under, never
+    /// written: earlier keys and staged ones.
+    others: Vec<Hmac<Sha256>>,
+    /// Retired keys: only audit records are found under them.
+    retired: Vec<Hmac<Sha256>>,
+    ids: KeyIds,
     storage: XChaCha20Poly1305,
+}
+
+/// The ring's keys by id (a hash of the key: names it, reveals nothing of it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyIds {
+    pub current: String,
+    pub earlier: Vec<String>,
+    pub staged: Vec<String>,
+    pub retired: Vec<String>,
+}
+
+/// One key of a ring file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingKey {
+    pub key: [u8; 32],
+    pub role: Role,
+}
+
+/// What a ring key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The first of these is in force; later ones are earlier keys, read until the
+    /// patients stored under them are moved.
+    Active,
+    /// To come into force at the next rotation: read already, so that every node of a
+    /// region finds what the first node to rotate writes.
+    Staged,
+    /// No longer read for the registry; kept to find audit records by patient that
+    /// were written while it was in force.
+    Retired,
+}
+
+/// The id of a pseudonym key.
+pub fn key_id(key: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let digest = Sha256::new()
+        .chain_update(b"pil pseudonym key id\0")
+        .chain_update(key)
+        .finalize();
+    hex::encode(&digest[..4])
+}
+
+/// Parses a pseudonym key ring: one key per line (64 hex characters), the first bare
+/// one in force and later bare ones earlier keys; `staged <hex>` marks a key to come,
+/// `retired <hex>` one kept only for audit search; `#` starts a comment.
+pub fn parse_ring(text: &str, path: &Path) -> Result<Vec<RingKey>, KeyError> {
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (role, hex_key) = match line.split_once(char::is_whitespace) {
+            Some(("staged", rest)) => (Role::Staged, rest.trim()),
+            Some(("retired", rest)) => (Role::Retired, rest.trim()),
+            Some(_) => {
+                return Err(KeyError::Ring {
+                    path: path.display().to_string(),
+                    line: n + 1,
+                });
+            }
+            None => (Role::Active, line),
+        };
+        let key: [u8; 32] = hex::decode(hex_key)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| KeyError::Ring {
+                path: path.display().to_string(),
+                line: n + 1,
+            })?;
+        keys.push(RingKey { key, role });
+    }
+    if !keys.iter().any(|k| k.role == Role::Active) {
+        return Err(KeyError::NoCurrent {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(keys)
+}
+
+/// A ring file's text, keys in the order given.
+pub fn format_ring(keys: &[RingKey]) -> String {
+    let mut out = String::from(
+        "# PIL pseudonym key ring: the first key is in force, the others are read\n\
+         # until no patient is stored under them. Keep this file secret.\n",
+    );
+    for k in keys {
+        match k.role {
+            Role::Active => {}
+            Role::Staged => out.push_str("staged "),
+            Role::Retired => out.push_str("retired "),
+        }
+        out.push_str(&hex::encode(k.key));
+        out.push('\n');
+    }
+    out
+}
+
+fn hmac(key: &[u8; 32]) -> Hmac<Sha256> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length")
 }
 
 impl std::fmt::Debug for PatientKeys {
@@ -67,31 +192,98 @@ impl std::fmt::Debug for PatientKeys {
 
 impl PatientKeys {
     pub fn from_bytes(pseudonym_key: &[u8; 32], storage_key: &[u8; 32]) -> Self {
+        Self::from_ring(
+            &[RingKey {
+                key: *pseudonym_key,
+                role: Role::Active,
+            }],
+            storage_key,
+        )
+    }
+
+    /// Keys from a ring (which must hold a key in force: [`parse_ring`] checks).
+    pub fn from_ring(ring: &[RingKey], storage_key: &[u8; 32]) -> Self {
+        let current = ring
+            .iter()
+            .position(|k| k.role == Role::Active)
+            .expect("a ring holds a key in force");
+        let mut ids = KeyIds {
+            current: key_id(&ring[current].key),
+            ..KeyIds::default()
+        };
+        let (mut others, mut retired) = (Vec::new(), Vec::new());
+        for (i, k) in ring.iter().enumerate() {
+            if i == current {
+                continue;
+            }
+            let id = key_id(&k.key);
+            match k.role {
+                Role::Active => {
+                    others.push(hmac(&k.key));
+                    ids.earlier.push(id);
+                }
+                Role::Staged => {
+                    others.push(hmac(&k.key));
+                    ids.staged.push(id);
+                }
+                Role::Retired => {
+                    retired.push(hmac(&k.key));
+                    ids.retired.push(id);
+                }
+            }
+        }
         Self {
-            pseudonym: <Hmac<Sha256> as Mac>::new_from_slice(pseudonym_key)
-                .expect("HMAC accepts any key length"),
+            pseudonym: hmac(&ring[current].key),
+            others,
+            retired,
+            ids,
             storage: XChaCha20Poly1305::new(storage_key.into()),
         }
     }
 
     pub fn load(pseudonym_key_file: &Path, storage_key_file: &Path) -> Result<Self, KeyError> {
-        Ok(Self::from_bytes(
-            &read_key_file(pseudonym_key_file)?,
+        Ok(Self::from_ring(
+            &read_ring_file(pseudonym_key_file)?,
             &read_key_file(storage_key_file)?,
         ))
+    }
+
+    /// The ring's key ids.
+    pub fn ids(&self) -> &KeyIds {
+        &self.ids
+    }
+
+    /// Whether the ring holds keys besides the one in force.
+    pub fn has_others(&self) -> bool {
+        !self.others.is_empty()
+    }
+
+    /// Whether a rotation is under way: patients may be stored under earlier keys,
+    /// which are moved unless a staged key says another rotation is coming first.
+    pub fn rekeying(&self) -> bool {
+        !self.ids.earlier.is_empty() && self.ids.staged.is_empty()
+    }
+
+    /// The patient's pseudonyms under the ring's other keys the registry is read
+    /// under (earlier and staged).
+    pub fn other_pseudonyms(&self, id: &PatientId) -> Vec<Pseudonym> {
+        self.others.iter().map(|k| pseudonym_under(k, id)).collect()
+    }
+
+    /// The patient's pseudonyms under every key of the ring, retired ones too: where
+    /// audit records about them may be filed.
+    pub fn every_pseudonym(&self, id: &PatientId) -> Vec<Pseudonym> {
+        std::iter::once(&self.pseudonym)
+            .chain(&self.others)
+            .chain(&self.retired)
+            .map(|k| pseudonym_under(k, id))
+            .collect()
     }
 
     /// The pseudonym of a validated identifier. The identifier's system is part of the
     /// input, so a number can never collide with one of another kind.
     pub fn pseudonym(&self, id: &PatientId) -> Pseudonym {
-        let mut mac = self.pseudonym.clone();
-        mac.update(id.system().as_bytes());
-        mac.update(&[0]);
-        mac.update(id.value().as_bytes());
-        let full = mac.finalize().into_bytes();
-        let mut out = [0u8; PSEUDONYM_LEN];
-        out.copy_from_slice(&full[..PSEUDONYM_LEN]);
-        out
+        pseudonym_under(&self.pseudonym, id)
     }
 
     /// Encrypts the identifier (one byte for its kind, then its 11 digits) for later
@@ -156,6 +348,17 @@ impl PatientKeys {
     }
 }
 
+fn pseudonym_under(key: &Hmac<Sha256>, id: &PatientId) -> Pseudonym {
+    let mut mac = key.clone();
+    mac.update(id.system().as_bytes());
+    mac.update(&[0]);
+    mac.update(id.value().as_bytes());
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; PSEUDONYM_LEN];
+    out.copy_from_slice(&full[..PSEUDONYM_LEN]);
+    out
+}
+
 fn seal_nonce(pseudonym: &Pseudonym) -> XNonce {
     let mut nonce = [0u8; NONCE_LEN];
     nonce[..PSEUDONYM_LEN].copy_from_slice(pseudonym);
@@ -183,6 +386,110 @@ fn system_of(byte: u8) -> Option<&'static str> {
     KINDS.iter().find(|(b, _)| *b == byte).map(|(_, s)| *s)
 }
 
+/// What a change to a ring file did, by key id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingChange {
+    pub current: String,
+    pub changed: Vec<String>,
+}
+
+/// Adds a new random key to the ring as staged: every node given the ring reads
+/// under it from its next reload, before any writes under it (see
+/// [`rotate_ring_file`]). Refused when one is staged already.
+pub fn stage_ring_file(path: &Path) -> Result<RingChange, KeyError> {
+    let mut ring = read_ring_file(path)?;
+    if let Some(k) = ring.iter().find(|k| k.role == Role::Staged) {
+        return Err(KeyError::Change(format!(
+            "key {} is staged already; rotate to it first",
+            key_id(&k.key)
+        )));
+    }
+    let key = random_key();
+    ring.push(RingKey {
+        key,
+        role: Role::Staged,
+    });
+    write_ring_file(path, &ring)?;
+    Ok(RingChange {
+        current: current_id(&ring),
+        changed: vec![key_id(&key)],
+    })
+}
+
+/// Puts the staged key in force (a new random one when none is staged); the key in
+/// force becomes an earlier key, read until re-keying has moved every patient.
+pub fn rotate_ring_file(path: &Path) -> Result<RingChange, KeyError> {
+    let mut ring = read_ring_file(path)?;
+    let old = current_id(&ring);
+    let next = match ring.iter().position(|k| k.role == Role::Staged) {
+        Some(i) => ring.remove(i).key,
+        None => random_key(),
+    };
+    ring.insert(
+        0,
+        RingKey {
+            key: next,
+            role: Role::Active,
+        },
+    );
+    write_ring_file(path, &ring)?;
+    Ok(RingChange {
+        current: key_id(&next),
+        changed: vec![old],
+    })
+}
+
+/// Marks every earlier key retired: no longer read for the registry, kept for
+/// finding audit records by patient. Only once re-keying is done.
+pub fn retire_ring_file(path: &Path) -> Result<RingChange, KeyError> {
+    let mut ring = read_ring_file(path)?;
+    let current = ring
+        .iter()
+        .position(|k| k.role == Role::Active)
+        .expect("a parsed ring holds a key in force");
+    let mut changed = Vec::new();
+    for (i, k) in ring.iter_mut().enumerate() {
+        if i != current && k.role == Role::Active {
+            k.role = Role::Retired;
+            changed.push(key_id(&k.key));
+        }
+    }
+    if changed.is_empty() {
+        return Err(KeyError::Change("the ring holds no earlier key".into()));
+    }
+    write_ring_file(path, &ring)?;
+    Ok(RingChange {
+        current: current_id(&ring),
+        changed,
+    })
+}
+
+fn current_id(ring: &[RingKey]) -> String {
+    ring.iter()
+        .find(|k| k.role == Role::Active)
+        .map(|k| key_id(&k.key))
+        .unwrap_or_default()
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    key
+}
+
+/// Replaces a ring file at once (a new file renamed over it), owner-only.
+fn write_ring_file(path: &Path, ring: &[RingKey]) -> Result<(), KeyError> {
+    let fail = |source| KeyError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    write_private(&tmp, format_ring(ring).as_bytes()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
 /// Creates a fresh random 32-byte key file (hex, mode 0600).
 pub fn write_new_key_file(path: &Path) -> std::io::Result<()> {
     let mut key = [0u8; 32];
@@ -203,6 +510,15 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     f.write_all(contents)?;
     f.sync_all()
+}
+
+/// Reads a pseudonym key ring file.
+pub fn read_ring_file(path: &Path) -> Result<Vec<RingKey>, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_ring(&text, path)
 }
 
 fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
@@ -276,6 +592,74 @@ mod tests {
             let ps = k.pseudonym(&p);
             let (s, v) = k.open(&k.seal(&p, &ps), &ps).unwrap();
             assert_eq!((s.as_str(), v.as_str()), (p.system(), p.value()));
+        }
+    }
+
+    #[test]
+    fn rings_parse_with_the_key_in_force_first() {
+        let path = Path::new("ring");
+        let a = hex::encode([1u8; 32]);
+        let b = hex::encode([2u8; 32]);
+        let c = hex::encode([3u8; 32]);
+        // A single bare key is a ring of one (the format before rings).
+        let one = parse_ring(&format!("{a}\n"), path).unwrap();
+        assert_eq!(
+            one,
+            vec![RingKey {
+                key: [1; 32],
+                role: Role::Active
+            }]
+        );
+        let d = hex::encode([4u8; 32]);
+        let text = format!("# c\nstaged {c}\n{a}\n\n{b} # old\nretired {d}\n");
+        let ring = parse_ring(&text, path).unwrap();
+        let ringed = PatientKeys::from_ring(&ring, &[9; 32]);
+        assert_eq!(ringed.ids().current, key_id(&[1; 32]));
+        assert_eq!(ringed.ids().staged, vec![key_id(&[3; 32])]);
+        assert_eq!(ringed.ids().earlier, vec![key_id(&[2; 32])]);
+        assert_eq!(ringed.ids().retired, vec![key_id(&[4; 32])]);
+        assert!(!ringed.rekeying(), "a staged key holds re-keying back");
+        let p = patient();
+        assert_eq!(ringed.pseudonym(&p), keys(1).pseudonym(&p));
+        assert_eq!(ringed.other_pseudonyms(&p).len(), 2);
+        assert_eq!(ringed.every_pseudonym(&p).len(), 4);
+        assert_eq!(parse_ring(&format_ring(&ring), path).unwrap(), ring);
+        for bad in [
+            "staged".to_string(),
+            format!("old {a}"),
+            "abc".into(),
+            format!("staged {a}"),
+        ] {
+            assert!(parse_ring(&bad, path).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ring_files_stage_rotate_and_retire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pseudonym.key");
+        write_new_key_file(&path).unwrap();
+        let first = read_ring_file(&path).unwrap();
+        let staged = stage_ring_file(&path).unwrap();
+        assert!(stage_ring_file(&path).is_err(), "one staged key at a time");
+        let rotated = rotate_ring_file(&path).unwrap();
+        assert_eq!(rotated.current, staged.changed[0]);
+        assert_eq!(rotated.changed, vec![key_id(&first[0].key)]);
+        let ring = read_ring_file(&path).unwrap();
+        let keys = PatientKeys::from_ring(&ring, &[0; 32]);
+        assert!(keys.rekeying());
+        assert_eq!(keys.ids().earlier, vec![key_id(&first[0].key)]);
+        let retired = retire_ring_file(&path).unwrap();
+        assert_eq!(retired.changed, keys.ids().earlier);
+        let keys = PatientKeys::from_ring(&read_ring_file(&path).unwrap(), &[0; 32]);
+        assert!(!keys.has_others() && !keys.rekeying());
+        assert_eq!(keys.ids().retired, vec![key_id(&first[0].key)]);
+        assert!(retire_ring_file(&path).is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
         }
     }
 

@@ -13,14 +13,20 @@ use pil_proto::ident::{OrgNumber, PatientId};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    in_force::InForce,
     patient_keys::{KeyError, PatientKeys, Pseudonym},
     pointer::{EndpointRef, NewPointer},
     store::{
-        EventPage, IDENT_LEN, ORG_LEN, Op, OpResult, PeerFollow, PeerState, PointerKey, Store,
-        StoreError, StoredBlock, StoredEvent, StoredOptOut, StoredPointer, StoredSubscription,
-        SubscriptionId,
+        EventPage, FollowedPatient, IDENT_LEN, ORG_LEN, Op, OpResult, PatientMove, PatientRecords,
+        PeerFollow, PeerState, PointerKey, Store, StoreError, StoredBlock, StoredEvent,
+        StoredOptOut, StoredPointer, StoredSubscription, SubscriptionId,
     },
 };
+
+/// A write's turn: held shared by every write, alone by a change of the pseudonym keys
+/// and by each step of re-keying, so that the keys a write read stay where they are
+/// until it is done.
+pub type WriteTurn = tokio::sync::OwnedRwLockReadGuard<()>;
 
 /// Pointer lifetime until the legal configuration sets one.
 const DEFAULT_LIFETIME_DAYS: u32 = 365;
@@ -50,6 +56,12 @@ pub enum RegistryError {
     Keys(#[from] KeyError),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(
+        "the new pseudonym key ring no longer holds the key in force ({0}): patients stored \
+         under it could not be found; keep it as an earlier key (`pil-node pseudonym-key rotate` \
+         does)"
+    )]
+    KeyDropped(String),
 }
 
 /// The outcome of one upsert.
@@ -95,9 +107,22 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
+/// A registry handle that does not keep the store open.
+#[derive(Clone)]
+pub struct WeakRegistry(std::sync::Weak<Inner>);
+
+impl WeakRegistry {
+    pub fn upgrade(&self) -> Option<Registry> {
+        self.0.upgrade().map(|inner| Registry { inner })
+    }
+}
+
 struct Inner {
     store: Arc<dyn Store>,
-    keys: PatientKeys,
+    keys: InForce<PatientKeys>,
+    turns: Arc<tokio::sync::RwLock<()>>,
+    /// Woken when the pseudonym keys change, for the re-keying task.
+    keys_changed: tokio::sync::Notify,
     region: String,
     lifetime: PointerLifetime,
     /// Woken after every write, for event streams waiting for new events.
@@ -109,7 +134,9 @@ impl Registry {
         Self {
             inner: Arc::new(Inner {
                 store,
-                keys,
+                keys: InForce::new(keys),
+                turns: Arc::new(tokio::sync::RwLock::new(())),
+                keys_changed: tokio::sync::Notify::new(),
                 region: region.into(),
                 lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
                 written: Arc::new(tokio::sync::Notify::new()),
@@ -127,9 +154,199 @@ impl Registry {
         &self.inner.region
     }
 
-    /// The patient's pseudonym under this node's key.
+    pub fn downgrade(&self) -> WeakRegistry {
+        WeakRegistry(Arc::downgrade(&self.inner))
+    }
+
+    /// The patient keys in force.
+    pub fn keys(&self) -> Arc<PatientKeys> {
+        self.inner.keys.get()
+    }
+
+    /// The patient's pseudonym under the key in force.
     pub fn pseudonym(&self, patient: &PatientId) -> Pseudonym {
-        self.inner.keys.pseudonym(patient)
+        self.keys().pseudonym(patient)
+    }
+
+    /// The patient's pseudonyms under every key of the ring, where audit records about
+    /// them may be filed.
+    pub fn audit_pseudonyms(&self, patient: &PatientId) -> Vec<Pseudonym> {
+        self.keys().every_pseudonym(patient)
+    }
+
+    /// Waits for a turn to write (see [`WriteTurn`]).
+    pub async fn write_turn(&self) -> WriteTurn {
+        self.inner.turns.clone().read_owned().await
+    }
+
+    /// Waits for the store to be the caller's alone: no write runs until it is dropped.
+    pub async fn sole_turn(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.inner.turns.clone().write_owned().await
+    }
+
+    /// Puts new pseudonym keys in force once no write runs, after making every
+    /// subscription follow its patients under them. Refused when the ring no longer
+    /// reads the registry under the key in force: what is stored under it would be lost.
+    pub async fn replace_keys(&self, keys: PatientKeys) -> Result<(), RegistryError> {
+        let _alone = self.sole_turn().await;
+        let old = self.keys();
+        let kept = keys.ids().current == old.ids().current
+            || keys.ids().earlier.contains(&old.ids().current)
+            || keys.ids().staged.contains(&old.ids().current);
+        if !kept {
+            return Err(RegistryError::KeyDropped(old.ids().current.clone()));
+        }
+        self.follow_under(&keys).await?;
+        self.inner.keys.set(keys);
+        self.inner.keys_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Woken when the pseudonym keys change.
+    pub fn keys_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.keys_changed.notified()
+    }
+
+    /// Makes every subscription follow its patients under `keys`: the pseudonym in
+    /// force, and every other pseudonym the ring reads, so that a change stored under
+    /// either makes its event. Run before the keys come into force, and at start.
+    pub async fn follow_under(&self, keys: &PatientKeys) -> Result<usize, RegistryError> {
+        let mut changed = 0;
+        for (id, mut sub) in self.inner.store.all_subscriptions().await? {
+            let mut touched = false;
+            for f in &mut sub.patients {
+                let Ok(stored) = Pseudonym::try_from(f.pseudonym.as_slice()) else {
+                    continue;
+                };
+                let Ok(patient) = self.identifier(&f.sealed, &stored) else {
+                    continue;
+                };
+                let fresh = followed_under(keys, &patient, f.stopped);
+                let mut former = fresh.former.clone();
+                // Pseudonyms under keys no longer in the ring still name stored events.
+                for old in std::iter::once(&f.pseudonym).chain(&f.former) {
+                    if *old != fresh.pseudonym && !former.contains(old) {
+                        former.push(old.clone());
+                    }
+                }
+                if f.pseudonym != fresh.pseudonym || f.former != former {
+                    f.pseudonym = fresh.pseudonym;
+                    f.sealed = fresh.sealed;
+                    f.former = former;
+                    touched = true;
+                }
+            }
+            if touched {
+                self.inner.store.put_subscription(id, sub).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// A page of the patients stored, for re-keying.
+    pub async fn stored_patients(
+        &self,
+        after: Option<Pseudonym>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::StoredPatient>, RegistryError> {
+        Ok(self.inner.store.patients_after(after, limit).await?)
+    }
+
+    /// Moves patients to new pseudonyms (re-keying holds the store alone meanwhile).
+    pub async fn move_patients(
+        &self,
+        moves: Vec<PatientMove>,
+    ) -> Result<crate::store::Moved, RegistryError> {
+        Ok(self.inner.store.move_patients(moves).await?)
+    }
+
+    /// A sealed identifier, opened and parsed.
+    fn identifier(&self, sealed: &[u8], pseudonym: &Pseudonym) -> Result<PatientId, RegistryError> {
+        let (system, value) = self.keys().open(sealed, pseudonym)?;
+        PatientId::parse(&system, &value, true).map_err(|_| RegistryError::Keys(KeyError::Open))
+    }
+
+    /// A patient as a subscription made now follows them.
+    pub fn follow(&self, patient: &PatientId, stopped: bool) -> FollowedPatient {
+        followed_under(&self.keys(), patient, stopped)
+    }
+
+    /// Moves the patients' entries under other keys of the ring to the key in force,
+    /// before a write to them: a write then always finds what it replaces.
+    async fn move_first(
+        &self,
+        keys: &PatientKeys,
+        patients: &[PatientId],
+    ) -> Result<(), RegistryError> {
+        if !keys.has_others() || patients.is_empty() {
+            return Ok(());
+        }
+        let mut moves = Vec::new();
+        for patient in patients {
+            let to = keys.pseudonym(patient);
+            let sealed = keys.seal(patient, &to);
+            for from in keys.other_pseudonyms(patient) {
+                moves.push(PatientMove {
+                    from,
+                    to,
+                    sealed: sealed.clone(),
+                });
+            }
+        }
+        self.inner.store.move_patients(moves).await?;
+        Ok(())
+    }
+
+    /// The patient's pseudonyms the registry is read under: other keys' first, the
+    /// one in force last. Moves go from the others to the one in force, so reading in
+    /// this order never misses an entry that moves in between.
+    fn read_pseudonyms(&self, current: Pseudonym, patient: &PatientId) -> Vec<Pseudonym> {
+        let keys = self.keys();
+        let mut out = keys.other_pseudonyms(patient);
+        out.push(current);
+        out
+    }
+
+    /// Everything stored about a patient under any key the registry is read under.
+    async fn records(
+        &self,
+        current: Pseudonym,
+        patient: &PatientId,
+    ) -> Result<PatientRecords, RegistryError> {
+        let store = &self.inner.store;
+        let pseudonyms = self.read_pseudonyms(current, patient);
+        if pseudonyms.len() == 1 {
+            return Ok(store.patient(current).await?);
+        }
+        let mut all = PatientRecords::default();
+        for p in pseudonyms {
+            let found = store.patient(p).await?;
+            if found.opt_out.is_some() {
+                return Ok(PatientRecords {
+                    opt_out: found.opt_out,
+                    ..Default::default()
+                });
+            }
+            for b in found.blocks {
+                if !all.blocks.contains(&b) {
+                    all.blocks.push(b);
+                }
+            }
+            for (key, value) in found.pointers {
+                // Read under both while it moved: the same pointer, once.
+                let same = all
+                    .pointers
+                    .iter()
+                    .position(|(k, _)| k.org == key.org && k.ident == key.ident);
+                match same {
+                    Some(i) if all.pointers[i].1.last_updated >= value.last_updated => {}
+                    Some(i) => all.pointers[i] = (key, value),
+                    None => all.pointers.push((key, value)),
+                }
+            }
+        }
+        Ok(all)
     }
 
     /// Where a pointer with this identity lives.
@@ -144,10 +361,11 @@ impl Registry {
     /// Prepares a validated pointer for the writer: pseudonymized and sealed. CPU-bound;
     /// call from a blocking context for large batches.
     pub fn prepare(&self, p: &NewPointer, now: i64) -> Op {
-        let pseudonym = self.pseudonym(&p.patient);
+        let keys = self.keys();
+        let pseudonym = keys.pseudonym(&p.patient);
         let key = self.key_for(&pseudonym, &p.endpoint);
         let value = StoredPointer {
-            sealed_patient: self.inner.keys.seal(&p.patient, &pseudonym),
+            sealed_patient: keys.seal(&p.patient, &pseudonym),
             sealed_patient_format1: Vec::new(),
             sub_unit: p
                 .endpoint
@@ -176,12 +394,13 @@ impl Registry {
 
     /// Inserts or replaces one pointer; returns what happened and the stored pointer.
     pub async fn upsert(&self, p: NewPointer) -> Result<(Outcome, Pointer), RegistryError> {
+        let turn = self.write_turn().await;
         let op = self.prepare(&p, now_nanos());
         let key = match &op {
             Op::Upsert { key, .. } => *key,
             _ => unreachable!("prepare makes upserts"),
         };
-        let result = self.apply(vec![op]).await?.pop();
+        let result = self.apply_during(&turn, vec![op]).await?.pop();
         let (outcome, stored) = match result {
             Some(OpResult::Inserted(s)) => (Outcome::Inserted, s),
             Some(OpResult::Updated(s)) => (Outcome::Updated, s),
@@ -208,13 +427,54 @@ impl Registry {
         patient: &PatientId,
         endpoint: &EndpointRef,
     ) -> Result<bool, RegistryError> {
-        let key = self.key_for(&self.pseudonym(patient), endpoint);
-        let result = self.apply(vec![Op::Delete { key }]).await?;
-        Ok(matches!(result.first(), Some(OpResult::Deleted)))
+        let _turn = self.write_turn().await;
+        let keys = self.keys();
+        self.move_first(&keys, std::slice::from_ref(patient))
+            .await?;
+        let key = self.key_for(&keys.pseudonym(patient), endpoint);
+        let results = self.inner.store.apply(vec![Op::Delete { key }]).await?;
+        self.inner.written.notify_waiters();
+        Ok(matches!(results.first(), Some(OpResult::Deleted)))
     }
 
     /// Applies prepared operations atomically (one durable write).
     pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, RegistryError> {
+        let turn = self.write_turn().await;
+        self.apply_during(&turn, ops).await
+    }
+
+    /// [`Registry::apply`] in a turn the caller holds (it read the keys it deletes in
+    /// the same turn). While the ring holds other keys, upserts prepared under keys
+    /// since replaced are moved to the key in force, and their patients' entries under
+    /// other keys moved first.
+    pub async fn apply_during(
+        &self,
+        _turn: &WriteTurn,
+        mut ops: Vec<Op>,
+    ) -> Result<Vec<OpResult>, RegistryError> {
+        let keys = self.keys();
+        if keys.has_others() {
+            let mut patients: std::collections::BTreeMap<Pseudonym, PatientId> = Default::default();
+            for op in &mut ops {
+                let Op::Upsert { key, value, .. } = op else {
+                    continue;
+                };
+                let patient = match value.sealed() {
+                    Some(crate::store::Sealed::Current(sealed)) => {
+                        self.identifier(&sealed, &key.patient)?
+                    }
+                    _ => continue,
+                };
+                let current = keys.pseudonym(&patient);
+                if current != key.patient {
+                    key.patient = current;
+                    value.sealed_patient = keys.seal(&patient, &current);
+                }
+                patients.insert(current, patient);
+            }
+            let patients: Vec<PatientId> = patients.into_values().collect();
+            self.move_first(&keys, &patients).await?;
+        }
         let results = self.inner.store.apply(ops).await?;
         self.inner.written.notify_waiters();
         Ok(results)
@@ -226,19 +486,13 @@ impl Registry {
         self.inner.written.clone()
     }
 
-    /// The patient's pseudonym and sealed identifier, as a subscription keeps them.
-    pub fn seal(&self, patient: &PatientId) -> (Pseudonym, Vec<u8>) {
-        let pseudonym = self.pseudonym(patient);
-        (pseudonym, self.inner.keys.seal(patient, &pseudonym))
-    }
-
     /// A sealed identifier's FHIR system and value.
     pub fn open_sealed(
         &self,
         sealed: &[u8],
         pseudonym: &Pseudonym,
     ) -> Result<(String, String), RegistryError> {
-        Ok(self.inner.keys.open(sealed, pseudonym)?)
+        Ok(self.keys().open(sealed, pseudonym)?)
     }
 
     /// A stored pointer of `patient` as the registry shows it.
@@ -249,22 +503,6 @@ impl Registry {
         patient: (String, String),
     ) -> Pointer {
         self.pointer(key, value, patient)
-    }
-
-    /// The patient's opt-out and blocks, by pseudonym.
-    pub async fn protections_of(
-        &self,
-        pseudonym: Pseudonym,
-    ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
-        let store = &self.inner.store;
-        let opt_out = store.opt_out(pseudonym).await?;
-        let blocks = store
-            .blocks(pseudonym)
-            .await?
-            .into_iter()
-            .map(|(_, b)| b)
-            .collect();
-        Ok((opt_out, blocks))
     }
 
     pub async fn put_subscription(
@@ -374,7 +612,7 @@ impl Registry {
         patient: &PatientId,
         filter: &LookupFilter,
     ) -> Result<PatientView, RegistryError> {
-        let records = self.inner.store.patient(pseudonym).await?;
+        let records = self.records(pseudonym, patient).await?;
         if records.opt_out.is_some() {
             return Ok(PatientView::OptedOut);
         }
@@ -456,12 +694,11 @@ impl Registry {
         for (key, value) in keys.iter().zip(values) {
             // A pointer removed between the two reads is simply not exported.
             let Some(value) = value else { continue };
+            let keys = self.keys();
             let (system, value_id) = if value.sealed_patient.is_empty() {
-                self.inner
-                    .keys
-                    .open_format1(&value.sealed_patient_format1, &key.patient)?
+                keys.open_format1(&value.sealed_patient_format1, &key.patient)?
             } else {
-                self.inner.keys.open(&value.sealed_patient, &key.patient)?
+                keys.open(&value.sealed_patient, &key.patient)?
             };
             out.push(self.pointer(*key, value, (system, value_id)));
         }
@@ -511,10 +748,13 @@ impl Registry {
     ) -> Result<[u8; 16], RegistryError> {
         let mut id = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-        self.inner
-            .store
-            .put_block(self.pseudonym(patient), id, block)
-            .await?;
+        let _turn = self.write_turn().await;
+        let (pseudonym, sealed) = self.protection_turn(patient).await?;
+        let block = StoredBlock {
+            sealed_patient: sealed,
+            ..block
+        };
+        self.inner.store.put_block(pseudonym, id, block).await?;
         Ok(id)
     }
 
@@ -524,11 +764,22 @@ impl Registry {
         patient: &PatientId,
         id: [u8; 16],
     ) -> Result<bool, RegistryError> {
-        Ok(self
-            .inner
-            .store
-            .delete_block(self.pseudonym(patient), id)
-            .await?)
+        let _turn = self.write_turn().await;
+        let (pseudonym, _) = self.protection_turn(patient).await?;
+        Ok(self.inner.store.delete_block(pseudonym, id).await?)
+    }
+
+    /// Where a change to a patient's protections goes (their pseudonym in force and
+    /// sealed identifier), once their entries under other keys are moved there.
+    async fn protection_turn(
+        &self,
+        patient: &PatientId,
+    ) -> Result<(Pseudonym, Vec<u8>), RegistryError> {
+        let keys = self.keys();
+        self.move_first(&keys, std::slice::from_ref(patient))
+            .await?;
+        let pseudonym = keys.pseudonym(patient);
+        Ok((pseudonym, keys.seal(patient, &pseudonym)))
     }
 
     /// A patient's blocks with their ids.
@@ -536,7 +787,15 @@ impl Registry {
         &self,
         patient: &PatientId,
     ) -> Result<Vec<([u8; 16], StoredBlock)>, RegistryError> {
-        Ok(self.inner.store.blocks(self.pseudonym(patient)).await?)
+        let mut all = Vec::new();
+        for p in self.read_pseudonyms(self.pseudonym(patient), patient) {
+            for (id, b) in self.inner.store.blocks(p).await? {
+                if !all.iter().any(|(i, _)| *i == id) {
+                    all.push((id, b));
+                }
+            }
+        }
+        Ok(all)
     }
 
     /// Records (`Some`) or lifts (`None`) an opt-out; returns whether one existed before.
@@ -545,11 +804,13 @@ impl Registry {
         patient: &PatientId,
         opt_out: Option<StoredOptOut>,
     ) -> Result<bool, RegistryError> {
-        Ok(self
-            .inner
-            .store
-            .set_opt_out(self.pseudonym(patient), opt_out)
-            .await?)
+        let _turn = self.write_turn().await;
+        let (pseudonym, sealed) = self.protection_turn(patient).await?;
+        let opt_out = opt_out.map(|o| StoredOptOut {
+            sealed_patient: sealed,
+            ..o
+        });
+        Ok(self.inner.store.set_opt_out(pseudonym, opt_out).await?)
     }
 
     /// The patient's opt-out and blocks: what a lookup must respect.
@@ -557,7 +818,11 @@ impl Registry {
         &self,
         patient: &PatientId,
     ) -> Result<(Option<StoredOptOut>, Vec<StoredBlock>), RegistryError> {
-        self.protections_of(self.pseudonym(patient)).await
+        let records = self.records(self.pseudonym(patient), patient).await?;
+        if records.opt_out.is_some() {
+            return Ok((records.opt_out, Vec::new()));
+        }
+        Ok((None, records.blocks))
     }
 
     fn pointer(&self, key: PointerKey, value: StoredPointer, patient: (String, String)) -> Pointer {
@@ -571,6 +836,21 @@ impl Registry {
 }
 
 pub use crate::store::now_nanos;
+
+/// A patient as a subscription follows them under `keys`.
+fn followed_under(keys: &PatientKeys, patient: &PatientId, stopped: bool) -> FollowedPatient {
+    let pseudonym = keys.pseudonym(patient);
+    FollowedPatient {
+        pseudonym: pseudonym.to_vec(),
+        sealed: keys.seal(patient, &pseudonym),
+        stopped,
+        former: keys
+            .other_pseudonyms(patient)
+            .into_iter()
+            .map(|p| p.to_vec())
+            .collect(),
+    }
+}
 
 pub fn org_bytes(org: &OrgNumber) -> [u8; ORG_LEN] {
     let mut b = [0u8; ORG_LEN];
@@ -787,8 +1067,16 @@ mod tests {
                 holder: ORG_A.into(),
                 reason: "asked".into(),
                 created_at: 1,
+                sealed_patient: Vec::new(),
             };
             let id = registry.create_block(&p, block.clone()).await.unwrap();
+            // Stored with the identifier sealed, so a key rotation can move it.
+            let pseudonym = registry.pseudonym(&p);
+            let sealed = registry.keys().seal(&p, &pseudonym);
+            let block = StoredBlock {
+                sealed_patient: sealed.clone(),
+                ..block
+            };
             let (blocks, pointers) = visible(
                 registry
                     .patient_view(&p, &LookupFilter::default())
@@ -801,6 +1089,7 @@ mod tests {
             let opt_out = StoredOptOut {
                 since: 2,
                 reason: "reservasjon".into(),
+                sealed_patient: Vec::new(),
             };
             assert!(
                 !registry
@@ -808,6 +1097,10 @@ mod tests {
                     .await
                     .unwrap()
             );
+            let opt_out = StoredOptOut {
+                sealed_patient: sealed,
+                ..opt_out
+            };
             assert!(matches!(
                 registry
                     .patient_view(&p, &LookupFilter::default())

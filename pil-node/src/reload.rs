@@ -3,9 +3,10 @@
 //! One place decides what a reload covers, so both triggers behave the same: the
 //! legal configuration and the settings that follow from it, the federation peers
 //! from the node configuration file, the node's TLS certificate, key and client CA
-//! bundle, the token issuer's keys, and the audit signing key. Everything is read and
-//! checked before anything is put in force, so a bad file leaves the node as it was.
-//! It holds no registry handle, so it never keeps the database open past shutdown.
+//! bundle, the token issuer's keys, the audit signing key and the pseudonym key ring.
+//! Everything is read and checked before anything is put in force, so a bad file
+//! leaves the node as it was. It holds the registry only weakly, so it never keeps the
+//! database open past shutdown.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -21,7 +22,8 @@ use crate::{
     config::{NodeConfig, TlsConfig},
     federation::Federation,
     issuer_keys::{IssuerKeys, KeysError},
-    registry::PointerLifetime,
+    patient_keys::{KeyError, KeyIds, PatientKeys},
+    registry::{PointerLifetime, RegistryError, WeakRegistry},
     tls::{ServerTls, TlsError, TlsSummary},
 };
 
@@ -42,6 +44,12 @@ pub enum ReloadError {
     Secret(#[from] crate::secret_file::SecretFileError),
     #[error("the audit signing key could not be rotated: {0}")]
     Rotation(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    PseudonymKeys(#[from] KeyError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("the node is stopping")]
+    Stopping,
 }
 
 /// What a reload put in force.
@@ -54,6 +62,7 @@ pub struct Reloaded {
     /// The key id heads are signed with now.
     pub audit_key: String,
     pub rotation: Option<KeyRotation>,
+    pub pseudonym_keys: KeyIds,
 }
 
 impl Reloaded {
@@ -69,15 +78,21 @@ impl Reloaded {
                 )
             })
             .unwrap_or_default();
+        let ring = &self.pseudonym_keys;
         format!(
             "{} policies in force; peers [{}]; node certificate sha256 {} valid until {}; \
-             {} client CA certificate(s); issuer keys [{}]; heads signed by key {}{rotated}",
+             {} client CA certificate(s); issuer keys [{}]; pseudonym key {} (earlier [{}], \
+             staged [{}], retired [{}]); heads signed by key {}{rotated}",
             self.policies,
             self.peers.join(", "),
             self.tls.cert_sha256,
             self.tls.not_after,
             self.tls.client_cas,
             self.issuer_kids.join(", "),
+            ring.current,
+            ring.earlier.join(", "),
+            ring.staged.join(", "),
+            ring.retired.join(", "),
             self.audit_key,
         )
     }
@@ -99,6 +114,9 @@ pub struct Reloadable {
     pub issuer_keys: Arc<IssuerKeys>,
     pub signing_key_file: PathBuf,
     pub audit: WeakAuditLog,
+    pub pseudonym_key_file: PathBuf,
+    pub storage_key_file: PathBuf,
+    pub registry: WeakRegistry,
 }
 
 /// Reloads a running node's configuration. Cheap to clone.
@@ -146,6 +164,16 @@ impl Reloader {
             path: p.signing_key_file.display().to_string(),
             reason: e.to_string(),
         })?;
+        crate::secret_file::check_private("the pseudonym key ring", &p.pseudonym_key_file)?;
+        let patient_keys = PatientKeys::load(&p.pseudonym_key_file, &p.storage_key_file)?;
+        let registry = p.registry.upgrade().ok_or(ReloadError::Stopping)?;
+        // Checked against the ring in force, and put in force first: it is the one
+        // part whose install can still be refused.
+        if patient_keys.ids() != registry.keys().ids() {
+            registry.replace_keys(patient_keys).await?;
+        }
+        let pseudonym_keys = registry.keys().ids().clone();
+        drop(registry);
 
         let policies = legal.summary().policies;
         p.access.install_legal(legal);
@@ -170,6 +198,7 @@ impl Reloader {
             issuer_kids: p.access.issuer_kids(),
             audit_key: p.audit.signing_key_id(),
             rotation,
+            pseudonym_keys,
         })
     }
 

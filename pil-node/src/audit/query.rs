@@ -13,7 +13,9 @@ const MAX_SCAN: usize = 200_000;
 /// A parsed search filter.
 #[derive(Clone, Default)]
 pub struct Filter {
-    pub patient: Option<String>,
+    /// The patient's pseudonyms (hex) under every key of the ring: records made under
+    /// an earlier key are theirs too. Empty: any patient.
+    pub patients: Vec<String>,
     pub hpr: Option<String>,
     pub organization: Option<String>,
     pub purpose: Option<String>,
@@ -30,9 +32,10 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, r: &AuditRecord) -> bool {
         let req = r.requester.as_ref();
-        self.patient
-            .as_ref()
-            .is_none_or(|p| r.patient.as_ref() == Some(p))
+        (self.patients.is_empty()
+            || r.patient
+                .as_ref()
+                .is_some_and(|p| self.patients.contains(p)))
             && self
                 .hpr
                 .as_ref()
@@ -91,18 +94,27 @@ pub async fn search(
     before: u64,
     limit: usize,
 ) -> Result<(Vec<Vec<u8>>, Option<u64>), StoreError> {
-    let pseudonym = filter
-        .patient
-        .as_ref()
-        .and_then(|p| hex::decode(p).ok())
-        .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
+    let pseudonyms: Vec<[u8; 16]> = filter
+        .patients
+        .iter()
+        .filter_map(|p| hex::decode(p).ok())
+        .filter_map(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+        .collect();
     let mut out = Vec::new();
     let mut cursor = before;
     let mut scanned = 0usize;
     loop {
-        let chunk: Vec<(u64, Vec<u8>)> = match pseudonym {
-            Some(p) => {
-                let indexes = store.audit_patient_indexes(p, cursor, SCAN_CHUNK).await?;
+        let chunk: Vec<(u64, Vec<u8>)> = match pseudonyms.as_slice() {
+            [] => store.audit_records(cursor, false, SCAN_CHUNK).await?,
+            ps => {
+                // The newest of the union are among the newest of each.
+                let mut indexes = Vec::new();
+                for p in ps {
+                    indexes.extend(store.audit_patient_indexes(*p, cursor, SCAN_CHUNK).await?);
+                }
+                indexes.sort_unstable_by(|a, b| b.cmp(a));
+                indexes.dedup();
+                indexes.truncate(SCAN_CHUNK);
                 let mut chunk = Vec::with_capacity(indexes.len());
                 for i in indexes {
                     if let Some(b) = store.audit_record(i).await? {
@@ -111,7 +123,6 @@ pub async fn search(
                 }
                 chunk
             }
-            None => store.audit_records(cursor, false, SCAN_CHUNK).await?,
         };
         if chunk.is_empty() {
             return Ok((out, None));
@@ -164,7 +175,7 @@ mod tests {
             }
             let index_of = |bytes: &Vec<u8>| parse_record(bytes).unwrap().index;
             let of_a = Filter {
-                patient: Some(a.clone()),
+                patients: vec![a.clone()],
                 ..Filter::default()
             };
             let (page, next) = search(&*store, &of_a, u64::MAX, 4).await.unwrap();
@@ -177,7 +188,7 @@ mod tests {
             assert_eq!(end, None);
 
             let denied_b = Filter {
-                patient: Some(b.clone()),
+                patients: vec![b.clone()],
                 decision: Some("denied".into()),
                 ..Filter::default()
             };

@@ -55,6 +55,8 @@ pub enum NodeError {
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("internal task failed: {0}")]
     Task(String),
@@ -212,6 +214,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     audit.sign_head().await?;
     let restored = announce_restore(&audit, &config).await?;
     let registry = Registry::open(store, keys, config.region.clone());
+    if registry.keys().has_others() {
+        // Subscriptions made before the ring changed follow under it before any write.
+        let keys = registry.keys();
+        registry.follow_under(&keys).await?;
+    }
+    let rekeying = crate::rekey::Rekeying::default();
     let reloader = Reloader::new(crate::reload::Reloadable {
         access: access.clone(),
         lifetime: registry.pointer_lifetime(),
@@ -224,8 +232,26 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         issuer_keys,
         signing_key_file: config.audit.signing_key_file.clone(),
         audit: audit.downgrade(),
+        pseudonym_key_file: config.keys.pseudonym_key_file.clone(),
+        storage_key_file: config.keys.storage_key_file.clone(),
+        registry: registry.downgrade(),
     });
 
+    let watched = (rekeying.clone(), registry.downgrade());
+    metrics.on_scrape(move |m| {
+        let status = watched.0.status();
+        let progress = if status.state == "moving" {
+            status.progress
+        } else {
+            1.0
+        };
+        let keys_read = watched
+            .1
+            .upgrade()
+            .map(|r| 1 + r.keys().ids().earlier.len() + r.keys().ids().staged.len())
+            .unwrap_or(1);
+        m.rekeying(progress, status.patients_moved, keys_read);
+    });
     let metrics_for_listener = metrics.clone();
     let peers = federation.clone();
     metrics.on_scrape(move |m| {
@@ -305,6 +331,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let purge = tokio::spawn(purge_loop(registry.clone(), access.clone(), config.clone()));
     let key_refresh = tokio::spawn(key_refresh_loop(reloader.clone(), next_key_fetch));
+    let rekey = tokio::spawn(rekeying.clone().run(registry.clone()));
     crate::store::backup::remove_stale_checkpoints(&config.data_dir);
     let control_socket = crate::control::socket_path(&config.data_dir);
     let control = crate::control::serve(crate::control::Control {
@@ -317,6 +344,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access: access.clone(),
         reloader: reloader.clone(),
         restored,
+        rekeying,
     })?;
     let heads = tokio::spawn(head_loop(audit.clone(), config.clone()));
     let retention = tokio::spawn(retention_loop(
@@ -375,6 +403,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             collectors,
             purge,
             key_refresh,
+            rekey,
             heads,
             retention,
         ] {

@@ -98,6 +98,8 @@ impl NodeService {
             holder,
             reason: reason(&block.reason)?,
             created_at: now_nanos(),
+            // Sealed by the registry as it stores the block.
+            sealed_patient: Vec::new(),
         };
         let kind = match target_kind {
             BLOCK_HPR => "professional",
@@ -178,6 +180,7 @@ impl NodeService {
         let opt_out = StoredOptOut {
             since,
             reason: reason(&req.reason)?,
+            sealed_patient: Vec::new(),
         };
         self.record_first(entry).await?;
         self.registry

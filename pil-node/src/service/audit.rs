@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use pil_legal::Role;
-use pil_proto::v1;
+use pil_proto::{ident::PatientId, v1};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -53,14 +53,13 @@ impl NodeService {
         entry: &mut AuditRecord,
     ) -> Result<Filter, Error> {
         let f = f.unwrap_or_default();
-        let patient = match f.patient.as_ref() {
+        let patients = match f.patient.as_ref() {
             Some(p) => {
                 let id = pointer::patient(Some(p), self.config.test_data).map_err(invalid)?;
-                let pseudonym = hex::encode(self.registry.pseudonym(&id));
-                entry.patient = Some(pseudonym.clone());
-                Some(pseudonym)
+                entry.patient = Some(hex::encode(self.registry.pseudonym(&id)));
+                self.audit_pseudonyms(&id)
             }
-            None => None,
+            None => Vec::new(),
         };
         let some = |s: String| {
             let s = s.trim().to_string();
@@ -85,7 +84,7 @@ impl NodeService {
             pointer::org_number("filter.organization_number", o).map_err(invalid)?;
         }
         let filter = Filter {
-            patient,
+            patients,
             hpr,
             organization,
             purpose: some(f.purpose_of_use),
@@ -377,9 +376,18 @@ impl NodeService {
     }
 
     /// This node's records of lookups of a patient, oldest first.
-    pub(super) async fn patient_lookups(&self, pseudonym: String) -> Result<Vec<Vec<u8>>, Error> {
+    /// The patient's pseudonyms (hex) under every key of the ring, for audit search.
+    pub(super) fn audit_pseudonyms(&self, patient: &PatientId) -> Vec<String> {
+        self.registry
+            .audit_pseudonyms(patient)
+            .iter()
+            .map(hex::encode)
+            .collect()
+    }
+
+    pub(super) async fn patient_lookups(&self, patient: &PatientId) -> Result<Vec<Vec<u8>>, Error> {
         let filter = Filter {
-            patient: Some(pseudonym),
+            patients: self.audit_pseudonyms(patient),
             lookups_only: true,
             ..Filter::default()
         };
@@ -408,10 +416,9 @@ impl NodeService {
         let req = req.into_inner();
         let patient =
             pointer::patient(req.patient.as_ref(), self.config.test_data).map_err(invalid)?;
-        let pseudonym = hex::encode(self.registry.pseudonym(&patient));
-        entry.patient = Some(pseudonym.clone());
+        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
         entry.detail = Some("patient report".into());
-        let records = self.patient_lookups(pseudonym).await?;
+        let records = self.patient_lookups(&patient).await?;
         let mut regions = vec![v1::RegionReport {
             region: self.registry.region().to_string(),
             answered: true,

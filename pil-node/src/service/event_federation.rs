@@ -380,11 +380,7 @@ impl NodeService {
                 };
                 let pseudonym = self.registry.pseudonym(&patient);
                 // A patient no longer followed here gets nothing more from anywhere.
-                if !sub
-                    .patients
-                    .iter()
-                    .any(|f| f.pseudonym == pseudonym && !f.stopped)
-                {
+                if !sub.patients.iter().any(|f| f.is(&pseudonym) && !f.stopped) {
                     continue;
                 }
                 let at = pointer::timestamp("time", event.time.as_ref())
@@ -530,21 +526,12 @@ impl NodeService {
             if !requester.covers(&patient) {
                 continue;
             }
-            let (pseudonym, sealed) = self.registry.seal(&patient);
+            let pseudonym = self.registry.pseudonym(&patient);
             // Stopped here stays stopped.
-            let stopped = existing.as_ref().is_some_and(|s| {
-                s.patients
-                    .iter()
-                    .any(|f| f.pseudonym == pseudonym && f.stopped)
-            });
-            patients.insert(
-                pseudonym,
-                FollowedPatient {
-                    pseudonym: pseudonym.to_vec(),
-                    sealed,
-                    stopped,
-                },
-            );
+            let stopped = existing
+                .as_ref()
+                .is_some_and(|s| s.patients.iter().any(|f| f.is(&pseudonym) && f.stopped));
+            patients.insert(pseudonym, self.registry.follow(&patient, stopped));
         }
         let sub = StoredSubscription {
             owner: requester.token.org_number.clone(),

@@ -290,15 +290,8 @@ impl NodeService {
                 });
                 continue;
             }
-            let (pseudonym, sealed) = self.registry.seal(&patient);
-            followed.insert(
-                pseudonym,
-                FollowedPatient {
-                    pseudonym: pseudonym.to_vec(),
-                    sealed,
-                    stopped: false,
-                },
-            );
+            let pseudonym = self.registry.pseudonym(&patient);
+            followed.insert(pseudonym, self.registry.follow(&patient, false));
         }
         if followed.is_empty() {
             entry.decision.outcome = "denied".into();
@@ -485,10 +478,13 @@ impl NodeService {
             if patients.contains_key(&pseudonym) {
                 continue;
             }
-            if let Some(followed) = sub.patients.iter().find(|p| p.pseudonym == pseudonym) {
+            if let Some(followed) = sub.patients.iter().find(|p| p.is(&pseudonym)) {
+                let Ok(current) = Pseudonym::try_from(followed.pseudonym.as_slice()) else {
+                    continue;
+                };
                 let patient = self
                     .registry
-                    .open_sealed(&followed.sealed, &pseudonym)
+                    .open_sealed(&followed.sealed, &current)
                     .map_err(internal)?;
                 patients.insert(pseudonym, patient);
             }
@@ -501,10 +497,11 @@ impl NodeService {
         } else {
             BTreeMap::new()
         };
-        for pseudonym in patients.keys() {
+        for (pseudonym, (system, value)) in &patients {
+            let patient = PatientId::parse(system, value, true).map_err(Error::internal)?;
             let (opt_out, blocks) = self
                 .registry
-                .protections_of(*pseudonym)
+                .protections(&patient)
                 .await
                 .map_err(internal)?;
             let p = protections.entry(*pseudonym).or_default();
@@ -520,7 +517,7 @@ impl NodeService {
             let Some(pseudonym) = event.patient() else {
                 continue;
             };
-            let Some(followed) = sub.patients.iter_mut().find(|p| p.pseudonym == pseudonym) else {
+            let Some(followed) = sub.patients.iter_mut().find(|p| p.is(&pseudonym)) else {
                 continue;
             };
             let patient = patients[&pseudonym].clone();

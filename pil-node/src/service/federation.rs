@@ -185,10 +185,9 @@ impl NodeService {
         entry.caller.organization = Some(auditor.to_string());
         let patient =
             pointer::patient(r.patient.as_ref(), self.config.test_data).map_err(invalid)?;
-        let pseudonym = hex::encode(self.registry.pseudonym(&patient));
-        entry.patient = Some(pseudonym.clone());
+        entry.patient = Some(hex::encode(self.registry.pseudonym(&patient)));
         entry.detail = Some("patient report".into());
-        let records = self.patient_lookups(pseudonym).await?;
+        let records = self.patient_lookups(&patient).await?;
         Ok(Response::new(v1::ForwardedPatientReportResponse {
             records,
         }))

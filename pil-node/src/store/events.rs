@@ -52,6 +52,17 @@ pub struct FollowedPatient {
     /// No longer followed (an opt-out or a block stopped delivery); stays stopped.
     #[prost(bool, tag = "3")]
     pub stopped: bool,
+    /// The patient's pseudonyms under earlier keys: changes and events stored under
+    /// them still reach this subscription while a pseudonym-key rotation runs.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub former: Vec<Vec<u8>>,
+}
+
+impl FollowedPatient {
+    /// Whether `pseudonym` names this patient, under the key in force or an earlier one.
+    pub fn is(&self, pseudonym: &[u8]) -> bool {
+        self.pseudonym == pseudonym || self.former.iter().any(|f| f == pseudonym)
+    }
 }
 
 impl StoredSubscription {
@@ -68,8 +79,9 @@ impl StoredSubscription {
         self.patients
             .iter()
             .filter(|p| !p.stopped)
-            .filter_map(|p| {
-                let pseudonym: Pseudonym = p.pseudonym.as_slice().try_into().ok()?;
+            .flat_map(|p| std::iter::once(&p.pseudonym).chain(&p.former))
+            .filter_map(|pseudonym| {
+                let pseudonym: Pseudonym = pseudonym.as_slice().try_into().ok()?;
                 Some((
                     pseudonym,
                     Follower {

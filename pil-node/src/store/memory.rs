@@ -9,12 +9,14 @@ use std::{
 };
 
 use super::{
-    AuditEntry, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult, PatientRecords, PointerKey,
-    Store, StoreError, StoredBlock, StoredOptOut, StoredPointer,
+    AuditEntry, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op, OpResult, PatientMove,
+    PatientRecords, PointerKey, Sealed, Store, StoreError, StoredBlock, StoredOptOut,
+    StoredPatient, StoredPointer,
     events::{
         self, EventPage, Followers, PeerFollow, PeerState, StoredEvent, StoredSubscription,
         SubscriptionId,
     },
+    merge_patients,
     model::Change,
     now_nanos,
     plan::{Current, plan},
@@ -202,6 +204,84 @@ impl Store for MemoryStore {
             .collect();
         due.sort();
         Ok(due.into_iter().take(limit).map(|(_, k)| k).collect())
+    }
+
+    async fn patients_after(
+        &self,
+        after: Option<Pseudonym>,
+        limit: usize,
+    ) -> Result<Vec<StoredPatient>, StoreError> {
+        let state = self.lock();
+        let later = |p: &Pseudonym| after.is_none_or(|a| *p > a);
+        let mut found: Vec<StoredPatient> = Vec::new();
+        for (k, v) in &state.pointers {
+            if later(&k.patient) {
+                found.push(StoredPatient {
+                    pseudonym: k.patient,
+                    sealed: v.sealed(),
+                });
+            }
+        }
+        let sealed = |s: &[u8]| (!s.is_empty()).then(|| Sealed::Current(s.to_vec()));
+        for ((p, _), b) in &state.blocks {
+            if later(p) {
+                found.push(StoredPatient {
+                    pseudonym: *p,
+                    sealed: sealed(&b.sealed_patient),
+                });
+            }
+        }
+        for (p, o) in &state.opt_outs {
+            if later(p) {
+                found.push(StoredPatient {
+                    pseudonym: *p,
+                    sealed: sealed(&o.sealed_patient),
+                });
+            }
+        }
+        Ok(merge_patients(vec![found], limit))
+    }
+
+    async fn move_patients(&self, moves: Vec<PatientMove>) -> Result<Moved, StoreError> {
+        let mut state = self.lock();
+        let mut moved = Moved::default();
+        for m in moves {
+            let keys: Vec<PointerKey> = state
+                .pointers
+                .keys()
+                .filter(|k| k.patient == m.from)
+                .copied()
+                .collect();
+            for key in keys {
+                let value = state.pointers.remove(&key).expect("listed above");
+                let to = PointerKey {
+                    patient: m.to,
+                    ..key
+                };
+                state
+                    .pointers
+                    .entry(to)
+                    .or_insert_with(|| Arc::new(value.resealed(&m.sealed)));
+                moved.pointers += 1;
+            }
+            let ids: Vec<[u8; 16]> = state
+                .blocks
+                .range((m.from, [0; 16])..=(m.from, [0xff; 16]))
+                .map(|((_, id), _)| *id)
+                .collect();
+            for id in ids {
+                let mut block = state.blocks.remove(&(m.from, id)).expect("listed above");
+                block.sealed_patient = m.sealed.clone();
+                state.blocks.entry((m.to, id)).or_insert(block);
+                moved.protections += 1;
+            }
+            if let Some(mut o) = state.opt_outs.remove(&m.from) {
+                o.sealed_patient = m.sealed.clone();
+                state.opt_outs.entry(m.to).or_insert(o);
+                moved.protections += 1;
+            }
+        }
+        Ok(moved)
     }
 
     async fn put_block(

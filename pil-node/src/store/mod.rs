@@ -28,11 +28,13 @@ use std::sync::{
 
 use crate::patient_keys::Pseudonym;
 pub use events::{
-    EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId,
+    EventPage, FollowedPatient, PeerFollow, PeerState, StoredEvent, StoredSubscription,
+    SubscriptionId,
 };
 pub use model::{
-    AuditEntry, Change, HeadSigning, IDENT_LEN, KEY_LEN, LogEntry, LogSize, ORG_LEN, Op, OpResult,
-    PatientRecords, PointerKey, StoredBlock, StoredOptOut, StoredPointer, now_nanos,
+    AuditEntry, Change, HeadSigning, IDENT_LEN, KEY_LEN, LogEntry, LogSize, Moved, ORG_LEN, Op,
+    OpResult, PatientMove, PatientRecords, PointerKey, Sealed, StoredBlock, StoredOptOut,
+    StoredPatient, StoredPointer, merge_patients, now_nanos,
 };
 
 /// Why the store could not do what was asked. Cloneable: one failed group write
@@ -150,6 +152,19 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<PointerKey>, StoreError>;
     /// Up to `limit` pointers whose expiry is at or before `now` (ns since the epoch).
     async fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StoreError>;
+
+    /// Up to `limit` patients with pointers or protections, in pseudonym order after
+    /// `after`.
+    async fn patients_after(
+        &self,
+        after: Option<Pseudonym>,
+        limit: usize,
+    ) -> Result<Vec<StoredPatient>, StoreError>;
+    /// Moves each patient's pointers, blocks and opt-out from `from` to `to`, all in one
+    /// atomic write that no pointer write interleaves with. Where `to` already holds an
+    /// entry, it is newer and is kept. Makes no change events: nothing changed for the
+    /// holders or the followers.
+    async fn move_patients(&self, moves: Vec<PatientMove>) -> Result<Moved, StoreError>;
 
     // Protections.
 

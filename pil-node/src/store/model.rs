@@ -127,6 +127,10 @@ pub struct StoredBlock {
     pub reason: String,
     #[prost(int64, tag = "5")]
     pub created_at: i64,
+    /// `PatientKeys::seal` of the identifier, so a pseudonym-key rotation can move the
+    /// block; empty in blocks written before it was kept.
+    #[prost(bytes = "vec", tag = "6")]
+    pub sealed_patient: Vec<u8>,
 }
 
 /// A patient's opt-out (reservasjon).
@@ -136,6 +140,89 @@ pub struct StoredOptOut {
     pub since: i64,
     #[prost(string, tag = "2")]
     pub reason: String,
+    /// As [`StoredBlock::sealed_patient`].
+    #[prost(bytes = "vec", tag = "3")]
+    pub sealed_patient: Vec<u8>,
+}
+
+/// A patient as a pseudonym-key rotation finds it in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPatient {
+    pub pseudonym: Pseudonym,
+    /// The identifier as stored with any of the patient's entries, where one is.
+    pub sealed: Option<Sealed>,
+}
+
+/// A sealed identifier and how it was sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sealed {
+    /// `PatientKeys::seal`.
+    Current(Vec<u8>),
+    /// Storage format 1 (`PatientKeys::open_format1`).
+    Format1(Vec<u8>),
+}
+
+/// One patient moved from its pseudonym under an earlier key to its pseudonym under
+/// the key in force, with the identifier sealed for the new pseudonym.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientMove {
+    pub from: Pseudonym,
+    pub to: Pseudonym,
+    pub sealed: Vec<u8>,
+}
+
+/// What moving patients moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub pointers: u64,
+    pub protections: u64,
+}
+
+impl Moved {
+    pub fn add(&mut self, other: Moved) {
+        self.pointers += other.pointers;
+        self.protections += other.protections;
+    }
+}
+
+impl StoredPointer {
+    /// The pointer as it is stored under a patient's new pseudonym.
+    pub fn resealed(&self, sealed: &[u8]) -> Self {
+        Self {
+            sealed_patient: sealed.to_vec(),
+            sealed_patient_format1: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The identifier this pointer carries, as it is sealed.
+    pub fn sealed(&self) -> Option<Sealed> {
+        if !self.sealed_patient.is_empty() {
+            Some(Sealed::Current(self.sealed_patient.clone()))
+        } else if !self.sealed_patient_format1.is_empty() {
+            Some(Sealed::Format1(self.sealed_patient_format1.clone()))
+        } else {
+            None
+        }
+    }
+}
+
+/// The first `limit` distinct patients of several sources, each in pseudonym order;
+/// where sources disagree about a sealed identifier, one that is present wins.
+pub fn merge_patients(sources: Vec<Vec<StoredPatient>>, limit: usize) -> Vec<StoredPatient> {
+    let mut all: std::collections::BTreeMap<Pseudonym, Option<Sealed>> = Default::default();
+    for source in sources {
+        for p in source {
+            let slot = all.entry(p.pseudonym).or_default();
+            if slot.is_none() {
+                *slot = p.sealed;
+            }
+        }
+    }
+    all.into_iter()
+        .take(limit)
+        .map(|(pseudonym, sealed)| StoredPatient { pseudonym, sealed })
+        .collect()
 }
 
 /// Everything a lookup reads about one patient, in one call: an engine answers it

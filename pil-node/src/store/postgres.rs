@@ -19,13 +19,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    AuditEntry, Closer, Figure, GroupStats, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult,
-    PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
-    StoredPointer,
+    AuditEntry, Closer, Figure, GroupStats, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op,
+    OpResult, PatientMove, PatientRecords, PointerKey, Queues, Sealed, Store, StoreError,
+    StoredBlock, StoredOptOut, StoredPatient, StoredPointer,
     events::{
         self, EventPage, Follower, Followers, PeerFollow, PeerState, StoredEvent,
         StoredSubscription, SubscriptionId,
     },
+    merge_patients,
     model::Change,
     plan::{Current, plan},
     take_queued,
@@ -318,6 +319,11 @@ fn key_of(row: &Row, first: usize) -> Result<PointerKey, StoreError> {
     let part = |i: usize| row.get::<_, &[u8]>(first + i);
     PointerKey::decode(&[part(0), part(1), part(2)].concat())
         .ok_or_else(|| corrupt("pointers", "key of the wrong length"))
+}
+
+/// A sealed identifier kept with a protection, if one was.
+fn current_seal(sealed: Vec<u8>) -> Option<Sealed> {
+    (!sealed.is_empty()).then_some(Sealed::Current(sealed))
 }
 
 fn corrupt(what: &'static str, detail: &str) -> StoreError {
@@ -867,6 +873,142 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         rows.iter().map(|r| key_of(r, 0)).collect()
+    }
+
+    async fn patients_after(
+        &self,
+        after: Option<Pseudonym>,
+        limit: usize,
+    ) -> Result<Vec<StoredPatient>, StoreError> {
+        let c = self.client().await?;
+        // Before every pseudonym when there is no `after`.
+        let after: Vec<u8> = after.map(|a| a.to_vec()).unwrap_or_default();
+        let limit_rows = limit as i64;
+        let mut sources = Vec::with_capacity(3);
+        for (table, sql) in [
+            (
+                "pointers",
+                "SELECT DISTINCT ON (patient) patient, value FROM pointers
+                 WHERE patient > $1 ORDER BY patient LIMIT $2",
+            ),
+            (
+                "blocks",
+                "SELECT DISTINCT ON (patient) patient, value FROM blocks
+                 WHERE patient > $1 ORDER BY patient LIMIT $2",
+            ),
+            (
+                "opt_outs",
+                "SELECT patient, value FROM opt_outs WHERE patient > $1 ORDER BY patient LIMIT $2",
+            ),
+        ] {
+            let rows = c
+                .query(sql, &[&after, &limit_rows])
+                .await
+                .map_err(db_error)?;
+            let mut found = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let pseudonym = Pseudonym::try_from(r.get::<_, &[u8]>(0))
+                    .map_err(|_| corrupt(table, "a patient of the wrong length"))?;
+                let value: &[u8] = r.get(1);
+                let sealed = match table {
+                    "pointers" => decode::<StoredPointer>(table, value)?.sealed(),
+                    "blocks" => current_seal(decode::<StoredBlock>(table, value)?.sealed_patient),
+                    _ => current_seal(decode::<StoredOptOut>(table, value)?.sealed_patient),
+                };
+                found.push(StoredPatient { pseudonym, sealed });
+            }
+            sources.push(found);
+        }
+        Ok(merge_patients(sources, limit))
+    }
+
+    async fn move_patients(&self, moves: Vec<PatientMove>) -> Result<Moved, StoreError> {
+        if moves.is_empty() {
+            return Ok(Moved::default());
+        }
+        let to: HashMap<&[u8], &PatientMove> =
+            moves.iter().map(|m| (m.from.as_slice(), m)).collect();
+        let from: Vec<&[u8]> = to.keys().copied().collect();
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        take_pointer_turn(&tx).await?;
+        let mut moved = Moved::default();
+        let rows = tx
+            .query(
+                "DELETE FROM pointers WHERE patient = ANY($1) RETURNING patient, org, ident, value",
+                &[&from],
+            )
+            .await
+            .map_err(db_error)?;
+        let (mut keys, mut values, mut expiries) = (vec![], vec![], vec![]);
+        for r in &rows {
+            let key = key_of(r, 0)?;
+            let m = to[key.patient.as_slice()];
+            let value = decode::<StoredPointer>("pointers", r.get(3))?.resealed(&m.sealed);
+            keys.push(PointerKey {
+                patient: m.to,
+                ..key
+            });
+            expiries.push(value.effective_expiry());
+            values.push(value.encode_to_vec());
+        }
+        moved.pointers = keys.len() as u64;
+        if !keys.is_empty() {
+            let (p, o, i) = key_arrays(&keys);
+            tx.execute(
+                "INSERT INTO pointers (patient, org, ident, value, expiry)
+                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int8[])
+                 ON CONFLICT (patient, org, ident) DO NOTHING",
+                &[&p, &o, &i, &values, &expiries],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        let rows = tx
+            .query(
+                "DELETE FROM blocks WHERE patient = ANY($1) RETURNING patient, id, value",
+                &[&from],
+            )
+            .await
+            .map_err(db_error)?;
+        for r in &rows {
+            let m = to[r.get::<_, &[u8]>(0)];
+            let mut block: StoredBlock = decode("blocks", r.get(2))?;
+            block.sealed_patient = m.sealed.clone();
+            tx.execute(
+                "INSERT INTO blocks (patient, id, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (patient, id) DO NOTHING",
+                &[
+                    &m.to.as_slice(),
+                    &r.get::<_, &[u8]>(1),
+                    &block.encode_to_vec(),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        let opt_outs = tx
+            .query(
+                "DELETE FROM opt_outs WHERE patient = ANY($1) RETURNING patient, value",
+                &[&from],
+            )
+            .await
+            .map_err(db_error)?;
+        for r in &opt_outs {
+            let m = to[r.get::<_, &[u8]>(0)];
+            let mut o: StoredOptOut = decode("opt_outs", r.get(1))?;
+            o.sealed_patient = m.sealed.clone();
+            tx.execute(
+                "INSERT INTO opt_outs (patient, value) VALUES ($1, $2)
+                 ON CONFLICT (patient) DO NOTHING",
+                &[&m.to.as_slice(), &o.encode_to_vec()],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        moved.protections = (rows.len() + opt_outs.len()) as u64;
+        tx.commit().await.map_err(db_error)?;
+        Ok(moved)
     }
 
     async fn put_block(

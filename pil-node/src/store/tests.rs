@@ -229,6 +229,7 @@ async fn an_opt_out_hides_everything_and_blocks_are_kept_per_patient() {
         let opt_out = StoredOptOut {
             since: 3,
             reason: "asked".into(),
+            sealed_patient: Vec::new(),
         };
         assert!(!store.set_opt_out(p, Some(opt_out.clone())).await.unwrap());
         assert!(store.set_opt_out(p, Some(opt_out.clone())).await.unwrap());
@@ -378,6 +379,7 @@ fn subscription(patients: &[u8], categories: &[&str]) -> super::StoredSubscripti
                 pseudonym: vec![*p; PSEUDONYM_LEN],
                 sealed: vec![*p],
                 stopped: false,
+                former: Vec::new(),
             })
             .collect(),
         expires_at: i64::MAX,
@@ -596,6 +598,104 @@ async fn events_collected_from_a_region_move_its_position_with_them() {
             (PeerState::Ended, 2, "ended")
         );
         assert_eq!(store.all_subscriptions().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// Moving a patient takes their pointers with every index, their blocks and opt-out
+/// to the new pseudonym in one write; what the destination holds already is newer and
+/// stays; nothing shows as a change to followers; the patient is listed under the new
+/// pseudonym with the identifier sealed for it.
+#[tokio::test]
+async fn moved_patients_keep_everything_under_the_new_pseudonym() {
+    on_every_engine(async |store| {
+        let (from, to) = ([1; PSEUDONYM_LEN], [2; PSEUDONYM_LEN]);
+        let mut expiring = pointer(10);
+        expiring.expires_at = Some(HOUR);
+        let mut newer = pointer(99);
+        newer.sealed_patient = b"newer".to_vec();
+        store
+            .apply(vec![
+                upsert(key(1, ORG_A, 1), expiring),
+                upsert(key(1, ORG_B, 2), pointer(20)),
+                upsert(key(2, ORG_B, 2), newer),
+                upsert(key(3, ORG_A, 1), pointer(30)),
+            ])
+            .await
+            .unwrap();
+        store
+            .put_block(from, [7; 16], StoredBlock::default())
+            .await
+            .unwrap();
+        store
+            .set_opt_out(from, Some(StoredOptOut::default()))
+            .await
+            .unwrap();
+        let followed = [5u8; 16];
+        store
+            .put_subscription(followed, subscription(&[1, 2], &[]))
+            .await
+            .unwrap();
+
+        let moved = store
+            .move_patients(vec![super::PatientMove {
+                from,
+                to,
+                sealed: b"sealed".to_vec(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!((moved.pointers, moved.protections), (2, 2));
+
+        assert!(store.blocks(from).await.unwrap().is_empty());
+        assert!(store.opt_out(from).await.unwrap().is_none());
+        let blocks = store.blocks(to).await.unwrap();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].1.sealed_patient, b"sealed");
+        assert_eq!(
+            store.opt_out(to).await.unwrap().unwrap().sealed_patient,
+            b"sealed"
+        );
+        let got = store
+            .get_many(vec![key(1, ORG_A, 1), key(2, ORG_A, 1), key(2, ORG_B, 2)])
+            .await
+            .unwrap();
+        assert_eq!(got[0], None);
+        assert_eq!(got[1].as_ref().unwrap().sealed_patient, b"sealed");
+        assert_eq!(got[1].as_ref().unwrap().last_updated, 10);
+        // The destination's own, newer pointer stays.
+        assert_eq!(got[2].as_ref().unwrap().last_updated, 99);
+        assert_eq!(
+            store.org_keys(ORG_A, None, 10).await.unwrap(),
+            vec![key(2, ORG_A, 1), key(3, ORG_A, 1)]
+        );
+        assert_eq!(
+            store.org_keys(ORG_B, None, 10).await.unwrap(),
+            vec![key(2, ORG_B, 2)]
+        );
+        assert_eq!(
+            store.expired(HOUR, 10).await.unwrap(),
+            vec![key(2, ORG_A, 1)]
+        );
+        assert!(
+            store
+                .events(followed, 0, 10)
+                .await
+                .unwrap()
+                .events
+                .is_empty()
+        );
+
+        let listed = store.patients_after(None, 10).await.unwrap();
+        let pseudonyms: Vec<u8> = listed.iter().map(|p| p.pseudonym[0]).collect();
+        assert_eq!(pseudonyms, vec![2, 3]);
+        assert!(listed[0].sealed.is_some());
+        assert_eq!(
+            store.patients_after(Some(to), 10).await.unwrap().len(),
+            1,
+            "paging continues after the pseudonym given"
+        );
+        assert_eq!(store.patients_after(None, 1).await.unwrap().len(), 1);
     })
     .await;
 }

@@ -13,6 +13,7 @@ mod metrics;
 mod operations;
 mod privacy;
 mod registry;
+mod rekeying;
 mod rotation;
 mod sync;
 mod trust;

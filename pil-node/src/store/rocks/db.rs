@@ -47,12 +47,12 @@ use crate::{
     },
 };
 
-const CF_POINTERS: &str = "pointers";
-const CF_BY_ORG: &str = "pointers_by_org";
-const CF_EXPIRY: &str = "pointer_expiry";
+pub(super) const CF_POINTERS: &str = "pointers";
+pub(super) const CF_BY_ORG: &str = "pointers_by_org";
+pub(super) const CF_EXPIRY: &str = "pointer_expiry";
 const CF_META: &str = "meta";
-const CF_BLOCKS: &str = "blocks";
-const CF_OPT_OUTS: &str = "opt_outs";
+pub(super) const CF_BLOCKS: &str = "blocks";
+pub(super) const CF_OPT_OUTS: &str = "opt_outs";
 /// Audit record contents, by index.
 const CF_AUDIT_RECORDS: &str = "audit_records";
 const CF_AUDIT_NODES: &str = "audit_nodes";
@@ -156,7 +156,7 @@ fn read_error(e: rocksdb::Error) -> DbError {
 }
 
 /// A key's entry in `pointers_by_org`: organization first.
-fn by_org(key: &PointerKey) -> [u8; KEY_LEN] {
+pub(super) fn by_org(key: &PointerKey) -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
     k[..ORG_LEN].copy_from_slice(&key.org);
     k[ORG_LEN..ORG_LEN + PSEUDONYM_LEN].copy_from_slice(&key.patient);
@@ -176,7 +176,7 @@ fn from_by_org(k: &[u8]) -> Option<PointerKey> {
 }
 
 /// A key's entry in `pointer_expiry`: the expiry first, so the index is in time order.
-fn expiry_key(key: &PointerKey, expires_at: i64) -> [u8; 8 + KEY_LEN] {
+pub(super) fn expiry_key(key: &PointerKey, expires_at: i64) -> [u8; 8 + KEY_LEN] {
     let mut k = [0u8; 8 + KEY_LEN];
     k[..8].copy_from_slice(&sortable(expires_at));
     k[8..].copy_from_slice(&key.encode());
@@ -942,7 +942,7 @@ fn decode_head(item: Result<KeyValue, rocksdb::Error>) -> Result<(u64, String), 
     ))
 }
 
-fn decode(v: &[u8]) -> Result<StoredPointer, DbError> {
+pub(super) fn decode(v: &[u8]) -> Result<StoredPointer, DbError> {
     StoredPointer::decode(v).map_err(|e| corrupt(CF_POINTERS, &e.to_string()))
 }
 

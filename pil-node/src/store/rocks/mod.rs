@@ -7,6 +7,7 @@
 mod audit;
 mod db;
 mod events;
+mod moves;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -14,9 +15,9 @@ use std::{path::Path, sync::Arc};
 use db::{Db, DbError, Tier};
 
 use super::{
-    AuditEntry, Closer, Figure, HeadSigning, LogEntry, LogSize, ORG_LEN, Op, OpResult,
-    PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
-    StoredPointer,
+    AuditEntry, Closer, Figure, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op, OpResult,
+    PatientMove, PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
+    StoredPatient, StoredPointer,
     events::{EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId},
     tree::{self, TreeReader},
 };
@@ -162,6 +163,19 @@ impl Store for RocksStore {
 
     async fn expired(&self, now: i64, limit: usize) -> Result<Vec<PointerKey>, StoreError> {
         self.blocking(move |db| Ok(db.expired(now, limit)?)).await
+    }
+
+    async fn patients_after(
+        &self,
+        after: Option<Pseudonym>,
+        limit: usize,
+    ) -> Result<Vec<StoredPatient>, StoreError> {
+        self.blocking(move |db| Ok(db.patients_after(after.as_ref(), limit)?))
+            .await
+    }
+
+    async fn move_patients(&self, moves: Vec<PatientMove>) -> Result<Moved, StoreError> {
+        self.writer.move_patients(moves).await
     }
 
     async fn put_block(

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::db::Db;
 use crate::store::{
-    Change, GroupStats, Op, OpResult, PointerKey, QueueFigures, StoreError, StoredPointer,
+    Change, GroupStats, Moved, Op, OpResult, PatientMove, PointerKey, QueueFigures, StoreError,
+    StoredPointer,
     plan::{Current, plan as plan_ops},
     take_queued,
 };
@@ -37,9 +38,25 @@ const QUEUE_DEPTH: usize = 1024;
 /// another is written, without planning far ahead of the disk.
 const PLANNED_DEPTH: usize = 1;
 
-struct Job {
-    ops: Vec<Op>,
-    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+enum Job {
+    Ops {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+    },
+    /// Patients moved to new pseudonyms: written between groups, on their own.
+    Move {
+        moves: Vec<PatientMove>,
+        reply: oneshot::Sender<Result<Moved, StoreError>>,
+    },
+}
+
+impl Job {
+    fn weight(&self) -> usize {
+        match self {
+            Job::Ops { ops, .. } => ops.len(),
+            Job::Move { moves, .. } => moves.len(),
+        }
+    }
 }
 
 /// Handle to the writer thread. Cloneable; the thread ends when every handle is gone.
@@ -74,7 +91,21 @@ impl Writer {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { ops, reply })
+            .send(Job::Ops { ops, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Moves patients to new pseudonyms once every write queued before is durable, and
+    /// before any queued after is planned.
+    pub async fn move_patients(&self, moves: Vec<PatientMove>) -> Result<Moved, StoreError> {
+        if moves.is_empty() {
+            return Ok(Moved::default());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Move { moves, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -91,6 +122,17 @@ struct Pending {
     /// Failed writes so far. A group planned when this was different planned on top of
     /// a write that never happened.
     failures: u64,
+}
+
+/// What the committer does next, in order.
+enum Commit {
+    Group(Planned),
+    /// Runs once every group before it is durable; the planner waits for `done`.
+    Move {
+        moves: Vec<PatientMove>,
+        reply: oneshot::Sender<Result<Moved, StoreError>>,
+        done: std_mpsc::SyncSender<()>,
+    },
 }
 
 /// A group ready to be written.
@@ -114,29 +156,35 @@ fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>, stats: &GroupStats) {
             .expect("spawning the commit thread")
     };
     let mut group = 0u64;
-    while let Some(first) = rx.blocking_recv() {
-        let jobs = take_queued(&mut rx, first, MAX_GROUP_OPS, |j| j.ops.len(), stats);
-        group += 1;
-        let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.ops, j.reply)).unzip();
-        match plan(&store, &pending, group, ops) {
-            Ok((changes, results, failures_seen)) => {
-                let planned = Planned {
-                    group,
-                    failures_seen,
-                    changes,
-                    results,
-                    replies,
-                };
-                if planned_tx.send(planned).is_err() {
-                    break;
+    'queue: while let Some(first) = rx.blocking_recv() {
+        let jobs = take_queued(&mut rx, first, MAX_GROUP_OPS, Job::weight, stats);
+        let mut ops = Vec::new();
+        let mut replies = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Ops { ops: o, reply } => {
+                    ops.push(o);
+                    replies.push(reply);
+                }
+                Job::Move { moves, reply } => {
+                    let before = (std::mem::take(&mut ops), std::mem::take(&mut replies));
+                    if !send_group(&store, &pending, &mut group, before, &planned_tx) {
+                        break 'queue;
+                    }
+                    let (done, wait) = std_mpsc::sync_channel(1);
+                    if planned_tx
+                        .send(Commit::Move { moves, reply, done })
+                        .is_err()
+                    {
+                        break 'queue;
+                    }
+                    // Later groups are planned against what the move left.
+                    let _ = wait.recv();
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "planning a write group failed");
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
+        }
+        if !send_group(&store, &pending, &mut group, (ops, replies), &planned_tx) {
+            break;
         }
     }
     drop(planned_tx);
@@ -150,10 +198,54 @@ fn run(store: Arc<Db>, mut rx: mpsc::Receiver<Job>, stats: &GroupStats) {
     }
 }
 
+type Replies = Vec<oneshot::Sender<Result<Vec<OpResult>, StoreError>>>;
+
+/// Plans a group of jobs and hands it to the committer; false once the committer is
+/// gone.
+fn send_group(
+    store: &Db,
+    pending: &Mutex<Pending>,
+    group: &mut u64,
+    (ops, replies): (Vec<Vec<Op>>, Replies),
+    planned_tx: &std_mpsc::SyncSender<Commit>,
+) -> bool {
+    if ops.is_empty() {
+        return true;
+    }
+    *group += 1;
+    match plan(store, pending, *group, ops) {
+        Ok((changes, results, failures_seen)) => {
+            let planned = Planned {
+                group: *group,
+                failures_seen,
+                changes,
+                results,
+                replies,
+            };
+            planned_tx.send(Commit::Group(planned)).is_ok()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "planning a write group failed");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            true
+        }
+    }
+}
+
 /// The committing thread: writes planned groups in order and answers their jobs.
-fn commit(store: &Db, pending: &Mutex<Pending>, rx: std_mpsc::Receiver<Planned>) {
+fn commit(store: &Db, pending: &Mutex<Pending>, rx: std_mpsc::Receiver<Commit>) {
     let lock = || pending.lock().unwrap_or_else(|e| e.into_inner());
-    for planned in rx {
+    for next in rx {
+        let planned = match next {
+            Commit::Group(planned) => planned,
+            Commit::Move { moves, reply, done } => {
+                let _ = reply.send(store.move_patients(&moves).map_err(StoreError::from));
+                let _ = done.send(());
+                continue;
+            }
+        };
         let outcome = if lock().failures != planned.failures_seen {
             Err(StoreError::Aborted)
         } else {
