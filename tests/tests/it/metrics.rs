@@ -262,3 +262,92 @@ async fn a_peer_that_is_down_shows_in_its_counts_and_circuit() {
     }
     node.stop().await;
 }
+
+/// promtool: `$PIL_PROMTOOL`, else the copy `.ci/setup` takes out of Debian's
+/// prometheus package, taken here if missing.
+fn promtool() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PIL_PROMTOOL").map(std::path::PathBuf::from)
+        && p.exists()
+    {
+        return p;
+    }
+    let dir = std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+        .join(".cache/pil-promtool");
+    let status = std::process::Command::new("bash")
+        .arg(package_dir().join("monitoring/get-promtool.sh"))
+        .arg(&dir)
+        .status()
+        .expect("run get-promtool.sh");
+    assert!(status.success(), "promtool could not be set up");
+    dir.join("promtool")
+}
+
+fn run_promtool(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(promtool())
+        .args(args)
+        .output()
+        .expect("run promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{said}");
+    said
+}
+
+/// Every expression of the dashboard, with Grafana's variables filled in as Grafana
+/// would, as recording rules promtool can check.
+fn dashboard_as_rules(dashboard: &serde_json::Value) -> String {
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    exprs(dashboard, &mut found);
+    assert!(found.len() >= 10, "the dashboard's queries: {found:?}");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in found.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: pil_dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    rules
+}
+
+/// The shipped alert rules and every dashboard query are valid PromQL, and the alerts
+/// fire on the series that should raise them (`tests/monitoring/pil-alerts.test.yml`).
+#[test]
+fn the_alert_rules_and_dashboard_queries_pass_promtool() {
+    let docs = package_dir().join("../docs/monitoring");
+    let alerts = docs.join("pil-alerts.yml");
+    let said = run_promtool(&["check".as_ref(), "rules".as_ref(), alerts.as_os_str()]);
+    assert!(said.contains("SUCCESS"), "{said}");
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(docs.join("pil-dashboard.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&rules, dashboard_as_rules(&dashboard)).unwrap();
+    let said = run_promtool(&["check".as_ref(), "rules".as_ref(), rules.as_os_str()]);
+    assert!(said.contains("SUCCESS"), "{said}");
+
+    let tests = package_dir().join("monitoring/pil-alerts.test.yml");
+    let said = run_promtool(&["test".as_ref(), "rules".as_ref(), tests.as_os_str()]);
+    assert!(said.contains("SUCCESS"), "{said}");
+}
