@@ -4,6 +4,7 @@
 mod access;
 mod audit;
 mod cli;
+mod dashboard;
 mod durability;
 mod events;
 mod events_across_regions;

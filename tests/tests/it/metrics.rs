@@ -274,10 +274,10 @@ fn promtool() -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
         .join(".cache/pil-promtool");
     let status = std::process::Command::new("bash")
-        .arg(package_dir().join("monitoring/get-promtool.sh"))
+        .arg(package_dir().join("monitoring/prometheus-tools.sh"))
         .arg(&dir)
         .status()
-        .expect("run get-promtool.sh");
+        .expect("run prometheus-tools.sh");
     assert!(status.success(), "promtool could not be set up");
     dir.join("promtool")
 }
