@@ -560,6 +560,30 @@ fn toml_of(config: &NodeConfig) -> String {
     toml::to_string_pretty(config).expect("configuration serializes")
 }
 
+/// `pil-node <args>` as the operator runs it, off the test's async threads.
+pub async fn pil_node<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().into()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(sibling_binary("pil-test-node"))
+            .args(&args)
+            .output()
+            .expect("run pil-node")
+    })
+    .await
+    .expect("the pil-node run's task")
+}
+
+/// What a command printed, stdout then stderr.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A valid synthetic fødselsnummer, distinct per seed.
 pub fn patient_id(seed: u64) -> v1::PatientIdentifier {
     v1::PatientIdentifier {

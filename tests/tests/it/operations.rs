@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeSet,
-    process::Output,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -14,26 +13,6 @@ use futures::StreamExt as _;
 use pil_proto::v1;
 use pil_tests::*;
 use pil_transparency::HeadVerifier;
-
-/// `pil-node <args>` as the operator runs it, off the test's async threads.
-async fn pil_node(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(sibling_binary("pil-test-node"))
-            .args(&args)
-            .output()
-            .expect("run pil-node")
-    })
-    .await
-    .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn config_file(world: &World) -> String {
     world.path().join("node.toml").display().to_string()
@@ -47,7 +26,7 @@ async fn status(world: &World) -> serde_json::Value {
         "--json".into(),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
@@ -94,6 +73,13 @@ async fn status_says_what_the_node_is_doing() {
         "{s:#}"
     );
     assert!(s["restored"].is_null(), "{s:#}");
+    // One pseudonym key, named by its id, and nothing to re-key.
+    assert_eq!(
+        s["pseudonym_keys"]["key"].as_str().unwrap().len(),
+        8,
+        "{s:#}"
+    );
+    assert_eq!(s["pseudonym_keys"]["state"], "idle", "{s:#}");
     // The text form says the same for a person.
     let out = pil_node(vec![
         "status".into(),
@@ -101,8 +87,12 @@ async fn status_says_what_the_node_is_doing() {
         config_file(&world),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("serving region vest"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("serving region vest"),
+        "{}",
+        output_text(&out)
+    );
 
     // With the node stopped, status says the node cannot be reached.
     assert!(node.terminate().success());
@@ -113,7 +103,11 @@ async fn status_says_what_the_node_is_doing() {
     ])
     .await;
     assert!(!out.status.success());
-    assert!(text(&out).contains("is it running"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("is it running"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,9 +130,9 @@ async fn a_backup_taken_under_write_load_restores_every_acknowledged_pointer() {
         let out = pil_node(backup_args).await;
         assert!(!out.status.success());
         assert!(
-            text(&out).contains("database's own tools"),
+            output_text(&out).contains("database's own tools"),
             "{}",
-            text(&out)
+            output_text(&out)
         );
         return;
     }
@@ -181,7 +175,7 @@ async fn a_backup_taken_under_write_load_restores_every_acknowledged_pointer() {
     let head_before = auditor.audit_tree_head(true).await.unwrap();
     began.store(true, Ordering::SeqCst);
     let out = pil_node(backup_args).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(manifest["region"], "vest");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -205,7 +199,11 @@ async fn a_backup_taken_under_write_load_restores_every_acknowledged_pointer() {
     ])
     .await;
     assert!(!out.status.success());
-    assert!(text(&out).contains("not empty"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("not empty"),
+        "{}",
+        output_text(&out)
+    );
 
     // Restore needs the node stopped, and a data directory that holds data is only
     // replaced when asked for.
@@ -225,16 +223,20 @@ async fn a_backup_taken_under_write_load_restores_every_acknowledged_pointer() {
     let out = restore(true).await;
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("stop it before restoring"),
+        output_text(&out).contains("stop it before restoring"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(node.terminate().success());
     let out = restore(false).await;
     assert!(!out.status.success());
-    assert!(text(&out).contains("--replace"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("--replace"),
+        "{}",
+        output_text(&out)
+    );
     let out = restore(true).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let kept = std::fs::read_dir(config.data_dir.parent().unwrap())
         .unwrap()
         .flatten()

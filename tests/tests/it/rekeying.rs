@@ -5,7 +5,6 @@
 //! once re-keying is done, and the node restarts on the rotated ring.
 
 use std::{
-    process::Output,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,29 +18,9 @@ use pil_tests::*;
 /// Patients stored before the rotation.
 const PATIENTS: u64 = 3000;
 
-async fn pil_node(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(sibling_binary("pil-test-node"))
-            .args(&args)
-            .output()
-            .expect("run pil-node")
-    })
-    .await
-    .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 async fn progress(config: &str) -> serde_json::Value {
     let out = pil_node(&["pseudonym-key", "progress", "--config", config, "--json"]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     serde_json::from_slice(&out.stdout).expect("progress JSON")
 }
 
@@ -146,7 +125,7 @@ async fn a_pseudonym_key_rotation_under_continuous_lookups_never_misses_a_pointe
 
     // Rotate: a new key in force, the old one earlier; the reload starts re-keying.
     let out = pil_node(&["pseudonym-key", "rotate", "--config", &config_file]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let reloaded = operator.reload_legal_config().await.expect("reload");
     let rotated = progress(&config_file).await;
     let new_key = rotated["key"].as_str().unwrap().to_string();
@@ -254,7 +233,7 @@ async fn a_pseudonym_key_rotation_under_continuous_lookups_never_misses_a_pointe
     // Retired once done: the registry is read under the new key alone, and audit
     // search still finds what was filed under the old one.
     let out = pil_node(&["pseudonym-key", "retire", "--config", &config_file]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     operator.reload_legal_config().await.expect("reload");
     let retired = progress(&config_file).await;
     assert_eq!(retired["retired"][0], before["key"], "{retired:#}");
