@@ -678,11 +678,22 @@ fn missing_or_malformed_org_numbers_are_refused() {
             ..
         })
     ));
-    let token = f.token().hpr_number("91449OO").sign().unwrap();
+    // Nine digits with a wrong check digit, as every PIL API refuses them.
+    let token = f.token().org_child("983974725").sign().unwrap();
     assert!(matches!(
         f.verify(&token, None),
-        Err(TokenError::InvalidHprNumber(_))
+        Err(TokenError::InvalidOrgNumber {
+            claim: "orgnr_child",
+            ..
+        })
     ));
+    for bad in ["91449OO", "1234567890"] {
+        let token = f.token().hpr_number(bad).sign().unwrap();
+        assert!(
+            matches!(f.verify(&token, None), Err(TokenError::InvalidHprNumber(_))),
+            "{bad}"
+        );
+    }
 }
 
 #[test]

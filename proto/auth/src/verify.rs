@@ -127,16 +127,18 @@ pub enum TokenError {
     /// A required claim is missing or empty.
     #[error("access token lacks the claim \"{0}\"")]
     MissingClaim(&'static str),
-    /// An organization number claim is not nine digits.
-    #[error("claim \"{claim}\" is not a 9-digit organization number: \"{value}\"")]
+    /// An organization number claim is not nine digits with a valid check digit.
+    #[error(
+        "claim \"{claim}\" is not an organization number (9 digits, mod-11 check digit): \"{value}\""
+    )]
     InvalidOrgNumber {
         /// Which claim.
         claim: &'static str,
         /// Its value.
         value: String,
     },
-    /// The HPR number claim is not digits.
-    #[error("HPR number \"{0}\" is not a number")]
+    /// The HPR number claim is not 1 to 9 digits.
+    #[error("HPR number \"{0}\" is not an HPR number (1 to 9 digits)")]
     InvalidHprNumber(String),
     /// `orgnr_parent` is not the organization of the client certificate.
     #[error(
@@ -853,23 +855,22 @@ fn non_empty(value: Option<&str>, name: &'static str) -> Result<String, TokenErr
     }
 }
 
+/// An organization number as every other part of PIL checks it: 9 digits whose
+/// mod-11 check digit is right.
 fn check_org_number(value: &str, claim: &'static str) -> Result<(), TokenError> {
-    if value.len() == 9 && value.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(())
-    } else {
-        Err(TokenError::InvalidOrgNumber {
+    pil_proto::ident::OrgNumber::parse(value)
+        .map(|_| ())
+        .map_err(|_| TokenError::InvalidOrgNumber {
             claim,
             value: value.to_owned(),
         })
-    }
 }
 
+/// An HPR number as every other part of PIL checks it: 1 to 9 digits.
 fn check_hpr(value: &str) -> Result<String, TokenError> {
-    if !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(value.to_owned())
-    } else {
-        Err(TokenError::InvalidHprNumber(value.to_owned()))
-    }
+    pil_proto::ident::HprNumber::parse(value)
+        .map(|h| h.as_str().to_owned())
+        .map_err(|_| TokenError::InvalidHprNumber(value.to_owned()))
 }
 
 fn check_purpose(purpose: Code) -> Result<Code, TokenError> {
