@@ -442,13 +442,18 @@ fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
-async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
+/// The running node's status, asked through its control socket.
+async fn node_status(cfg: &NodeConfig) -> anyhow::Result<pil_proto::v1::StatusResponse> {
     let mut control = crate::control::connect(&cfg.data_dir).await?;
-    let s = control
+    Ok(control
         .status(pil_proto::v1::StatusRequest {})
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-        .into_inner();
+        .into_inner())
+}
+
+async fn status(cfg: &NodeConfig, json: bool) -> anyhow::Result<()> {
+    let s = node_status(cfg).await?;
     if json {
         let queue = |q: Option<pil_proto::v1::QueueStatus>| {
             let q = q.unwrap_or_default();
@@ -640,13 +645,7 @@ async fn pseudonym_key(step: KeyStep) -> anyhow::Result<()> {
 }
 
 async fn rekey_status(cfg: &NodeConfig) -> anyhow::Result<pil_proto::v1::PseudonymKeyStatus> {
-    let mut control = crate::control::connect(&cfg.data_dir).await?;
-    let s = control
-        .status(pil_proto::v1::StatusRequest {})
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-        .into_inner();
-    Ok(s.pseudonym_keys.unwrap_or_default())
+    Ok(node_status(cfg).await?.pseudonym_keys.unwrap_or_default())
 }
 
 async fn backup(cfg: &NodeConfig, to: &std::path::Path, json: bool) -> anyhow::Result<()> {
