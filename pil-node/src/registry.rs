@@ -579,6 +579,17 @@ impl Registry {
         Ok(stored)
     }
 
+    /// Whether any event is older than `days`.
+    pub async fn events_due(&self, days: u32) -> Result<bool, RegistryError> {
+        let before = now_nanos() - i64::from(days) * NANOS_PER_DAY;
+        Ok(self.inner.store.events_due(before).await?)
+    }
+
+    /// Whether any pointer's expiry or lapse has passed.
+    pub async fn purge_due(&self) -> Result<bool, RegistryError> {
+        Ok(!self.inner.store.expired(now_nanos(), 1).await?.is_empty())
+    }
+
     /// Drops events older than `days`; returns how many.
     pub async fn drop_events_older_than(&self, days: u32) -> Result<usize, RegistryError> {
         const PAGE: usize = 10_000;
@@ -711,14 +722,18 @@ impl Registry {
         Ok(self.inner.store.claim_once(key, until).await?)
     }
 
-    /// Removes pointers whose expiry has passed, and proofs past their window; returns
-    /// how many pointers.
-    pub async fn purge_expired(&self) -> Result<usize, RegistryError> {
-        const PAGE: usize = 1000;
-        self.inner
+    /// Forgets DPoP proofs past their window (they can no longer be replayed).
+    pub async fn forget_used_proofs(&self) -> Result<(), RegistryError> {
+        Ok(self
+            .inner
             .store
             .forget_claims(now_nanos() / 1_000_000_000)
-            .await?;
+            .await?)
+    }
+
+    /// Removes pointers whose expiry has passed; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, RegistryError> {
+        const PAGE: usize = 1000;
         let mut purged = 0;
         loop {
             let now = now_nanos();

@@ -193,7 +193,9 @@ fn event_kind(action: Action) -> EventKind {
         Action::PointerSync => (dicom("110107", "Import"), None, "U", false),
         Action::PointerExport | Action::Backup => (dicom("110106", "Export"), None, "R", false),
         Action::BlockCreate | Action::OptOutSet => (patient_record(), None, "C", false),
-        Action::BlockLift | Action::OptOutLift => (patient_record(), None, "D", false),
+        Action::BlockLift | Action::OptOutLift | Action::Retention => {
+            (patient_record(), None, "D", false)
+        }
         Action::BlockList | Action::OptOutGet => (patient_record(), None, "R", false),
         Action::PolicyReload => (
             dicom("110113", "Security Alert"),

@@ -43,6 +43,11 @@ pub enum Action {
     /// A backup of the store taken through the node's control socket, or a restore
     /// from one, announced when the restored node starts.
     Backup,
+    /// What the node removes by its own retention rules: pointers past their expiry or
+    /// lapse, change events past `events_days`, audit record contents past
+    /// `audit_log_days`. One record says what is due before anything is removed, a
+    /// second what was removed.
+    Retention,
     /// A request refused before any service handled it: not valid protobuf, over the
     /// message size limit, or for a method this node does not have. `detail` names
     /// the method.

@@ -329,7 +329,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         cut_rx,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let purge = tokio::spawn(purge_loop(registry.clone(), access.clone(), config.clone()));
+    let purge = tokio::spawn(purge_loop(
+        registry.clone(),
+        audit.clone(),
+        access.clone(),
+        config.clone(),
+    ));
     let key_refresh = tokio::spawn(key_refresh_loop(reloader.clone(), next_key_fetch));
     let rekey = tokio::spawn(rekeying.clone().run(registry.clone()));
     crate::store::backup::remove_stale_checkpoints(&config.data_dir);
@@ -474,13 +479,67 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
         tick.tick().await;
         let days = access.legal().settings().retention.audit_log_days;
         let keep = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
-        match crate::audit::retention::apply(&**audit.store(), keep, std::time::SystemTime::now())
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(records = n, "audit record contents past retention removed"),
-            Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        let store = audit.store().clone();
+        let due = crate::audit::retention::due(&*store, keep, std::time::SystemTime::now()).await;
+        retain(
+            &audit,
+            &config.region,
+            due.map_err(|e| e.to_string()),
+            format!("contents of audit records older than {days} days"),
+            async {
+                crate::audit::retention::apply(&*store, keep, std::time::SystemTime::now())
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+    }
+}
+
+/// One retention step, recorded in the audit log: what is due before anything is
+/// removed (nothing is, when that record cannot be stored), then what was removed.
+async fn retain(
+    audit: &AuditLog,
+    region: &str,
+    due: Result<bool, String>,
+    what: String,
+    remove: impl std::future::Future<Output = Result<u64, String>>,
+) {
+    match due {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, %what, "could not tell what retention has to remove");
+            return;
         }
+    }
+    let record = |status: &str, detail: String| {
+        crate::audit::AuditRecord::operation(
+            region,
+            crate::audit::record::Action::Retention,
+            status,
+            detail,
+        )
+    };
+    if let Err(e) = audit
+        .append(record("OK", format!("due for removal: {what}")))
+        .await
+    {
+        tracing::error!(error = %e, %what, "retention not run: its audit record could not be stored");
+        return;
+    }
+    let (status, detail) = match remove.await {
+        Ok(n) => {
+            tracing::info!(removed = n, %what, "retention removed what was due");
+            ("OK", format!("removed {n}: {what}"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %what, "retention failed");
+            ("INTERNAL", format!("removing {what} failed: {e}"))
+        }
+    };
+    if let Err(e) = audit.append(record(status, detail)).await {
+        tracing::error!(error = %e, %what, "the outcome of retention could not be recorded");
     }
 }
 
@@ -518,22 +577,48 @@ async fn key_refresh_loop(reloader: Reloader, first: Option<std::time::Duration>
 }
 
 /// Purges lapsed pointers, and change events past their retention.
-async fn purge_loop(registry: Registry, access: Arc<Access>, config: Arc<NodeConfig>) {
+async fn purge_loop(
+    registry: Registry,
+    audit: AuditLog,
+    access: Arc<Access>,
+    config: Arc<NodeConfig>,
+) {
     let mut tick = tokio::time::interval(config.limits.purge_interval());
     // The first purge comes one interval after start, not during it.
     tick.tick().await;
     loop {
         tick.tick().await;
-        match registry.purge_expired().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(purged = n, "expired pointers purged"),
-            Err(e) => tracing::warn!(error = %e, "purge of expired pointers failed"),
+        if let Err(e) = registry.forget_used_proofs().await {
+            tracing::warn!(error = %e, "forgetting DPoP proofs past their window failed");
         }
+        retain(
+            &audit,
+            &config.region,
+            registry.purge_due().await.map_err(|e| e.to_string()),
+            "pointers past their expiry or lapse".into(),
+            async {
+                registry
+                    .purge_expired()
+                    .await
+                    .map(|n| n as u64)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
         let days = access.legal().settings().subscriptions.events_days;
-        match registry.drop_events_older_than(days).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "change events past retention dropped"),
-            Err(e) => tracing::warn!(error = %e, "dropping old change events failed"),
-        }
+        retain(
+            &audit,
+            &config.region,
+            registry.events_due(days).await.map_err(|e| e.to_string()),
+            format!("change events older than {days} days"),
+            async {
+                registry
+                    .drop_events_older_than(days)
+                    .await
+                    .map(|n| n as u64)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
     }
 }

@@ -515,6 +515,10 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn events_due(&self, before: i64) -> Result<bool, StoreError> {
+        Ok(self.lock().events.values().any(|e| e.at < before))
+    }
+
     async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         let mut state = self.lock();
         let old: Vec<(SubscriptionId, u64)> = state

@@ -278,6 +278,8 @@ pub trait Store: Send + Sync {
     /// Drops up to `limit` events written before `before` (unix nanoseconds); returns
     /// how many it dropped.
     async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+    /// Whether any event is older than `before` (what [`Store::drop_events`] would drop).
+    async fn events_due(&self, before: i64) -> Result<bool, StoreError>;
     /// Every subscription stored here.
     async fn all_subscriptions(
         &self,

@@ -1421,6 +1421,16 @@ impl Store for PgStore {
         })
     }
 
+    async fn events_due(&self, before: i64) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(
+            c.query_opt("SELECT 1 FROM events WHERE at < $1 LIMIT 1", &[&before])
+                .await
+                .map_err(db_error)?
+                .is_some(),
+        )
+    }
+
     async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         let c = self.client().await?;
         let n = c

@@ -132,6 +132,37 @@ async fn expired_pointers_are_not_returned_and_are_purged() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The purge is in the audit log: what was due, before it was removed, then what
+    // was removed.
+    let auditor = world.client(HOST, node.addr()).await;
+    let found = auditor
+        .audit_search(v1::SearchAuditRequest {
+            filter: Some(v1::AuditFilter {
+                actions: vec!["retention".into()],
+                ..Default::default()
+            }),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let details: Vec<String> = found
+        .records
+        .iter()
+        .rev()
+        .map(|r| {
+            let r: serde_json::Value = serde_json::from_slice(r).unwrap();
+            r["detail"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "due for removal: pointers past their expiry or lapse",
+            "removed 1: pointers past their expiry or lapse"
+        ],
+        "{details:?}"
+    );
     node.stop().await;
 }
 

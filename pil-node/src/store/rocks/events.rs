@@ -268,6 +268,19 @@ impl Db {
     }
 
     /// Drops events written before `before` (unix nanoseconds); returns how many.
+    pub fn events_due(&self, before: i64) -> Result<bool, DbError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_EVENTS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item?;
+            if decode_event(&v)?.at < before {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn drop_events(&self, before: i64, limit: usize) -> Result<usize, DbError> {
         let cf = self.cf(CF_EVENTS);
         let mut batch = WriteBatch::default();

@@ -396,6 +396,10 @@ impl Store for RocksStore {
             .await
     }
 
+    async fn events_due(&self, before: i64) -> Result<bool, StoreError> {
+        self.blocking(move |db| Ok(db.events_due(before)?)).await
+    }
+
     async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {
         Ok(true)
     }
