@@ -21,6 +21,7 @@ pub mod pointer;
 pub mod registry;
 mod rekey;
 mod reload;
+pub mod routing;
 mod secret_file;
 pub mod server;
 mod service;
