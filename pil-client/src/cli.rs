@@ -35,10 +35,14 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// The requester's access token (e.g. from HelseID), sent as a Bearer token instead
-    /// of minting development tokens from the profile.
+    /// The requester's access token (e.g. from HelseID), sent instead of minting
+    /// development tokens from the profile: as a Bearer token, or as a DPoP token with a
+    /// fresh proof per call when it is bound to `--dpop-key`.
     #[arg(long, global = true, env = "PIL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The private key (PKCS#8 PEM) a DPoP-bound `--token` is bound to.
+    #[arg(long, global = true, env = "PIL_DPOP_KEY")]
+    dpop_key: Option<PathBuf>,
     /// Purpose of use in development tokens (HL7 PurposeOfUse: TREAT, ETREAT, COC, …).
     #[arg(long, global = true)]
     purpose: Option<String>,
@@ -322,10 +326,15 @@ async fn connect(cli: &Cli) -> anyhow::Result<PilClient> {
     let profile = Profile::load(path)?;
     let client = PilClient::connect(&profile).await?;
     if let Some(token) = &cli.token {
-        return Ok(client.with_credentials(Credentials::Token {
-            token: token.clone(),
-            dpop: None,
-        }));
+        let pem = match &cli.dpop_key {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the DPoP key {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let credentials = crate::credentials::for_token(token.clone(), pem.as_deref())?;
+        return Ok(client.with_credentials(credentials));
     }
     let Some(dev) = &profile.token else {
         return Ok(client);

@@ -43,6 +43,50 @@ pub enum Credentials {
     },
 }
 
+/// The key thumbprint a token is DPoP-bound to (`cnf.jkt`), read without verifying the
+/// token (the node verifies it); `None` for a Bearer token or one that is not a JWT.
+pub fn bound_thumbprint(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = pil_auth::jwk::b64url_decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["cnf"]["jkt"].as_str().map(str::to_string)
+}
+
+/// Credentials for a token obtained elsewhere, with the DPoP key (PKCS#8 PEM) it is
+/// bound to, if any. Refuses a bound token without its key, and a key it is not bound
+/// to: the node would refuse every call.
+pub fn for_token(token: String, dpop_key_pem: Option<&str>) -> Result<Credentials, ClientError> {
+    let bound = bound_thumbprint(&token);
+    let dpop = match (dpop_key_pem, &bound) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(err(
+                "the token is DPoP-bound (it has cnf.jkt): give the private key it is bound to \
+                 with --dpop-key",
+            ));
+        }
+        (Some(pem), _) => {
+            let key = DpopKey::from_pem(pem).map_err(err)?;
+            match &bound {
+                Some(jkt) if jkt != key.thumbprint() => {
+                    return Err(err(format!(
+                        "the DPoP key is not the one the token is bound to (its thumbprint is \
+                         {}, the token's cnf.jkt {jkt})",
+                        key.thumbprint()
+                    )));
+                }
+                None => {
+                    return Err(err(
+                        "the token is not DPoP-bound (no cnf.jkt): leave out --dpop-key",
+                    ));
+                }
+                Some(_) => Some(key),
+            }
+        }
+    };
+    Ok(Credentials::Token { token, dpop })
+}
+
 fn err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Credentials(e.to_string())
 }

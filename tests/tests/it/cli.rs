@@ -432,3 +432,74 @@ fn a_python_client_written_from_the_guide_works_against_three_regions() {
     );
     assert_eq!(stdout.trim().lines().last(), Some("OK"), "{stdout}");
 }
+
+/// A token obtained elsewhere is used as it is bound: a Bearer token as Bearer, a
+/// DPoP-bound one with a fresh proof per call from `--dpop-key`; a bound token without
+/// its key, or with another key, is refused before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_elsewhere_is_sent_as_it_is_bound() {
+    use pil_auth::dev_issuer::DpopKey;
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let profile = world.profile(ORG_A, node.addr());
+    let patient = patient_id(5);
+    world
+        .client(ORG_A, node.addr())
+        .await
+        .upsert(pointer(&patient, ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    let key = DpopKey::generate().unwrap();
+    let key_file = world.path().join("dpop-key.pem");
+    write_private(&key_file, &key.private_key_pem().unwrap());
+    let other_file = world.path().join("other-key.pem");
+    write_private(
+        &other_file,
+        &DpopKey::generate().unwrap().private_key_pem().unwrap(),
+    );
+    let bound = doctor_token(&world.issuer()).bound_to(&key).sign().unwrap();
+    let bearer = doctor_token(&world.issuer()).sign().unwrap();
+    let lookup_with = |args: &[&str]| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["lookup", "--patient", &patient.value]);
+        pil(&profile, &all)
+    };
+    let key_arg = key_file.to_str().unwrap();
+    for args in [
+        vec!["--token", bound.as_str(), "--dpop-key", key_arg],
+        vec!["--token", bearer.as_str()],
+    ] {
+        let out = lookup_with(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["pointers"].as_array().unwrap().len(), 1, "{answer}");
+    }
+    for (args, says) in [
+        (vec!["--token", bound.as_str()], "--dpop-key"),
+        (
+            vec![
+                "--token",
+                bound.as_str(),
+                "--dpop-key",
+                other_file.to_str().unwrap(),
+            ],
+            "not the one the token is bound to",
+        ),
+        (
+            vec!["--token", bearer.as_str(), "--dpop-key", key_arg],
+            "not DPoP-bound",
+        ),
+    ] {
+        let out = lookup_with(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    node.stop().await;
+}
