@@ -492,9 +492,7 @@ fn write_ring_file(path: &Path, ring: &[RingKey]) -> Result<(), KeyError> {
 
 /// Creates a fresh random 32-byte key file (hex, mode 0600).
 pub fn write_new_key_file(path: &Path) -> std::io::Result<()> {
-    let mut key = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut key);
-    write_private(path, hex::encode(key).as_bytes())
+    write_private(path, hex::encode(random_key()).as_bytes())
 }
 
 /// Writes a file readable only by its owner, for secrets.
@@ -514,18 +512,18 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 /// Reads a pseudonym key ring file.
 pub fn read_ring_file(path: &Path) -> Result<Vec<RingKey>, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+    parse_ring(&read_text(path)?, path)
+}
+
+fn read_text(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: path.display().to_string(),
         source,
-    })?;
-    parse_ring(&text, path)
+    })
 }
 
 fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = read_text(path)?;
     let bytes = hex::decode(text.trim()).map_err(|_| KeyError::Format {
         path: path.display().to_string(),
     })?;

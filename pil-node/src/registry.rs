@@ -427,13 +427,13 @@ impl Registry {
         patient: &PatientId,
         endpoint: &EndpointRef,
     ) -> Result<bool, RegistryError> {
-        let _turn = self.write_turn().await;
+        let turn = self.write_turn().await;
         let keys = self.keys();
+        // A delete carries no identifier for `apply_during` to move by.
         self.move_first(&keys, std::slice::from_ref(patient))
             .await?;
         let key = self.key_for(&keys.pseudonym(patient), endpoint);
-        let results = self.inner.store.apply(vec![Op::Delete { key }]).await?;
-        self.inner.written.notify_waiters();
+        let results = self.apply_during(&turn, vec![Op::Delete { key }]).await?;
         Ok(matches!(results.first(), Some(OpResult::Deleted)))
     }
 

@@ -157,6 +157,7 @@ impl Rekeying {
                 return Ok(Pass::Moved(moved_in_pass));
             };
             let (moves, unidentified) = moves_for(keys, &page);
+            let patients = moves.len() as u64;
             let moved = if moves.is_empty() {
                 Moved::default()
             } else {
@@ -164,12 +165,12 @@ impl Rekeying {
                 if !Arc::ptr_eq(&registry.keys(), keys) {
                     return Ok(Pass::KeysChanged);
                 }
-                registry.move_patients(moves.clone()).await?
+                registry.move_patients(moves).await?
             };
-            moved_in_pass += moves.len() as u64;
+            moved_in_pass += patients;
             self.update(|s| {
                 s.patients_seen += page.len() as u64;
-                s.patients_moved += moves.len() as u64;
+                s.patients_moved += patients;
                 s.pointers_moved += moved.pointers;
                 s.protections_moved += moved.protections;
                 s.unidentified += unidentified;

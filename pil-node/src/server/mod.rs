@@ -248,7 +248,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         let keys_read = watched
             .1
             .upgrade()
-            .map(|r| 1 + r.keys().ids().earlier.len() + r.keys().ids().staged.len())
+            .map(|r| {
+                let keys = r.keys();
+                1 + keys.ids().earlier.len() + keys.ids().staged.len()
+            })
             .unwrap_or(1);
         m.rekeying(progress, status.patients_moved, keys_read);
     });

@@ -267,33 +267,35 @@ impl Db {
         })
     }
 
-    /// Drops events written before `before` (unix nanoseconds); returns how many.
-    pub fn events_due(&self, before: i64) -> Result<bool, DbError> {
-        for item in self
-            .db
+    /// Keys of events made before `before`, in key order.
+    fn events_before(&self, before: i64) -> impl Iterator<Item = Result<Box<[u8]>, DbError>> + '_ {
+        self.db
             .iterator_cf(self.cf(CF_EVENTS), rocksdb::IteratorMode::Start)
-        {
-            let (_, v) = item?;
-            if decode_event(&v)?.at < before {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+            .filter_map(move |item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((k, v)) => match decode_event(&v) {
+                    Err(e) => Some(Err(e)),
+                    Ok(event) => (event.at < before).then_some(Ok(k)),
+                },
+            })
     }
 
+    /// Whether any event was written before `before`.
+    pub fn events_due(&self, before: i64) -> Result<bool, DbError> {
+        self.events_before(before)
+            .next()
+            .transpose()
+            .map(|k| k.is_some())
+    }
+
+    /// Drops events written before `before` (unix nanoseconds); returns how many.
     pub fn drop_events(&self, before: i64, limit: usize) -> Result<usize, DbError> {
         let cf = self.cf(CF_EVENTS);
         let mut batch = WriteBatch::default();
         let mut dropped = 0;
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, v) = item?;
-            if decode_event(&v)?.at < before {
-                batch.delete_cf(cf, &k);
-                dropped += 1;
-                if dropped >= limit {
-                    break;
-                }
-            }
+        for key in self.events_before(before).take(limit) {
+            batch.delete_cf(cf, key?);
+            dropped += 1;
         }
         if dropped > 0 {
             self.write_synced(batch)?;
