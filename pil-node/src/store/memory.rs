@@ -49,6 +49,9 @@ struct State {
     events: BTreeMap<(SubscriptionId, u64), StoredEvent>,
     counters: HashMap<SubscriptionId, u64>,
     peer_follows: BTreeMap<(SubscriptionId, String), PeerFollow>,
+    routing_key_id: Option<String>,
+    routing_tokens: BTreeMap<u64, u64>,
+    routing_positions: HashMap<u64, u64>,
 }
 
 impl TreeReader for State {
@@ -606,6 +609,47 @@ impl Store for MemoryStore {
             })
             .position = to;
         Ok(true)
+    }
+
+    async fn routing_key_id(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().routing_key_id.clone())
+    }
+
+    async fn set_routing_key(&self, key_id: String, clear: bool) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        s.routing_key_id = Some(key_id);
+        if clear {
+            s.routing_tokens.clear();
+            s.routing_positions.clear();
+        }
+        Ok(())
+    }
+
+    async fn add_routing_tokens(&self, key_id: String, tokens: Vec<u64>) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        super::routing_key_matches(s.routing_key_id.as_deref(), &key_id)?;
+        for token in tokens {
+            if s.routing_positions.contains_key(&token) {
+                continue;
+            }
+            let next = s.routing_tokens.last_key_value().map_or(1, |(p, _)| p + 1);
+            s.routing_tokens.insert(next, token);
+            s.routing_positions.insert(token, next);
+        }
+        Ok(())
+    }
+
+    async fn routing_tokens(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let s = self.lock();
+        Ok(s.routing_tokens
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(p, t)| (*p, *t))
+            .collect())
     }
 
     async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {

@@ -66,6 +66,13 @@ pub enum StoreError {
     /// The engine cannot do this.
     #[error("{0}")]
     Unsupported(String),
+    /// Another node of the region made the stored routing tokens under another key.
+    #[error(
+        "the region's routing tokens are made under routing key {stored}, not this node's \
+         {ours}; nothing was written. Give this node the region's routing key file and \
+         restart it"
+    )]
+    RoutingKey { stored: String, ours: String },
     /// The stored log disagrees with a head it signed: records were removed or
     /// rewritten while the node was stopped.
     #[error(
@@ -307,6 +314,23 @@ pub trait Store: Send + Sync {
         events: Vec<StoredEvent>,
     ) -> Result<bool, StoreError>;
 
+    // Routing tokens: what this region's membership summary is built over.
+
+    /// The routing key the stored tokens were made under (its id), if any.
+    async fn routing_key_id(&self) -> Result<Option<String>, StoreError>;
+    /// Records that the stored tokens are made under `key_id`, durably; with `clear`,
+    /// forgets every stored token in the same write.
+    async fn set_routing_key(&self, key_id: String, clear: bool) -> Result<(), StoreError>;
+    /// Stores tokens made under `key_id` durably; each one not stored yet gets the next
+    /// position. Every node of a region sees positions in the order they were given.
+    /// Refused ([`StoreError::RoutingKey`]) when the stored tokens are under another key
+    /// ([`routing_key_matches`]).
+    async fn add_routing_tokens(&self, key_id: String, tokens: Vec<u64>) -> Result<(), StoreError>;
+    /// Up to `limit` stored tokens at positions after `after`, in position order:
+    /// `(position, token)`.
+    async fn routing_tokens(&self, after: u64, limit: usize)
+    -> Result<Vec<(u64, u64)>, StoreError>;
+
     // Checks every node of a region shares.
 
     /// Records `key` until `until` (unix seconds); false when it is recorded already and
@@ -316,6 +340,23 @@ pub trait Store: Send + Sync {
     async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError>;
     /// Forgets claims that expired before `now`.
     async fn forget_claims(&self, now: i64) -> Result<(), StoreError>;
+}
+
+/// What the stored routing key record says while every stored patient is being
+/// covered under `key_id` (after a new key, or for a store that never had tokens).
+pub fn routing_key_walking(key_id: &str) -> String {
+    format!("{key_id} walking")
+}
+
+/// Whether tokens made under `ours` may join those the store holds under `stored`.
+pub fn routing_key_matches(stored: Option<&str>, ours: &str) -> Result<(), StoreError> {
+    match stored {
+        Some(s) if s == ours || s == routing_key_walking(ours) => Ok(()),
+        other => Err(StoreError::RoutingKey {
+            stored: other.unwrap_or("none").to_string(),
+            ours: ours.to_string(),
+        }),
+    }
 }
 
 /// `first` and whatever else is queued in `rx`, up to `max` by `weight`: what one

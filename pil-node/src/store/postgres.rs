@@ -117,10 +117,15 @@ const MIGRATIONS: &[&str] = &[
          position bigint NOT NULL,
          PRIMARY KEY (subscription, region)
      );",
+    // 5: the routing tokens this region's membership summary is built over, in the
+    // order they were stored (positions are given in the 'routing' turn).
+    "CREATE TABLE routing_tokens (token bigint PRIMARY KEY, position bigint NOT NULL UNIQUE);
+     CREATE TABLE routing_key (id integer PRIMARY KEY CHECK (id = 1), key_id text NOT NULL);
+     INSERT INTO coordinator VALUES ('routing');",
 ];
 
 /// The schema version this node speaks, as the refusals name it.
-const SCHEMA: &str = "schema version 4";
+const SCHEMA: &str = "schema version 5";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -411,6 +416,17 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteJob>, stats: Arc<Gro
 async fn take_pointer_turn(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
         "SELECT name FROM coordinator WHERE name = 'pointers' FOR UPDATE",
+        &[],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// The turn routing tokens are given positions in.
+async fn take_routing_turn(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT name FROM coordinator WHERE name = 'routing' FOR UPDATE",
         &[],
     )
     .await
@@ -1562,6 +1578,84 @@ impl Store for PgStore {
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)
+    }
+
+    async fn routing_key_id(&self) -> Result<Option<String>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT key_id FROM routing_key WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_routing_key(&self, key_id: String, clear: bool) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        take_routing_turn(&tx).await?;
+        if clear {
+            tx.batch_execute("DELETE FROM routing_tokens")
+                .await
+                .map_err(db_error)?;
+        }
+        tx.execute(
+            "INSERT INTO routing_key (id, key_id) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET key_id = EXCLUDED.key_id",
+            &[&key_id],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn add_routing_tokens(&self, key_id: String, tokens: Vec<u64>) -> Result<(), StoreError> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let mut tokens: Vec<i64> = tokens.into_iter().map(|t| t as i64).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        // In turn, so a reader that sees a position has seen every earlier one.
+        take_routing_turn(&tx).await?;
+        let stored: Option<String> = tx
+            .query_opt("SELECT key_id FROM routing_key WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?
+            .map(|r| r.get(0));
+        super::routing_key_matches(stored.as_deref(), &key_id)?;
+        tx.execute(
+            "INSERT INTO routing_tokens (token, position)
+             SELECT t, (SELECT coalesce(max(position), 0) FROM routing_tokens) + row_number() OVER ()
+             FROM unnest($1::bigint[]) AS t
+             WHERE NOT EXISTS (SELECT 1 FROM routing_tokens r WHERE r.token = t)",
+            &[&tokens],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn routing_tokens(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let c = self.client().await?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = c
+            .query(
+                "SELECT position, token FROM routing_tokens WHERE position > $1
+                 ORDER BY position LIMIT $2",
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+            .collect())
     }
 
     async fn claim_once(&self, key: String, until: i64) -> Result<bool, StoreError> {

@@ -50,7 +50,7 @@ use crate::{
 pub(super) const CF_POINTERS: &str = "pointers";
 pub(super) const CF_BY_ORG: &str = "pointers_by_org";
 pub(super) const CF_EXPIRY: &str = "pointer_expiry";
-const CF_META: &str = "meta";
+pub(super) const CF_META: &str = "meta";
 pub(super) const CF_BLOCKS: &str = "blocks";
 pub(super) const CF_OPT_OUTS: &str = "opt_outs";
 /// Audit record contents, by index.
@@ -62,9 +62,11 @@ pub(super) const CF_SUBSCRIPTIONS: &str = "subscriptions";
 pub(super) const CF_FOLLOWERS: &str = "followers";
 pub(super) const CF_EVENTS: &str = "events";
 pub(super) const CF_EVENT_COUNTERS: &str = "event_counters";
+pub(super) const CF_ROUTING_TOKENS: &str = "routing_tokens";
+pub(super) const CF_ROUTING_BY_TOKEN: &str = "routing_by_token";
 
 /// Every column family, for what is done to all of them.
-const EVERY_CF: [&str; 14] = [
+const EVERY_CF: [&str; 16] = [
     CF_POINTERS,
     CF_BY_ORG,
     CF_EXPIRY,
@@ -79,6 +81,8 @@ const EVERY_CF: [&str; 14] = [
     CF_FOLLOWERS,
     CF_EVENTS,
     CF_EVENT_COUNTERS,
+    CF_ROUTING_TOKENS,
+    CF_ROUTING_BY_TOKEN,
 ];
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
@@ -221,6 +225,8 @@ pub struct Db {
     /// Held while a pointer group is written and while a subscription is: see
     /// `events.rs`.
     follow: std::sync::Mutex<FollowState>,
+    /// Held while routing tokens are given positions: see `routing.rs`.
+    pub(super) routing_turn: std::sync::Mutex<()>,
 }
 
 impl Db {
@@ -284,11 +290,14 @@ impl Db {
             ColumnFamilyDescriptor::new(CF_FOLLOWERS, cf(Some(PSEUDONYM_LEN), true)),
             ColumnFamilyDescriptor::new(CF_EVENTS, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_EVENT_COUNTERS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_ROUTING_TOKENS, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_ROUTING_BY_TOKEN, cf(None, false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self {
             db,
             follow: Default::default(),
+            routing_turn: Default::default(),
         };
         store.check_format()?;
         store.follow_state().any = store.any_followers()?;
@@ -706,7 +715,7 @@ fn audit_node_key(level: u8, index: u64) -> [u8; 9] {
     k
 }
 
-fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, DbError> {
+pub(super) fn be_u64(k: &[u8], cf: &'static str) -> Result<u64, DbError> {
     k.get(k.len().saturating_sub(8)..)
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .map(u64::from_be_bytes)

@@ -8,6 +8,7 @@ mod audit;
 mod db;
 mod events;
 mod moves;
+mod routing;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -398,6 +399,29 @@ impl Store for RocksStore {
 
     async fn events_due(&self, before: i64) -> Result<bool, StoreError> {
         self.blocking(move |db| Ok(db.events_due(before)?)).await
+    }
+
+    async fn routing_key_id(&self) -> Result<Option<String>, StoreError> {
+        self.blocking(|db| Ok(db.routing_key_id()?)).await
+    }
+
+    async fn set_routing_key(&self, key_id: String, clear: bool) -> Result<(), StoreError> {
+        self.blocking(move |db| Ok(db.set_routing_key(&key_id, clear)?))
+            .await
+    }
+
+    async fn add_routing_tokens(&self, key_id: String, tokens: Vec<u64>) -> Result<(), StoreError> {
+        self.blocking(move |db| db.add_routing_tokens(&key_id, &tokens))
+            .await
+    }
+
+    async fn routing_tokens(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.blocking(move |db| Ok(db.routing_tokens(after, limit)?))
+            .await
     }
 
     async fn claim_once(&self, _key: String, _until: i64) -> Result<bool, StoreError> {
