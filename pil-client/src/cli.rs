@@ -78,6 +78,10 @@ enum Command {
         /// Ask the home region only, not the federated regions.
         #[arg(long)]
         home_region_only: bool,
+        /// Ask every region, also those whose summaries say they hold nothing about
+        /// the patient (for checking routing; every region then learns of the lookup).
+        #[arg(long, conflicts_with = "home_region_only")]
+        all_regions: bool,
     },
     /// Register (insert or replace) one pointer.
     Register {
@@ -439,6 +443,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             categories,
             organizations,
             home_region_only,
+            all_regions,
         } => {
             let resp = client
                 .lookup(v1::LookupRequest {
@@ -446,6 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     categories,
                     organization_numbers: organizations,
                     home_region_only,
+                    all_regions,
                 })
                 .await?;
             print_lookup(&resp, json)?;

@@ -160,6 +160,7 @@ fn region_state(state: i32) -> &'static str {
         Ok(v1::RegionFollowingState::Following) => "following",
         Ok(v1::RegionFollowingState::Refused) => "refused",
         Ok(v1::RegionFollowingState::Ended) => "ended",
+        Ok(v1::RegionFollowingState::HoldsNothing) => "not told (holds nothing)",
         _ => "unknown",
     }
 }

@@ -22,6 +22,11 @@ pub async fn show(client: &PilClient, json: bool) -> anyhow::Result<()> {
                     "purposes": p.purposes, "reachable": p.reachable,
                     "latency_ms": p.latency_ms, "circuit": p.circuit,
                     "last_error": p.last_error,
+                    "summary": p.summary.as_ref().map(|s| serde_json::json!({
+                        "state": s.state, "age_ms": s.age_ms, "bound_ms": s.bound_ms,
+                        "patients": s.patients, "filter_bytes": s.filter_bytes,
+                        "key_id": s.key_id, "detail": s.detail,
+                    })),
                 })
             })
             .collect();
@@ -41,6 +46,7 @@ pub async fn show(client: &PilClient, json: bool) -> anyhow::Result<()> {
         "Reachable",
         "Latency",
         "Circuit",
+        "Summary",
         "Last error",
     ]);
     for p in &peers {
@@ -60,9 +66,37 @@ pub async fn show(client: &PilClient, json: bool) -> anyhow::Result<()> {
                 String::new()
             },
             p.circuit.clone(),
+            p.summary.as_ref().map(summary_cell).unwrap_or_default(),
             p.last_error.clone(),
         ]);
     }
     println!("{table}");
+    if let Some(bound) = peers
+        .iter()
+        .find_map(|p| p.summary.as_ref())
+        .map(|s| s.bound_ms)
+    {
+        println!(
+            "A peer is skipped only while its summary is fresh (asked for within {bound} ms) and \
+             says it holds nothing about the patient; otherwise it is asked."
+        );
+    }
     Ok(())
+}
+
+/// A peer's routing summary in one cell: its state, age, size, and why not fresh.
+fn summary_cell(s: &v1::PeerSummary) -> String {
+    let mut cell = match s.state.as_str() {
+        "none" => "none: asked about every patient".to_string(),
+        state => format!(
+            "{state}, {} ms old, {} patients, {} KiB",
+            s.age_ms,
+            s.patients,
+            s.filter_bytes.div_ceil(1024)
+        ),
+    };
+    if !s.detail.is_empty() {
+        cell.push_str(&format!(" ({})", s.detail));
+    }
+    cell
 }

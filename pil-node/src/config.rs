@@ -75,6 +75,12 @@ pub struct KeyConfig {
     pub pseudonym_key_file: PathBuf,
     /// XChaCha20-Poly1305 key that encrypts the identifiers kept for export.
     pub storage_key_file: PathBuf,
+    /// The region's routing key (a 32-byte seed, hex), shared by every node of the
+    /// region and by no other region: its membership summary is built over tokens
+    /// only this key makes. Without one the region publishes no summary and every
+    /// peer asks it about every patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key_file: Option<PathBuf>,
 }
 
 /// Requester tokens: who issues them and what this node requires of them.
@@ -320,7 +326,10 @@ impl NodeConfig {
             &mut self.keys.pseudonym_key_file,
             &mut self.keys.storage_key_file,
             &mut self.audit.signing_key_file,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.keys.routing_key_file.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -491,6 +500,9 @@ mod tests {
     }
 }
 
+/// A peer's summary is trusted this long (5 s) by default.
+pub const DEFAULT_STALENESS_BOUND_MS: u64 = 5000;
+
 /// Federation settings of a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -507,6 +519,17 @@ pub struct FederationConfig {
     /// How long an open circuit stays open before one trial call, in milliseconds
     /// (doubling while the peer stays down, up to 60 s).
     pub breaker_cooldown_ms: u64,
+    /// A peer's summary older than this (milliseconds since this node asked for it)
+    /// is not trusted: the peer is asked about every patient until a newer one comes.
+    /// A pointer or protection acknowledged at a peer longer ago than this is found
+    /// by every lookup here.
+    pub summary_staleness_bound_ms: u64,
+    /// How often each peer's summary is brought up to date, in milliseconds (below
+    /// the bound, so a summary is renewed before it goes stale).
+    pub summary_refresh_ms: u64,
+    /// Routing-token evaluations each peer may ask of this region per second (and
+    /// twice that at once); more are refused, and that peer asks this region directly.
+    pub token_evaluations_per_second: u32,
 }
 
 impl Default for FederationConfig {
@@ -517,6 +540,9 @@ impl Default for FederationConfig {
             max_concurrent_forwarded: 64,
             breaker_failures: 3,
             breaker_cooldown_ms: 1000,
+            summary_staleness_bound_ms: DEFAULT_STALENESS_BOUND_MS,
+            summary_refresh_ms: 1000,
+            token_evaluations_per_second: 200,
         }
     }
 }

@@ -148,7 +148,8 @@ pub fn prepare(
     std::fs::create_dir_all(&keys_dir).map_err(io(&keys_dir))?;
     let pseudonym_key_file = keys_dir.join("pseudonym.key");
     let storage_key_file = keys_dir.join("storage.key");
-    for key in [&pseudonym_key_file, &storage_key_file] {
+    let routing_key_file = keys_dir.join("routing.key");
+    for key in [&pseudonym_key_file, &storage_key_file, &routing_key_file] {
         if !key.exists() {
             write_new_key_file(key).map_err(io(key))?;
         }
@@ -195,6 +196,7 @@ pub fn prepare(
         keys: KeyConfig {
             pseudonym_key_file,
             storage_key_file,
+            routing_key_file: Some(routing_key_file),
         },
         audit: AuditConfig {
             signing_key_file: audit_key,

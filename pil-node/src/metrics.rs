@@ -63,6 +63,12 @@ struct Peer {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerRoute {
+    peer: String,
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Queue {
     queue: &'static str,
 }
@@ -161,6 +167,10 @@ pub struct Metrics {
     rekey_progress: Gauge<f64, std::sync::atomic::AtomicU64>,
     rekey_moved: Gauge,
     pseudonym_keys_read: Gauge,
+    routed: Family<PeerRoute, Counter>,
+    summary_age: Family<Peer, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    tokens_evaluated: Family<Peer, Counter>,
+    summary_patients: Gauge,
 }
 
 impl Default for Metrics {
@@ -244,6 +254,35 @@ impl Metrics {
             "pil_audit_append_failures",
             "Audit records that could not be made durable (their requests were refused)",
             audit_append_failures.clone(),
+        );
+        let routed = Family::<PeerRoute, Counter>::default();
+        registry.register(
+            "pil_routing_decisions",
+            "How this node's lookups treated each peer region: asked because its summary \
+             may hold the patient (may_hold), because it is stale or missing (stale, \
+             no_summary, no_token), because every region was asked (all_regions), or not \
+             asked (holds_nothing)",
+            routed.clone(),
+        );
+        let summary_age = Family::<Peer, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "pil_routing_summary_age_seconds",
+            "Age of the routing summary this node holds for a peer region (since it asked \
+             for it); past the staleness bound the peer is asked about every patient",
+            summary_age.clone(),
+        );
+        let tokens_evaluated = Family::<Peer, Counter>::default();
+        registry.register(
+            "pil_routing_tokens_evaluated",
+            "Blinded routing tokens this node evaluated for a peer region (it learns \
+             neither patient nor token)",
+            tokens_evaluated.clone(),
+        );
+        let summary_patients = Gauge::default();
+        registry.register(
+            "pil_routing_summary_patients",
+            "Patients this region's published routing summary covers",
+            summary_patients.clone(),
         );
         let peer_circuit = Family::<Peer, Gauge>::default();
         registry.register(
@@ -358,6 +397,10 @@ impl Metrics {
             audit_append_seconds,
             audit_append_failures,
             peer_circuit,
+            routed,
+            summary_age,
+            tokens_evaluated,
+            summary_patients,
             started,
             handled,
             handling,
@@ -394,6 +437,38 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Counts how one lookup treated `peer` (see `pil_routing_decisions`).
+    pub fn routed(&self, peer: &str, route: &'static str) {
+        self.routed
+            .get_or_create(&PeerRoute {
+                peer: peer.to_string(),
+                route,
+            })
+            .inc();
+    }
+
+    /// The age of the summary held for `peer` (`None`: none held).
+    pub fn summary_age(&self, peer: &str, age: Option<std::time::Duration>) {
+        let gauge = self.summary_age.get_or_create(&Peer {
+            peer: peer.to_string(),
+        });
+        gauge.set(age.map_or(f64::INFINITY, |a| a.as_secs_f64()));
+    }
+
+    /// Counts blinded tokens evaluated for `peer`.
+    pub fn tokens_evaluated(&self, peer: &str, n: u64) {
+        self.tokens_evaluated
+            .get_or_create(&Peer {
+                peer: peer.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Patients this region's summary covers.
+    pub fn summary_patients(&self, n: u64) {
+        self.summary_patients.set(n as i64);
     }
 
     /// Runs `refresh` before every scrape, to read figures kept elsewhere.

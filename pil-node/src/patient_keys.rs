@@ -522,7 +522,7 @@ fn read_text(path: &Path) -> Result<String, KeyError> {
     })
 }
 
-fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+pub(crate) fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
     let text = read_text(path)?;
     let bytes = hex::decode(text.trim()).map_err(|_| KeyError::Format {
         path: path.display().to_string(),

@@ -23,6 +23,18 @@ use crate::{
     },
 };
 
+/// What must happen before a write to a patient is acknowledged, so that every other
+/// region finds it: the region's routing summary must cover the patient. Set by the
+/// node when it publishes a summary ([`Registry::set_coverage`]).
+#[async_trait::async_trait]
+pub trait Coverage: Send + Sync {
+    /// Whether the patient under this pseudonym is covered already: cheap, so asked
+    /// of every write.
+    fn covers(&self, pseudonym: &Pseudonym) -> bool;
+    /// Covers these patients, durably.
+    async fn cover(&self, patients: Vec<(Pseudonym, PatientId)>) -> Result<(), StoreError>;
+}
+
 /// A write's turn: held shared by every write, alone by a change of the pseudonym keys
 /// and by each step of re-keying, so that the keys a write read stay where they are
 /// until it is done.
@@ -127,6 +139,7 @@ struct Inner {
     lifetime: PointerLifetime,
     /// Woken after every write, for event streams waiting for new events.
     written: Arc<tokio::sync::Notify>,
+    coverage: std::sync::OnceLock<Arc<dyn Coverage>>,
 }
 
 impl Registry {
@@ -140,8 +153,35 @@ impl Registry {
                 region: region.into(),
                 lifetime: PointerLifetime(Arc::new(AtomicU32::new(DEFAULT_LIFETIME_DAYS))),
                 written: Arc::new(tokio::sync::Notify::new()),
+                coverage: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// What every write covers its patients with from now on (set once).
+    pub fn set_coverage(&self, coverage: Arc<dyn Coverage>) {
+        if self.inner.coverage.set(coverage).is_err() {
+            tracing::warn!("the registry's coverage was set twice; the first is kept");
+        }
+    }
+
+    /// Covers the patients of a write, where they are not covered yet: before the
+    /// write, so nothing is acknowledged that another region could miss.
+    async fn cover(
+        &self,
+        patients: impl IntoIterator<Item = (Pseudonym, PatientId)>,
+    ) -> Result<(), RegistryError> {
+        let Some(coverage) = self.inner.coverage.get() else {
+            return Ok(());
+        };
+        let missing: Vec<(Pseudonym, PatientId)> = patients
+            .into_iter()
+            .filter(|(p, _)| !coverage.covers(p))
+            .collect();
+        if !missing.is_empty() {
+            coverage.cover(missing).await?;
+        }
+        Ok(())
     }
 
     /// How long a pointer lives without a refresh by its holder. The handle does not
@@ -475,6 +515,21 @@ impl Registry {
             let patients: Vec<PatientId> = patients.into_values().collect();
             self.move_first(&keys, &patients).await?;
         }
+        if let Some(coverage) = self.inner.coverage.get() {
+            let mut uncovered = Vec::new();
+            for op in &ops {
+                let Op::Upsert { key, value, .. } = op else {
+                    continue;
+                };
+                if coverage.covers(&key.patient) {
+                    continue;
+                }
+                if let Some(crate::store::Sealed::Current(sealed)) = value.sealed() {
+                    uncovered.push((key.patient, self.identifier(&sealed, &key.patient)?));
+                }
+            }
+            self.cover(uncovered).await?;
+        }
         let results = self.inner.store.apply(ops).await?;
         self.inner.written.notify_waiters();
         Ok(results)
@@ -794,6 +849,7 @@ impl Registry {
         self.move_first(&keys, std::slice::from_ref(patient))
             .await?;
         let pseudonym = keys.pseudonym(patient);
+        self.cover([(pseudonym, patient.clone())]).await?;
         Ok((pseudonym, keys.seal(patient, &pseudonym)))
     }
 
@@ -826,6 +882,27 @@ impl Registry {
             ..o
         });
         Ok(self.inner.store.set_opt_out(pseudonym, opt_out).await?)
+    }
+
+    /// The patient's live pointers as stored, oldest first: what a region that came to
+    /// hold a patient delivers first to a subscription registered with it then.
+    pub async fn live_stored(
+        &self,
+        patient: &PatientId,
+    ) -> Result<Vec<(PointerKey, StoredPointer)>, RegistryError> {
+        let records = self.records(self.pseudonym(patient), patient).await?;
+        let now = now_nanos();
+        let mut live: Vec<(PointerKey, StoredPointer)> = records
+            .pointers
+            .into_iter()
+            .filter(|(_, p)| p.effective_expiry().is_none_or(|at| at > now))
+            .collect();
+        live.sort_by(|a, b| {
+            a.1.last_updated
+                .cmp(&b.1.last_updated)
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        Ok(live)
     }
 
     /// The patient's opt-out and blocks: what a lookup must respect.

@@ -58,7 +58,7 @@ impl World {
             (HOST, "Hosting provider"),
         ];
         let files = pki::write_dev_pki(&dir.path().join("pki"), "test", &orgs).expect("dev PKI");
-        for k in ["pseudonym.key", "storage.key"] {
+        for k in ["pseudonym.key", "storage.key", "routing.key"] {
             write_new_key_file(&dir.path().join(k)).expect("key file");
         }
         pil_node::demo::write_dev_issuer(&dir.path().join("issuer")).expect("dev issuer");
@@ -134,6 +134,7 @@ impl World {
             keys: KeyConfig {
                 pseudonym_key_file: self.path().join("pseudonym.key"),
                 storage_key_file: self.path().join("storage.key"),
+                routing_key_file: None,
             },
             audit: AuditConfig {
                 signing_key_file: self.path().join("audit").join("signing-key.pem"),
@@ -166,7 +167,7 @@ impl World {
             .expect("node certificate");
         std::fs::write(dir.join("node.pem"), &node.cert_pem).unwrap();
         write_private(&dir.join("node-key.pem"), &node.key_pem);
-        for k in ["pseudonym.key", "storage.key"] {
+        for k in ["pseudonym.key", "storage.key", "routing.key"] {
             if !dir.join(k).exists() {
                 write_new_key_file(&dir.join(k)).expect("key file");
             }
@@ -184,6 +185,17 @@ impl World {
         config.keys.pseudonym_key_file = dir.join("pseudonym.key");
         config.keys.storage_key_file = dir.join("storage.key");
         config.audit.signing_key_file = dir.join("audit").join("signing-key.pem");
+        config
+    }
+
+    /// [`World::region_config`] for a region that publishes a routing summary (its own
+    /// routing key), trusted by its peers for `bound_ms`.
+    pub fn routed_region_config(&self, region: &str, bound_ms: u64) -> NodeConfig {
+        let mut config = self.region_config(region);
+        config.keys.routing_key_file =
+            Some(self.path().join("regions").join(region).join("routing.key"));
+        config.federation.summary_staleness_bound_ms = bound_ms;
+        config.federation.summary_refresh_ms = (bound_ms / 4).max(50);
         config
     }
 
@@ -750,4 +762,22 @@ impl Drop for Demo {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET <path>` over plain HTTP/1.1: the status line and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }

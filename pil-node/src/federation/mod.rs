@@ -67,6 +67,8 @@ pub enum PeerOutcome {
     TimedOut,
     Unavailable(String),
     NotAsked(String),
+    /// Not asked: routing found it holds nothing about the patient.
+    HoldsNothing(String),
 }
 
 impl PeerOutcome {
@@ -79,6 +81,7 @@ impl PeerOutcome {
             PeerOutcome::TimedOut => "timed_out",
             PeerOutcome::Unavailable(_) => "unavailable",
             PeerOutcome::NotAsked(_) => "not_asked",
+            PeerOutcome::HoldsNothing(_) => "holds_nothing",
         }
     }
 }
@@ -362,6 +365,32 @@ impl Federation {
         }
     }
 
+    /// Has `region` evaluate blinded routing tokens.
+    pub async fn evaluate_at(
+        &self,
+        region: &str,
+        request: v1::EvaluateTokensRequest,
+        deadline: Duration,
+    ) -> Result<v1::EvaluateTokensResponse, PeerCallError> {
+        self.call(region, deadline, request, |mut c, req| async move {
+            c.evaluate_tokens(req).await
+        })
+        .await
+    }
+
+    /// `region`'s routing summary, after what this node holds of it.
+    pub async fn summary_of(
+        &self,
+        region: &str,
+        request: v1::GetSummaryRequest,
+        deadline: Duration,
+    ) -> Result<v1::GetSummaryResponse, PeerCallError> {
+        self.call(region, deadline, request, |mut c, req| async move {
+            c.get_summary(req).await
+        })
+        .await
+    }
+
     /// Registers, renews or ends a subscription at `region`.
     pub async fn subscribe_at(
         &self,
@@ -388,25 +417,23 @@ impl Federation {
         .await
     }
 
-    /// Every peer's protections for the patients of one delivery, asked in parallel.
-    pub async fn protections_everywhere(
+    /// Peers' protections for the patients of one delivery, each peer asked for its
+    /// own list, in parallel.
+    pub async fn protections_from(
         &self,
-        request: v1::ForwardedProtectionsRequest,
+        asks: Vec<(String, v1::ForwardedProtectionsRequest)>,
         deadline: Duration,
     ) -> Vec<(
         String,
         Result<v1::ForwardedProtectionsResponse, PeerCallError>,
     )> {
-        let calls = self.regions().into_iter().map(|region| {
-            let request = request.clone();
-            async move {
-                let answer = self
-                    .call(&region, deadline, request, |mut c, req| async move {
-                        c.forwarded_protections(req).await
-                    })
-                    .await;
-                (region, answer)
-            }
+        let calls = asks.into_iter().map(|(region, request)| async move {
+            let answer = self
+                .call(&region, deadline, request, |mut c, req| async move {
+                    c.forwarded_protections(req).await
+                })
+                .await;
+            (region, answer)
         });
         futures::future::join_all(calls).await
     }
@@ -444,9 +471,10 @@ impl Federation {
     }
 
     /// Asks every peer in parallel; each gets at most `deadline`. `ask` false lists them
-    /// all as not asked. With `pointers` false, or for a peer that does not take
-    /// `purpose`, only the patient's protections are asked for: they hold for every
-    /// region's pointers.
+    /// all as not asked; a peer in `skip` (routing found it holds nothing about the
+    /// patient) is not asked, for the reason given. With `pointers` false, or for a
+    /// peer that does not take `purpose`, only the patient's protections are asked
+    /// for: they hold for every region's pointers.
     pub async fn fan_out(
         &self,
         request: v1::ForwardedLookupRequest,
@@ -454,11 +482,13 @@ impl Federation {
         deadline: Duration,
         ask: bool,
         pointers: bool,
+        skip: &std::collections::HashMap<String, String>,
     ) -> Vec<(String, PeerOutcome, Option<Duration>)> {
         let peers = self.peers();
         let calls = peers.iter().map(|peer| {
             let mut request = request.clone();
             let peer = peer.clone();
+            let skipped = skip.get(&peer.config.region).cloned();
             async move {
                 let region = peer.config.region.clone();
                 if !ask {
@@ -467,6 +497,9 @@ impl Federation {
                         PeerOutcome::NotAsked("the patient has opted out of PIL".into()),
                         None,
                     );
+                }
+                if let Some(why) = skipped {
+                    return (region, PeerOutcome::HoldsNothing(why), None);
                 }
                 let takes_purpose = peer.config.purposes.is_empty()
                     || peer
@@ -543,7 +576,7 @@ impl Federation {
                         h.breaker.failure(Instant::now());
                         h.last_error = Some(e.clone());
                     }
-                    PeerOutcome::NotAsked(_) => {}
+                    PeerOutcome::NotAsked(_) | PeerOutcome::HoldsNothing(_) => {}
                 }
                 drop(h);
                 (region, outcome, Some(elapsed))

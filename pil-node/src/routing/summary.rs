@@ -20,6 +20,18 @@ use super::tokens::Token;
 pub enum SummaryError {
     #[error("the summary's filter could not be built over {0} tokens")]
     Build(usize),
+    #[error("the summary's filter is not a binary fuse filter in PIL's encoding: {0}")]
+    Encoding(String),
+}
+
+/// The filter's encoding as the wire names it.
+pub const FILTER_ENCODING: &str = "binary-fuse16/bincode2-fixint";
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_fixed_int_encoding()
+        .with_little_endian()
+        .with_limit::<{ 64 << 20 }>()
 }
 
 /// What one region holds, as another region sees it.
@@ -53,6 +65,44 @@ impl Summary {
         })
     }
 
+    /// The filter as it is sent (empty when the region held nothing).
+    pub fn encode_filter(&self) -> Vec<u8> {
+        match &self.filter {
+            None => Vec::new(),
+            Some(f) => bincode::encode_to_vec(f, bincode_config()).unwrap_or_default(),
+        }
+    }
+
+    /// A summary from a filter as it was sent, over `built_over` tokens.
+    pub fn decode(filter: &[u8], built_over: usize, as_of: i64) -> Result<Self, SummaryError> {
+        let filter = if filter.is_empty() {
+            None
+        } else {
+            let (f, used): (BinaryFuse16, usize) =
+                bincode::decode_from_slice(filter, bincode_config())
+                    .map_err(|e| SummaryError::Encoding(e.to_string()))?;
+            if used != filter.len() {
+                return Err(SummaryError::Encoding(format!(
+                    "{} bytes after the filter",
+                    filter.len() - used
+                )));
+            }
+            check_shape(filter, f.fingerprints.len())?;
+            Some(f)
+        };
+        Ok(Self {
+            filter,
+            added: BTreeSet::new(),
+            as_of,
+            built_over,
+        })
+    }
+
+    /// Tokens added since the build.
+    pub fn added(&self) -> usize {
+        self.added.len()
+    }
+
     /// Patients added since the build, as of `as_of`.
     pub fn add(&mut self, tokens: impl IntoIterator<Item = Token>, as_of: i64) {
         self.added.extend(tokens);
@@ -68,6 +118,33 @@ impl Summary {
     /// Bytes the filter takes.
     pub fn filter_bytes(&self) -> usize {
         self.filter.as_ref().map_or(0, |f| f.fingerprints.len() * 2)
+    }
+}
+
+/// Refuses a filter whose lookups would index outside its fingerprints: its shape
+/// (after the 8-byte seed: segment length, its mask, the segments' length, each a
+/// little-endian u32) must be one a build makes.
+fn check_shape(encoded: &[u8], fingerprints: usize) -> Result<(), SummaryError> {
+    let field = |at: usize| {
+        encoded
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| SummaryError::Encoding("too short".into()))
+    };
+    let (length, mask, count_length) = (field(8)?, field(12)?, field(16)?);
+    let reach = u64::from(count_length) + 2 * u64::from(length);
+    let fits = length.is_power_of_two()
+        && mask == length - 1
+        && count_length % length == 0
+        && reach <= u64::from(u32::MAX)
+        && reach <= fingerprints as u64;
+    if fits {
+        Ok(())
+    } else {
+        Err(SummaryError::Encoding(
+            "its segments do not fit its fingerprints".into(),
+        ))
     }
 }
 
@@ -144,6 +221,31 @@ mod tests {
             "{} bytes",
             summary.filter_bytes()
         );
+    }
+
+    #[test]
+    fn a_summary_survives_its_wire_form_and_a_malformed_one_is_refused() {
+        let tokens: Vec<Token> = (1..=3000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let built = Summary::build(&tokens, 0).unwrap();
+        let wire = built.encode_filter();
+        assert!(wire.len() < 3000 * 3, "{} bytes", wire.len());
+        let back = Summary::decode(&wire, built.built_over, 7).unwrap();
+        assert!(tokens.iter().all(|t| back.may_hold(*t)));
+        assert_eq!(back.as_of, 7);
+        assert!(Summary::decode(&[], 0, 0).unwrap().filter.is_none());
+        assert!(Summary::decode(&wire[..wire.len() - 1], 0, 0).is_err());
+        let mut longer = wire.clone();
+        longer.push(0);
+        assert!(Summary::decode(&longer, 0, 0).is_err());
+        // A segment length past the fingerprints would index outside them.
+        let mut bent = wire.clone();
+        bent[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        assert!(Summary::decode(&bent, 0, 0).is_err());
+        let mut unmasked = wire;
+        unmasked[12..16].copy_from_slice(&0u32.to_le_bytes());
+        assert!(Summary::decode(&unmasked, 0, 0).is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub enum TokenError {
 /// A region's routing key: the only thing that makes its tokens.
 pub struct RoutingKey {
     server: OprfServer<Ristretto255>,
+    id: String,
 }
 
 impl std::fmt::Debug for RoutingKey {
@@ -62,9 +63,30 @@ fn token_of(output: &[u8]) -> Token {
 impl RoutingKey {
     /// The key a 32-byte secret seed derives (RFC 9497 DeriveKeyPair).
     pub fn from_seed(seed: &[u8; 32]) -> Result<Self, TokenError> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(b"pil routing key id\0")
+            .chain_update(seed)
+            .finalize();
         OprfServer::new_from_seed(seed, KEY_INFO)
-            .map(|server| Self { server })
+            .map(|server| Self {
+                server,
+                id: hex::encode(&digest[..4]),
+            })
             .map_err(|_| TokenError::Key)
+    }
+
+    /// The key in the routing key file `path` (64 hex characters).
+    pub fn load(path: &std::path::Path) -> Result<Self, crate::patient_keys::KeyError> {
+        let seed = crate::patient_keys::read_key_file(path)?;
+        Self::from_seed(&seed).map_err(|_| crate::patient_keys::KeyError::Format {
+            path: path.display().to_string(),
+        })
+    }
+
+    /// The key's id: safe to show, and what tells peers that tokens changed.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// This region's token for a patient.

@@ -194,6 +194,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let preflight::Checked {
         keys,
+        routing_key,
         tls: tls_config,
         cert_names,
         signer,
@@ -213,12 +214,21 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     // Records written before an unclean stop get a signed head now.
     audit.sign_head().await?;
     let restored = announce_restore(&audit, &config).await?;
-    let registry = Registry::open(store, keys, config.region.clone());
+    let registry = Registry::open(store.clone(), keys, config.region.clone());
+    let publisher = match routing_key {
+        Some(key) => Some(crate::routing::publish::Publisher::open(key, store).await?),
+        None => None,
+    };
+    if let Some(p) = &publisher {
+        // Before any write: every write from here on covers its patients.
+        registry.set_coverage(p.clone());
+    }
     if registry.keys().has_others() {
         // Subscriptions made before the ring changed follow under it before any write.
         let keys = registry.keys();
         registry.follow_under(&keys).await?;
     }
+    let registry_for_routing = registry.clone();
     let rekeying = crate::rekey::Rekeying::default();
     let reloader = Reloader::new(crate::reload::Reloadable {
         access: access.clone(),
@@ -278,6 +288,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             m.store(store.queues(), &store.figures());
         }
     });
+    let router = crate::routing::router::Router::new(federation.clone(), metrics.clone());
+    let routing = Arc::new(crate::routing::Routing::new(
+        publisher.clone(),
+        router.clone(),
+    ));
+    if let Some(p) = publisher.clone() {
+        metrics.on_scrape(move |m| m.summary_patients(p.patients()));
+    }
+    let publishing = tokio::spawn(async move {
+        if let Some(p) = publisher {
+            p.run(registry_for_routing).await;
+        }
+    });
+    let routing_peers = tokio::spawn(router.run());
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let service = NodeService::new(
         registry.clone(),
@@ -287,6 +311,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         audit.clone(),
         federation.clone(),
         metrics.clone(),
+        routing.clone(),
     );
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
@@ -304,6 +329,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let collectors = tokio::spawn(service.clone().run_collectors());
+    let late_registrations = tokio::spawn(service.clone().run_late_registrations());
     let metrics_server = tokio::spawn(async move {
         if let Some(listener) = metrics_listener {
             crate::metrics::serve(listener, metrics_for_listener).await;
@@ -409,11 +435,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             metrics_server,
             control,
             collectors,
+            late_registrations,
             purge,
             key_refresh,
             rekey,
             heads,
             retention,
+            publishing,
+            routing_peers,
         ] {
             task.abort();
             let _ = task.await;

@@ -21,6 +21,8 @@ use crate::{
 /// Everything loaded and checked, ready to serve with.
 pub struct Checked {
     pub keys: PatientKeys,
+    /// The region's routing key, when it publishes a routing summary.
+    pub routing_key: Option<crate::routing::tokens::RoutingKey>,
     pub tls: Arc<rustls::ServerConfig>,
     /// The names in the node certificate, which a rotated one must keep.
     pub cert_names: Vec<String>,
@@ -51,6 +53,21 @@ pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeEr
         &config.keys.storage_key_file,
     )
     .map_err(NodeError::from);
+    if let Some(path) = &config.keys.routing_key_file {
+        if let Err(e) = check_private("the routing key", path) {
+            problems.push(e.into());
+        }
+    }
+    let routing_key = match &config.keys.routing_key_file {
+        None => None,
+        Some(path) => match crate::routing::tokens::RoutingKey::load(path) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                problems.push(e.into());
+                None
+            }
+        },
+    };
     let tls_config = tls::server_config(&config.tls).map_err(NodeError::from);
     let signer = HeadSigner::load(&config.audit.signing_key_file).map_err(|e| {
         NodeError::from(AuditError::Key(format!(
@@ -101,6 +118,7 @@ pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeEr
             Some(Ok(access)),
         ) if problems.is_empty() => Ok(Checked {
             keys,
+            routing_key,
             tls,
             cert_names,
             signer,

@@ -270,6 +270,7 @@ impl NodeService {
     ) -> Result<Response<v1::ListPeersResponse>, Error> {
         self.require_role(&req, Role::Operator)?;
         entry.detail = Some("list peers".into());
+        let summaries = self.routing.router.views();
         let peers = self
             .federation
             .ping_all(std::time::Duration::from_secs(2))
@@ -277,7 +278,25 @@ impl NodeService {
             .into_iter()
             .map(|(view, ping)| {
                 use crate::federation::BreakerState;
+                let summary = summaries
+                    .get(&view.config.region)
+                    .cloned()
+                    .unwrap_or_default();
                 v1::PeerStatus {
+                    summary: Some(v1::PeerSummary {
+                        state: if summary.state.is_empty() {
+                            "none"
+                        } else {
+                            summary.state
+                        }
+                        .into(),
+                        age_ms: summary.age.map_or(0, |a| a.as_millis() as u64),
+                        bound_ms: self.federation.config().summary_staleness_bound_ms,
+                        patients: summary.patients,
+                        filter_bytes: summary.filter_bytes,
+                        key_id: summary.key_id,
+                        detail: summary.detail,
+                    }),
                     identity: format!("urn:pil:node:{}", view.config.region),
                     region: view.config.region,
                     address: view.config.address,

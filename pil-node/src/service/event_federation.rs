@@ -1,15 +1,18 @@
 //! Subscriptions across regions. The home node (where the organization subscribed)
-//! registers each subscription with every peer, which decides it under its own legal
-//! configuration and makes events for its own pointers; the home node collects them
+//! registers each subscription with every peer that may hold one of its patients (by
+//! the peer's routing summary; a peer without a current summary always may), which
+//! decides it under its own legal configuration and makes events for its own pointers.
+//! A peer whose summary comes to hold a followed patient later is registered then,
+//! and delivers what it holds of that patient first; the home node collects them
 //! into the subscriber's feed, moving its durable position per peer in the same write,
 //! so a peer or home node that was down delivers what it owes when it is back, in
 //! order, once. At delivery the home node asks every peer for the patients'
 //! protections, which hold for every region's pointers.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Mutex,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use pil_proto::{ident::PatientId, v1};
@@ -54,6 +57,8 @@ pub(super) struct Registration {
     access_token: String,
     client_organization_number: String,
     query_id: String,
+    /// Past this, no peer accepts the token: a peer reached later needs a renewal.
+    token_expires: SystemTime,
 }
 
 impl Registration {
@@ -63,6 +68,7 @@ impl Registration {
             access_token: requester.presented.clone(),
             client_organization_number: client_org,
             query_id: query_id.to_string(),
+            token_expires: requester.token.expires_at,
         }
     }
 }
@@ -72,6 +78,9 @@ impl Registration {
 #[derive(Default)]
 pub struct Relay {
     waiting: Mutex<HashMap<SubscriptionId, Registration>>,
+    /// The patients (by pseudonym) each peer was registered for, per subscription: a
+    /// patient once sent stays sent.
+    sent: Mutex<HashMap<(SubscriptionId, String), HashSet<Pseudonym>>>,
     changed: tokio::sync::Notify,
 }
 
@@ -91,7 +100,62 @@ impl Relay {
             .get(id)
             .cloned()
     }
+
+    /// Subscriptions whose token this node still holds.
+    fn registered(&self) -> Vec<SubscriptionId> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn sent(&self, id: SubscriptionId, region: &str) -> HashSet<Pseudonym> {
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(id, region.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn mark_sent(
+        &self,
+        id: SubscriptionId,
+        region: &str,
+        patients: impl Iterator<Item = Pseudonym>,
+    ) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((id, region.to_string()))
+            .or_default()
+            .extend(patients);
+    }
+
+    fn forget(&self, id: SubscriptionId) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(s, _), _| *s != id);
+    }
 }
+
+fn holds_nothing(region: &str) -> String {
+    format!(
+        "not told: {region}'s routing summary holds none of the followed patients; it is \
+         registered there as soon as it may hold one"
+    )
+}
+
+/// The region name under which a peer numbers the events it delivers first for
+/// patients it came to hold after a subscription was made.
+const CAME_TO_HOLD: &str = "(held before registration)";
 
 fn wire_kind(kind: v1::EventKind) -> EventKind {
     match kind {
@@ -160,10 +224,9 @@ impl NodeService {
         id: SubscriptionId,
         sub: &StoredSubscription,
     ) -> Result<(), Error> {
-        let state = self
-            .peer_follow(id, region)
-            .await?
-            .map_or(PeerState::Pending, |f| f.state());
+        let follow = self.peer_follow(id, region).await?;
+        let state = follow.as_ref().map_or(PeerState::Pending, |f| f.state());
+        let said = follow.map(|f| f.detail).unwrap_or_default();
         let set = |state, detail: String| async move {
             self.registry
                 .set_peer_follow(id, region, state, detail)
@@ -188,20 +251,65 @@ impl NodeService {
                 Err(e) => Err(Error::unavailable(e.to_string())),
             };
         }
-        let Some(registration) = self.relay.registration(&id) else {
-            if state == PeerState::Pending {
-                set(
-                    PeerState::Pending,
-                    format!(
-                        "not registered in {region}: it was not reached while the token \
-                         presented could be forwarded; renew the subscription to register it"
-                    ),
-                )
-                .await?;
+        let registration = self
+            .relay
+            .registration(&id)
+            .filter(|r| r.token_expires > SystemTime::now());
+        let Some(registration) = registration else {
+            if state == PeerState::Refused || state == PeerState::Ended {
+                return Ok(());
+            }
+            if self.newly_held(region, id, sub).await {
+                // Registered here for some patients, it stays so; otherwise pending.
+                let (state, detail) = if state == PeerState::Following {
+                    (
+                        state,
+                        format!(
+                            "{region} came to hold another followed patient after the token \
+                             presented expired; renew the subscription to register it there"
+                        ),
+                    )
+                } else {
+                    (
+                        PeerState::Pending,
+                        format!(
+                            "not registered in {region}: it was not reached (or came to \
+                             hold a followed patient) while the token presented could be \
+                             forwarded; renew the subscription to register it"
+                        ),
+                    )
+                };
+                if detail != said {
+                    set(state, detail).await?;
+                }
+            } else if state == PeerState::Pending {
+                set(PeerState::HoldsNothing, holds_nothing(region)).await?;
             }
             return Ok(());
         };
-        let patients = self.followed_identifiers(sub);
+        // Only the patients the peer may hold: it is not told of the others.
+        let sent = self.relay.sent(id, region);
+        let followed = self.followed_patients(sub);
+        let may = self.routing.router.may_hold(region, &followed).await;
+        let chosen: Vec<(Pseudonym, PatientId)> = followed
+            .into_iter()
+            .zip(may)
+            .filter(|((p, _), may)| *may || sent.contains(p))
+            .map(|(p, _)| p)
+            .collect();
+        if chosen.is_empty() {
+            if state != PeerState::Following {
+                set(PeerState::HoldsNothing, holds_nothing(region)).await?;
+            }
+            return Ok(());
+        }
+        let patients = chosen
+            .iter()
+            .map(|(_, p)| v1::PatientIdentifier {
+                system: p.system().to_string(),
+                value: p.value().to_string(),
+            })
+            .collect();
         let request = v1::ForwardedSubscribeRequest {
             subscription_id: hex::encode(id),
             access_token: registration.access_token,
@@ -211,6 +319,9 @@ impl NodeService {
             expires_at: Some(to_timestamp(sub.expires_at)),
             ended: false,
             query_id: registration.query_id,
+            // Registered already (or told it held nothing): patients new to it came
+            // to it since.
+            came_to_hold: matches!(state, PeerState::Following | PeerState::HoldsNothing),
         };
         match self
             .federation
@@ -219,6 +330,8 @@ impl NodeService {
         {
             Ok(answer) => {
                 tracing::info!(peer = %region, subscription = %hex::encode(id), following = answer.following, "subscription registered");
+                self.relay
+                    .mark_sent(id, region, chosen.iter().map(|(p, _)| *p));
                 set(PeerState::Following, String::new()).await
             }
             Err(PeerCallError::Refused(why)) => set(PeerState::Refused, why).await,
@@ -227,6 +340,91 @@ impl NodeService {
                 Err(Error::unavailable(why))
             }
         }
+    }
+
+    /// The followed patients (not stopped), by this node's pseudonym.
+    fn followed_patients(&self, sub: &StoredSubscription) -> Vec<(Pseudonym, PatientId)> {
+        sub.patients
+            .iter()
+            .filter(|p| !p.stopped)
+            .filter_map(|p| {
+                let pseudonym = Pseudonym::try_from(p.pseudonym.as_slice()).ok()?;
+                let (system, value) = self.registry.open_sealed(&p.sealed, &pseudonym).ok()?;
+                Some((pseudonym, PatientId::parse(&system, &value, true).ok()?))
+            })
+            .collect()
+    }
+
+    /// Whether `region`'s summary may now hold a followed patient it was not
+    /// registered for.
+    async fn newly_held(&self, region: &str, id: SubscriptionId, sub: &StoredSubscription) -> bool {
+        let sent = self.relay.sent(id, region);
+        let unsent: Vec<(Pseudonym, PatientId)> = self
+            .followed_patients(sub)
+            .into_iter()
+            .filter(|(p, _)| !sent.contains(p))
+            .collect();
+        !unsent.is_empty()
+            && self
+                .routing
+                .router
+                .may_hold(region, &unsent)
+                .await
+                .into_iter()
+                .any(|m| m)
+    }
+
+    /// Registers subscriptions with the peers that come to hold their patients, for as
+    /// long as the node serves: looked at whenever a peer's summary grows.
+    pub async fn run_late_registrations(self) {
+        loop {
+            let grown = self.routing.router.grown().notified();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            let _ = tokio::time::timeout(Duration::from_secs(5), grown).await;
+            // Growth comes in bursts; one look covers a burst.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(e) = self.register_late().await {
+                tracing::warn!(error = %e, "subscriptions not registered with the regions that came to hold their patients");
+            }
+        }
+    }
+
+    async fn register_late(&self) -> Result<(), Error> {
+        let now = now_nanos();
+        let mut any = false;
+        for id in self.relay.registered() {
+            let Some(sub) = self.registry.subscription(id).await.map_err(internal)? else {
+                continue;
+            };
+            if !sub.home.is_empty() || !sub.current(now) {
+                if sub.ended {
+                    self.relay.forget(id);
+                }
+                continue;
+            }
+            let follows = self.registry.peer_follows(id).await.map_err(internal)?;
+            for region in self.federation.regions() {
+                let state = follows
+                    .iter()
+                    .find(|f| f.region == region)
+                    .map_or(PeerState::Pending, |f| f.state());
+                if !matches!(state, PeerState::Following | PeerState::HoldsNothing)
+                    || !self.newly_held(&region, id, &sub).await
+                {
+                    continue;
+                }
+                tracing::info!(peer = %region, subscription = %hex::encode(id), "a region came to hold a followed patient; registering the subscription there");
+                if let Err(e) = self.register_at(&region, id, &sub).await {
+                    tracing::warn!(peer = %region, subscription = %hex::encode(id), error = %e, "subscription not registered");
+                }
+                any = true;
+            }
+        }
+        if any {
+            self.relay.changed.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Collects the events of this node's subscriptions from every peer, for as long
@@ -423,9 +621,9 @@ impl NodeService {
         if patients.is_empty() || self.federation.regions().is_empty() {
             return Ok(out);
         }
-        let request = v1::ForwardedProtectionsRequest {
+        let request = |asked: &[&(Pseudonym, (String, String))]| v1::ForwardedProtectionsRequest {
             subscription_id: hex::encode(id),
-            patients: patients
+            patients: asked
                 .iter()
                 .map(|(_, (system, value))| v1::PatientIdentifier {
                     system: system.clone(),
@@ -438,15 +636,43 @@ impl NodeService {
             profession: blocked.profession.unwrap_or("").to_string(),
             query_id: query_id.to_string(),
         };
+        // Each region is asked only about the patients its summary may hold (its
+        // summary covers its blocks and opt-outs too).
+        let identified: Vec<(Pseudonym, PatientId)> = patients
+            .iter()
+            .filter_map(|(p, (system, value))| {
+                Some((*p, PatientId::parse(system, value, true).ok()?))
+            })
+            .collect();
+        let mut asks = Vec::new();
+        let mut asked_of: HashMap<String, Vec<Pseudonym>> = HashMap::new();
+        for region in self.federation.regions() {
+            let may = if identified.len() == patients.len() {
+                self.routing.router.may_hold(&region, &identified).await
+            } else {
+                vec![true; patients.len()]
+            };
+            let asked: Vec<&(Pseudonym, (String, String))> = patients
+                .iter()
+                .zip(may)
+                .filter_map(|(p, may)| may.then_some(p))
+                .collect();
+            if asked.is_empty() {
+                continue;
+            }
+            asked_of.insert(region.clone(), asked.iter().map(|(p, _)| *p).collect());
+            asks.push((region, request(&asked)));
+        }
         let mut unchecked = Vec::new();
         for (region, answer) in self
             .federation
-            .protections_everywhere(request, PROTECTIONS_DEADLINE)
+            .protections_from(asks, PROTECTIONS_DEADLINE)
             .await
         {
+            let asked = asked_of.remove(&region).unwrap_or_default();
             match answer {
-                Ok(answer) if answer.patients.len() == patients.len() => {
-                    for ((pseudonym, _), p) in patients.iter().zip(answer.patients) {
+                Ok(answer) if answer.patients.len() == asked.len() => {
+                    for (pseudonym, p) in asked.iter().zip(answer.patients) {
                         let mine = out.entry(*pseudonym).or_default();
                         mine.opted_out |= p.opted_out;
                         mine.shut.merge(p.blocked_all_holders, p.blocked_holders);
@@ -520,6 +746,7 @@ impl NodeService {
             .map_err(invalid)?
             .unwrap_or(most);
         let mut patients: BTreeMap<Pseudonym, FollowedPatient> = BTreeMap::new();
+        let mut newcomers = Vec::new();
         for (i, p) in r.patients.iter().enumerate() {
             let patient = pointer::patient(Some(p), self.config.test_data)
                 .map_err(|e| Error::invalid(format!("patients[{i}]: {e}")))?;
@@ -531,6 +758,12 @@ impl NodeService {
             let stopped = existing
                 .as_ref()
                 .is_some_and(|s| s.patients.iter().any(|f| f.is(&pseudonym) && f.stopped));
+            let known = existing
+                .as_ref()
+                .is_some_and(|s| s.patients.iter().any(|f| f.is(&pseudonym)));
+            if r.came_to_hold && !known {
+                newcomers.push(patient.clone());
+            }
             patients.insert(pseudonym, self.registry.follow(&patient, stopped));
         }
         let sub = StoredSubscription {
@@ -545,10 +778,26 @@ impl NodeService {
             home: region.clone(),
         };
         self.record_following(entry, id, &sub).await?;
+        // What this region came to hold of new patients goes first: no write of this
+        // node runs between the subscription's storing and that.
+        let _alone = if newcomers.is_empty() {
+            None
+        } else {
+            Some(self.registry.sole_turn().await)
+        };
         self.registry
             .put_subscription(id, sub.clone())
             .await
             .map_err(internal)?;
+        if let Err(e) = self.deliver_held(id, &sub, &newcomers).await {
+            // Back to what it was, so that the home node's retry delivers them again.
+            let back = existing.unwrap_or(StoredSubscription {
+                ended: true,
+                ..sub.clone()
+            });
+            let _ = self.registry.put_subscription(id, back).await;
+            return Err(e);
+        }
         let following = sub.patients.iter().filter(|p| !p.stopped).count() as u32;
         entry.detail = Some(format!(
             "subscription {} of region {region}: {following} patients",
@@ -558,6 +807,63 @@ impl NodeService {
             following,
             expires_at: Some(to_timestamp(sub.expires_at)),
         }))
+    }
+
+    /// Makes an appeared event for every live pointer this region holds of `patients`
+    /// (newly followed because this region came to hold them after the subscription
+    /// was made), numbered before any change after.
+    async fn deliver_held(
+        &self,
+        id: SubscriptionId,
+        sub: &StoredSubscription,
+        patients: &[PatientId],
+    ) -> Result<(), Error> {
+        let now = now_nanos();
+        let mut events = Vec::new();
+        for patient in patients {
+            for (key, pointer) in self.registry.live_stored(patient).await.map_err(internal)? {
+                if !sub.categories.is_empty()
+                    && !pointer
+                        .categories
+                        .iter()
+                        .any(|c| sub.categories.contains(c))
+                {
+                    continue;
+                }
+                events.push(StoredEvent {
+                    kind: EventKind::Appeared as i32,
+                    key: key.encode().to_vec(),
+                    pointer: Some(pointer),
+                    at: now,
+                    ..Default::default()
+                });
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let from = self
+            .registry
+            .peer_follows(id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .find(|f| f.region == CAME_TO_HOLD)
+            .map_or(0, |f| f.position);
+        let n = events.len() as u64;
+        let stored = self
+            .registry
+            .collect_events(id, CAME_TO_HOLD, from, from + n, events)
+            .await
+            .map_err(internal)?;
+        if !stored {
+            return Err(Error::unavailable(format!(
+                "subscription {} was being registered here by another node at the same time; \
+                 retry",
+                hex::encode(id)
+            )));
+        }
+        Ok(())
     }
 
     pub(super) async fn forwarded_pull_inner(

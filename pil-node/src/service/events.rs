@@ -159,6 +159,7 @@ impl NodeService {
                     Some(PeerState::Following) => v1::RegionFollowingState::Following,
                     Some(PeerState::Refused) => v1::RegionFollowingState::Refused,
                     Some(PeerState::Ended) => v1::RegionFollowingState::Ended,
+                    Some(PeerState::HoldsNothing) => v1::RegionFollowingState::HoldsNothing,
                 };
                 v1::RegionFollowing {
                     region,

@@ -194,8 +194,113 @@ impl NodeService {
     }
 }
 
+/// Blinded elements one call may carry.
+const MAX_BLINDED: usize = 256;
+
+impl NodeService {
+    /// Routing calls name no patient, so they leave no audit record when answered
+    /// (a refusal is recorded, as every refusal is); they are counted per peer.
+    fn evaluate_tokens_inner(
+        &self,
+        req: Request<v1::EvaluateTokensRequest>,
+    ) -> Result<v1::EvaluateTokensResponse, Error> {
+        let region = self.peer_region(&req)?;
+        let Some(publisher) = &self.routing.publisher else {
+            return Err(no_routing_key());
+        };
+        let blinded = req.into_inner().blinded;
+        if blinded.is_empty() || blinded.len() > MAX_BLINDED {
+            return Err(Error::invalid(format!(
+                "blinded: give 1 to {MAX_BLINDED} elements, not {}",
+                blinded.len()
+            )));
+        }
+        let rate = self.federation.config().token_evaluations_per_second;
+        if !self.routing.allow_evaluations(&region, blinded.len(), rate) {
+            tracing::warn!(peer = %region, rate, "routing token evaluations beyond the peer's rate refused");
+            return Err(Error::overloaded(format!(
+                "region {region} asked for more than {rate} routing-token evaluations a second; \
+                 ask this region directly meanwhile"
+            )));
+        }
+        let evaluated = publisher
+            .evaluate(&blinded)
+            .map_err(|e| Error::invalid(format!("blinded: {e}")))?;
+        self.metrics
+            .tokens_evaluated(&region, evaluated.len() as u64);
+        Ok(v1::EvaluateTokensResponse {
+            key_id: publisher.key().id().to_string(),
+            evaluated,
+        })
+    }
+
+    async fn get_summary_inner(
+        &self,
+        req: Request<v1::GetSummaryRequest>,
+    ) -> Result<v1::GetSummaryResponse, Error> {
+        self.peer_region(&req)?;
+        let Some(publisher) = &self.routing.publisher else {
+            return Err(no_routing_key());
+        };
+        let req = req.into_inner();
+        let wait = std::time::Duration::from_millis(u64::from(req.wait_ms.min(10_000)));
+        let published = publisher
+            .published_when_new(&req.build, req.after, wait)
+            .await
+            .map_err(|e| match e {
+                crate::routing::publish::PublishError::Building(_)
+                | crate::routing::publish::PublishError::Store(
+                    crate::store::StoreError::RoutingKey { .. },
+                ) => Error::unavailable(e.to_string()),
+                e => Error::internal(e),
+            })?;
+        let build = published.build;
+        Ok(v1::GetSummaryResponse {
+            key_id: published.key_id,
+            build: build.id.clone(),
+            filter: if published.with_filter {
+                build.filter.clone()
+            } else {
+                Vec::new()
+            },
+            filter_encoding: crate::routing::summary::FILTER_ENCODING.into(),
+            with_filter: published.with_filter,
+            patients: build.patients,
+            added: published.added,
+            position: published.position,
+            complete: published.complete,
+        })
+    }
+}
+
+fn no_routing_key() -> Error {
+    Error::precondition(
+        "this region publishes no routing summary (no [keys] routing_key_file); ask it \
+         about every patient",
+    )
+}
+
 #[tonic::async_trait]
 impl v1::federation_service_server::FederationService for NodeService {
+    async fn evaluate_tokens(
+        &self,
+        req: Request<v1::EvaluateTokensRequest>,
+    ) -> Result<Response<v1::EvaluateTokensResponse>, Status> {
+        self.evaluate_tokens_inner(req)
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn get_summary(
+        &self,
+        req: Request<v1::GetSummaryRequest>,
+    ) -> Result<Response<v1::GetSummaryResponse>, Status> {
+        self.get_summary_inner(req)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
     async fn forwarded_lookup(
         &self,
         req: Request<v1::ForwardedLookupRequest>,

@@ -150,6 +150,16 @@ impl NodeService {
         // An opt-out here already means nothing is shown; otherwise every region is
         // asked, at least for the protections that hold for every region's pointers.
         let ask = !local.opted_out;
+        // Regions whose current summary cannot hold the patient are not asked: they
+        // hold neither pointers nor protections for them.
+        let routes = if ask {
+            self.routing
+                .router
+                .route(&patient, pseudonym, req.all_regions)
+                .await
+        } else {
+            Default::default()
+        };
         let outcomes = self
             .federation
             .fan_out(
@@ -158,17 +168,24 @@ impl NodeService {
                 deadline,
                 ask,
                 !req.home_region_only,
+                &routes.skip,
             )
             .await;
         let mut shut = local.shut;
         let mut unchecked = Vec::new();
         for (peer, outcome, took) in outcomes {
             self.metrics.forwarded(&peer, outcome.name(), took);
-            let asked = !matches!(outcome, PeerOutcome::NotAsked(_));
+            let asked = !matches!(
+                outcome,
+                PeerOutcome::NotAsked(_) | PeerOutcome::HoldsNothing(_)
+            );
             // A region that did not answer may hold protections for this patient.
             let checked = matches!(
                 outcome,
-                PeerOutcome::Answered(_) | PeerOutcome::Protections(..) | PeerOutcome::NotAsked(_)
+                PeerOutcome::Answered(_)
+                    | PeerOutcome::Protections(..)
+                    | PeerOutcome::NotAsked(_)
+                    | PeerOutcome::HoldsNothing(_)
             );
             let (state, mut detail) = match outcome {
                 PeerOutcome::Answered(answer) => {
@@ -204,6 +221,7 @@ impl NodeService {
                 ),
                 PeerOutcome::Unavailable(why) => (v1::RegionState::Unavailable, why),
                 PeerOutcome::NotAsked(why) => (v1::RegionState::NotAsked, why),
+                PeerOutcome::HoldsNothing(why) => (v1::RegionState::HoldsNothing, why),
             };
             if asked {
                 entry.peers_asked.push(peer.clone());

@@ -55,6 +55,7 @@ pub struct NodeService {
     /// Subscriptions made here, on their way to the other regions.
     relay: Arc<event_federation::Relay>,
     metrics: Arc<crate::metrics::Metrics>,
+    routing: Arc<crate::routing::Routing>,
 }
 
 /// Scheme and authority a request arrived on, for checking DPoP proofs' `htu`.
@@ -95,6 +96,7 @@ impl NodeService {
         audit: AuditLog,
         federation: Arc<Federation>,
         metrics: Arc<crate::metrics::Metrics>,
+        routing: Arc<crate::routing::Routing>,
     ) -> Self {
         let limit = federation.config().max_concurrent_forwarded.max(1);
         Self {
@@ -107,6 +109,7 @@ impl NodeService {
             forward_limit: Arc::new(tokio::sync::Semaphore::new(limit)),
             relay: Arc::default(),
             metrics,
+            routing,
         }
     }
 
@@ -335,6 +338,13 @@ fn internal(e: RegistryError) -> Error {
     match e {
         RegistryError::Storage(crate::store::StoreError::Closed) => {
             Error::unavailable("the node is shutting down; retry against another instance")
+        }
+        RegistryError::Storage(e @ crate::store::StoreError::RoutingKey { .. }) => {
+            tracing::error!(error = %e, "a write was refused: this node's routing key is not the region's");
+            Error::unavailable(
+                "this node cannot make the region's routing tokens (its routing key is not the \
+                 one in force); nothing was written; retry against another node of the region",
+            )
         }
         e => Error::internal(e),
     }

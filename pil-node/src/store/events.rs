@@ -145,6 +145,8 @@ pub enum PeerState {
     Following = 1,
     Refused = 2,
     Ended = 3,
+    /// Not registered: its routing summary holds none of the followed patients.
+    HoldsNothing = 4,
 }
 
 /// Another region's part in a subscription made here: whether it is registered

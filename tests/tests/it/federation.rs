@@ -208,6 +208,20 @@ impl v1::federation_service_server::FederationService for Slow {
         }))
     }
 
+    async fn evaluate_tokens(
+        &self,
+        _: tonic::Request<v1::EvaluateTokensRequest>,
+    ) -> Result<tonic::Response<v1::EvaluateTokensResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn get_summary(
+        &self,
+        _: tonic::Request<v1::GetSummaryRequest>,
+    ) -> Result<tonic::Response<v1::GetSummaryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
     async fn forwarded_subscribe(
         &self,
         _: tonic::Request<v1::ForwardedSubscribeRequest>,

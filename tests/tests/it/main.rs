@@ -16,6 +16,7 @@ mod privacy;
 mod registry;
 mod rekeying;
 mod rotation;
+mod routing;
 mod sync;
 mod trust;
 mod validation;

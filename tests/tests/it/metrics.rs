@@ -1,27 +1,9 @@
 //! The Prometheus endpoint: gRPC and PIL figures on their own plain-HTTP listener,
 //! with nothing that names a patient or a person.
 
-use std::net::SocketAddr;
-
 use pil_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET <path>` over plain HTTP/1.1: the status line and the body.
-async fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
+use pil_tests::http_get as get;
 
 /// The value of the sample whose line starts with `series` (name and labels).
 fn sample(text: &str, series: &str) -> f64 {
