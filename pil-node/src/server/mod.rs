@@ -303,16 +303,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
     let routing_peers = tokio::spawn(router.run());
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let service = NodeService::new(
-        registry.clone(),
-        config.clone(),
-        access.clone(),
-        reloader.clone(),
-        audit.clone(),
-        federation.clone(),
-        metrics.clone(),
-        routing.clone(),
-    );
+    let service = NodeService::new(crate::service::ServiceParts {
+        registry: registry.clone(),
+        config: config.clone(),
+        access: access.clone(),
+        reloader: reloader.clone(),
+        audit: audit.clone(),
+        federation: federation.clone(),
+        metrics: metrics.clone(),
+        routing: routing.clone(),
+    });
     let max = config.limits.max_message_bytes;
     let registry_svc = RegistryServiceServer::new(service.clone())
         .max_decoding_message_size(max)

@@ -53,10 +53,10 @@ pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeEr
         &config.keys.storage_key_file,
     )
     .map_err(NodeError::from);
-    if let Some(path) = &config.keys.routing_key_file {
-        if let Err(e) = check_private("the routing key", path) {
-            problems.push(e.into());
-        }
+    if let Some(path) = &config.keys.routing_key_file
+        && let Err(e) = check_private("the routing key", path)
+    {
+        problems.push(e.into());
     }
     let routing_key = match &config.keys.routing_key_file {
         None => None,

@@ -87,17 +87,30 @@ fn denied(decision: &pil_legal::Decision) -> Error {
     ))
 }
 
+/// What a node's services are made of.
+pub struct ServiceParts {
+    pub registry: Registry,
+    pub config: Arc<NodeConfig>,
+    pub access: Arc<Access>,
+    pub reloader: Reloader,
+    pub audit: AuditLog,
+    pub federation: Arc<Federation>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub routing: Arc<crate::routing::Routing>,
+}
+
 impl NodeService {
-    pub fn new(
-        registry: Registry,
-        config: Arc<NodeConfig>,
-        access: Arc<Access>,
-        reloader: Reloader,
-        audit: AuditLog,
-        federation: Arc<Federation>,
-        metrics: Arc<crate::metrics::Metrics>,
-        routing: Arc<crate::routing::Routing>,
-    ) -> Self {
+    pub fn new(parts: ServiceParts) -> Self {
+        let ServiceParts {
+            registry,
+            config,
+            access,
+            reloader,
+            audit,
+            federation,
+            metrics,
+            routing,
+        } = parts;
         let limit = federation.config().max_concurrent_forwarded.max(1);
         Self {
             registry,

@@ -291,8 +291,10 @@ async fn a_new_pointer_is_routable_within_the_bound_under_continuous_registratio
     let holder = world.client(ORG_A, midt).await;
     let doctor = world.client(ORG_A, vest).await;
     let registered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, Instant)>::new()));
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let writer = {
         let registered = registered.clone();
+        let writing = writing.clone();
         async move {
             for i in 0..120u64 {
                 let p = patient_id(5000 + i);
@@ -303,6 +305,7 @@ async fn a_new_pointer_is_routable_within_the_bound_under_continuous_registratio
                 registered.lock().unwrap().push((i, Instant::now()));
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
+            writing.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     };
     let bound = Duration::from_millis(BOUND_MS);
@@ -312,10 +315,26 @@ async fn a_new_pointer_is_routable_within_the_bound_under_continuous_registratio
         async move {
             let mut found_after = Vec::new();
             let mut checked_past_bound = 0;
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(3) + bound * 2 {
+            let mut n = 0usize;
+            // While registrations go on: in turn one of the newest, and one acknowledged
+            // longer than the bound ago.
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
                 let snapshot = registered.lock().unwrap().clone();
-                let Some(&(i, acked)) = snapshot.iter().rev().nth(snapshot.len() % 7) else {
+                let old: Vec<&(u64, Instant)> = snapshot
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() >= bound)
+                    .collect();
+                let pick = if n.is_multiple_of(2) && !old.is_empty() {
+                    Some(*old[(n / 2) % old.len()])
+                } else {
+                    snapshot
+                        .iter()
+                        .rev()
+                        .nth(n % 7.min(snapshot.len().max(1)))
+                        .copied()
+                };
+                let Some((i, acked)) = pick else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
