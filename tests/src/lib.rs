@@ -781,3 +781,46 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
         body.to_string(),
     )
 }
+
+/// The events after `after` until the subscription has `until`, pulling as a consumer
+/// does (a delivery that waits for a region is retried).
+pub async fn pull_until(gp: &PilClient, id: &str, after: u64, until: u64) -> Vec<v1::Event> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got: Vec<v1::Event> = Vec::new();
+    let mut position = after;
+    while position < until {
+        assert!(
+            Instant::now() < deadline,
+            "events after {position} did not arrive; got {:?}",
+            summary(&got)
+        );
+        match gp.pull_events(id, position, 100).await {
+            Ok(page) => {
+                if let Some(last) = page.events.last() {
+                    position = last.number;
+                }
+                got.extend(page.events);
+            }
+            Err(e) if code(&e) == tonic::Code::Unavailable => {}
+            Err(e) => panic!("pull: {e}"),
+        }
+        if position < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    got
+}
+
+/// Each event's number, region and kind, for messages.
+pub fn summary(events: &[v1::Event]) -> Vec<(u64, String, v1::EventKind)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.number,
+                e.region.clone(),
+                v1::EventKind::try_from(e.kind).unwrap(),
+            )
+        })
+        .collect()
+}

@@ -163,7 +163,7 @@ pub async fn run(
     followed.stop()?;
 
     // Across three regions.
-    let regions = node::start_regions(world, bin, data, &dir.join("regions"), log_filter)?;
+    let regions = node::start_regions(world, bin, data, &dir.join("regions"), log_filter, false)?;
     let home = regions[0].addr;
     let subscriber = lookup_clients(world, home, 1).await?.remove(0);
     let patient = data.patient(1);

@@ -10,5 +10,6 @@ pub mod node;
 pub mod pg;
 pub mod proc;
 pub mod report;
+pub mod routing;
 pub mod suite;
 pub mod sync_cost;

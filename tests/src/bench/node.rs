@@ -331,6 +331,27 @@ pub async fn sync_orgs(
     batch: usize,
     server: &dyn Cpu,
 ) -> anyhow::Result<SyncResult> {
+    let patients = 0..data.patients;
+    sync_orgs_in(
+        world, addr, data, orgs, patients, generation, kind, streams, batch, server,
+    )
+    .await
+}
+
+/// [`sync_orgs`] for the patients in `patients` only.
+#[allow(clippy::too_many_arguments)]
+pub async fn sync_orgs_in(
+    world: &World,
+    addr: SocketAddr,
+    data: Arc<DataSet>,
+    orgs: &[usize],
+    patients: std::ops::Range<u64>,
+    generation: Generation,
+    kind: SyncKind,
+    streams: usize,
+    batch: usize,
+    server: &dyn Cpu,
+) -> anyhow::Result<SyncResult> {
     use futures::StreamExt;
     let profile = Profile::load(&world.profile(HOST, addr))?;
     let cpu_before = server.cpu_seconds();
@@ -339,6 +360,7 @@ pub async fn sync_orgs(
         .map(|org| {
             let data = data.clone();
             let profile = profile.clone();
+            let patients = patients.clone();
             async move {
                 let client = PilClient::connect(&profile).await?;
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -346,7 +368,7 @@ pub async fn sync_orgs(
                 let counter = sent.clone();
                 let gen_data = data.clone();
                 let producer = tokio::task::spawn_blocking(move || {
-                    for b in gen_data.org_batches(org, generation, 0..gen_data.patients, batch) {
+                    for b in gen_data.org_batches(org, generation, patients, batch) {
                         counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         if tx.blocking_send(b).is_err() {
                             return;
@@ -426,6 +448,7 @@ pub fn start_regions(
     data: &DataSet,
     dir: &Path,
     log_filter: &str,
+    routing: bool,
 ) -> anyhow::Result<Vec<NodeProc>> {
     let regions = super::suite::REGIONS;
     let ports: Vec<u16> = regions.iter().map(|_| super::proc::free_port()).collect();
@@ -446,6 +469,14 @@ pub fn start_regions(
             .filter(|(j, _)| *j != i)
             .map(|(j, r)| pil_tests::peer(r, format!("127.0.0.1:{}", ports[j]).parse().unwrap()))
             .collect();
+        if routing {
+            // The default bound; evaluations unlimited, so that a run measures routing
+            // rather than the limit on how fast a peer may learn tokens.
+            let routed = world.routed_region_config(region, 5000);
+            config.keys.routing_key_file = routed.keys.routing_key_file;
+            config.federation.summary_staleness_bound_ms = 5000;
+            config.federation.token_evaluations_per_second = 1_000_000;
+        }
         nodes.push(NodeProc::start(bin, &config, &dir, "node")?);
     }
     Ok(nodes)

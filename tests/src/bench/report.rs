@@ -110,6 +110,9 @@ pub struct Results {
     /// a consumer's pull rate.
     #[serde(default)]
     pub events: Option<super::events::EventsResult>,
+    /// Routed lookups beside broadcast ones, and what the summaries cost.
+    #[serde(default)]
+    pub routing: Option<super::routing::RoutingResult>,
 }
 
 /// What one synced pointer costs at each stage, measured on its own in one process
@@ -597,6 +600,9 @@ impl Results {
         if !self.pg_engine.is_empty() || !self.pg_engine_sync.is_empty() {
             self.engines_markdown(&mut s);
         }
+        if let Some(r) = &self.routing {
+            routing_markdown(&mut s, r);
+        }
         if let Some(e) = &self.events {
             let _ = writeln!(s, "\n### Change events\n");
             let _ = writeln!(
@@ -807,6 +813,74 @@ pub fn splice(doc: &str, section: &str) -> String {
         }
         _ => format!("{}\n\n{}", doc.trim_end(), section),
     }
+}
+
+/// The routing scenario's tables.
+fn routing_markdown(s: &mut String, r: &super::routing::RoutingResult) {
+    let _ = writeln!(s, "\n### Routing\n");
+    let _ = writeln!(
+        s,
+        "Three regions with routing keys, each holding a third of the patients ({} \
+         patients, {} pointers in all); the client asks Helse Vest. Each concurrency runs \
+         routed lookups, then the same lookups with `all_regions` (broadcast). \
+         \"Uninvolved\" counts peers asked that held nothing about the patient, per 1 000 \
+         lookups; broadcast asks 4/3 of them per lookup on average. Node CPU is the three \
+         nodes' together, per lookup.\n",
+        count(r.patients as f64),
+        count(r.pointers as f64)
+    );
+    let _ = writeln!(
+        s,
+        "| c | routed req/s | broadcast req/s | routed p99 ms | broadcast p99 ms | routed CPU µs | broadcast CPU µs | uninvolved / 1000, routed | uninvolved / 1000, broadcast |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for routed in &r.routed {
+        let c = routed.concurrency;
+        let Some(b) = at(&r.broadcast, c) else {
+            continue;
+        };
+        let of = |v: &[(usize, f64)]| {
+            v.iter()
+                .find(|(k, _)| *k == c)
+                .map_or("–".to_string(), |(_, x)| format!("{x:.1}"))
+        };
+        let _ = writeln!(
+            s,
+            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            count(routed.throughput),
+            count(b.throughput),
+            ms(routed.p99_ms),
+            ms(b.p99_ms),
+            opt_us(routed.server_cpu_us),
+            opt_us(b.server_cpu_us),
+            of(&r.uninvolved_routed),
+            of(&r.uninvolved_broadcast)
+        );
+    }
+    let _ = writeln!(s, "\n| measure | value |\n|---|---:|");
+    let _ = writeln!(
+        s,
+        "| summary of 1 000 000 patients, bytes as sent | {} |",
+        count(r.filter_bytes_per_million as f64)
+    );
+    let _ = writeln!(
+        s,
+        "| building it, ms | {:.0} |",
+        r.filter_build_ms_per_million
+    );
+    let _ = writeln!(
+        s,
+        "| false-positive rate (1 000 000 patients not held) | {:.4} % |",
+        r.false_positive_rate * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "| new patient routable from another region, p50 / p99 / max ms ({} samples) | {} / {} / {} |",
+        r.routable_samples,
+        ms(r.routable_p50_ms),
+        ms(r.routable_p99_ms),
+        ms(r.routable_max_ms)
+    );
 }
 
 #[cfg(test)]

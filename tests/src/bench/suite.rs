@@ -542,6 +542,27 @@ pub async fn run(plan: &Plan, save: &dyn Fn(&Results)) -> anyhow::Result<Results
         save(&results);
     }
 
+    if plan.wants("routing") {
+        let specs: Vec<LoadSpec> = plan.concurrency.iter().map(|&c| plan.spec(c)).collect();
+        let dir = world.path().join("routing");
+        let r = super::routing::run(
+            &world,
+            &bin,
+            &data,
+            &dir,
+            &plan.node_log_filter,
+            &specs,
+            plan.sync_streams,
+            plan.sync_batch,
+            plan.idle_limit(),
+            if plan.quick { 5 } else { 100 },
+        )
+        .await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        results.routing = Some(r);
+        save(&results);
+    }
+
     if plan.wants("growth") && plan.growth_pointers > total {
         // The first point is the main data set, measured the same way.
         if let (Some(f), Some(l)) = (
@@ -630,6 +651,7 @@ async fn federated(
         data,
         &world.path().join("fed"),
         &plan.node_log_filter,
+        false,
     )?;
     // Each region holds its own organizations' pointers.
     let mut loaded = 0;

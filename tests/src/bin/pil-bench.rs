@@ -91,7 +91,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 16)]
     growth_concurrency: usize,
     /// Scenarios: floor, local, postgres, pg-engine, sync, footprint, events, federated,
-    /// growth, or all.
+    /// routing, growth, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// PostgreSQL's socket directory (the postgres scenario runs only with it).

@@ -540,32 +540,6 @@ async fn a_peer_holds_nothing_it_could_test_identifiers_against() {
     regions.midt.stop().await;
 }
 
-/// The events of subscription `id` after `after` until it has `until`, pulling as a
-/// consumer does (a delivery that waits for a region is retried).
-async fn pull_until(gp: &pil_client::PilClient, id: &str, until: u64) -> Vec<v1::Event> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got: Vec<v1::Event> = Vec::new();
-    let mut position = 0;
-    while position < until {
-        assert!(
-            Instant::now() < deadline,
-            "events after {position} did not arrive; got {got:?}"
-        );
-        match gp.pull_events(id, position, 100).await {
-            Ok(page) => {
-                if let Some(last) = page.events.last() {
-                    position = last.number;
-                }
-                got.extend(page.events);
-            }
-            Err(e) if code(&e) == tonic::Code::Unavailable => {}
-            Err(e) => panic!("pull: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    got
-}
-
 fn following(sub: &v1::Subscription, region: &str) -> (v1::RegionFollowingState, String) {
     let r = sub
         .regions
@@ -634,7 +608,7 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
         .upsert(pointer(&patient, ORG_A, 2, &["lab-results"]))
         .await
         .unwrap();
-    let first = pull_until(&gp, &sub.id, 1).await;
+    let first = pull_until(&gp, &sub.id, 0, 1).await;
     assert_eq!(first[0].region, MIDT);
     let at_nord = all_audit_records(&world, nord).await;
     assert_eq!(
@@ -655,7 +629,7 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
         .upsert(pointer(&patient, ORG_B, 11, &["medications"]))
         .await
         .unwrap();
-    let events = pull_until(&gp, &sub.id, 3).await;
+    let events = pull_until(&gp, &sub.id, 0, 3).await;
     let from_nord: Vec<&v1::Event> = events.iter().filter(|e| e.region == NORD).collect();
     assert_eq!(from_nord.len(), 2, "{events:?}");
     for e in &from_nord {
@@ -670,7 +644,7 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
         .upsert(pointer(&patient, ORG_B, 12, &["lab-results"]))
         .await
         .unwrap();
-    let events = pull_until(&gp, &sub.id, 4).await;
+    let events = pull_until(&gp, &sub.id, 0, 4).await;
     assert_eq!(events.last().unwrap().region, NORD);
     let listed = gp
         .subscriptions()
