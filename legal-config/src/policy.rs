@@ -206,6 +206,16 @@ pub struct Subscriptions {
     pub legal_basis: String,
     /// Days an event is kept for consumers that were away.
     pub events_days: u32,
+    /// Hours this region keeps every pointer change in its journal, so that a
+    /// subscription made at another region, and registered here only once this
+    /// region came to hold its patient, is given every change since it was made.
+    /// A registration later than this is given the live pointers instead.
+    #[serde(default = "default_journal_hours")]
+    pub journal_hours: u32,
+}
+
+fn default_journal_hours() -> u32 {
+    24
 }
 
 impl Default for Subscriptions {
@@ -215,6 +225,7 @@ impl Default for Subscriptions {
             legal_basis: "helsepersonelloven § 45; pasientjournalloven § 19: following a                           patient is allowed as looking them up is, for health personnel                           who give the patient care, for as long as that care lasts"
                 .into(),
             events_days: 30,
+            journal_hours: default_journal_hours(),
         }
     }
 }
@@ -319,6 +330,9 @@ impl NodeSettings {
         }
         if self.subscriptions.max_days == 0 || self.subscriptions.events_days == 0 {
             bad("[subscriptions] max_days and events_days must be at least 1".into());
+        }
+        if self.subscriptions.journal_hours == 0 {
+            bad("[subscriptions] journal_hours must be at least 1".into());
         }
         if self.subscriptions.legal_basis.trim().is_empty() {
             bad(

@@ -905,6 +905,35 @@ impl Registry {
         Ok(live)
     }
 
+    /// The journaled changes of `patients` since `since` (unix nanoseconds), under
+    /// every key they are read under, in write order: what a region that came to hold
+    /// them delivers to a subscription registered with it then.
+    pub async fn journal(
+        &self,
+        patients: &[PatientId],
+        since: i64,
+    ) -> Result<crate::store::Journal, RegistryError> {
+        let pseudonyms = patients
+            .iter()
+            .flat_map(|p| self.read_pseudonyms(self.pseudonym(p), p))
+            .collect();
+        Ok(self.inner.store.journal(pseudonyms, since).await?)
+    }
+
+    /// Drops journaled changes older than `hours`; returns how many.
+    pub async fn drop_journal_older_than(&self, hours: u32) -> Result<usize, RegistryError> {
+        const PAGE: usize = 10_000;
+        let before = now_nanos() - i64::from(hours) * 3_600_000_000_000;
+        let mut dropped = 0;
+        loop {
+            let n = self.inner.store.drop_journal(before, PAGE).await?;
+            dropped += n;
+            if n < PAGE {
+                return Ok(dropped);
+            }
+        }
+    }
+
     /// The patient's opt-out and blocks: what a lookup must respect.
     pub async fn protections(
         &self,

@@ -623,6 +623,13 @@ async fn purge_loop(
         if let Err(e) = registry.forget_used_proofs().await {
             tracing::warn!(error = %e, "forgetting DPoP proofs past their window failed");
         }
+        // The journal only repeats what the registry and its audit log hold, so
+        // dropping its old part changes nothing to record.
+        let hours = access.legal().settings().subscriptions.journal_hours;
+        match registry.drop_journal_older_than(hours).await {
+            Ok(n) => tracing::debug!(dropped = n, hours, "journal of changes trimmed"),
+            Err(e) => tracing::warn!(error = %e, "trimming the journal of changes failed"),
+        }
         retain(
             &audit,
             &config.region,

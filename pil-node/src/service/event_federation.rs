@@ -25,7 +25,7 @@ use crate::{
     audit::AuditRecord,
     error::Error,
     federation::PeerCallError,
-    patient_keys::Pseudonym,
+    patient_keys::{PSEUDONYM_LEN, Pseudonym},
     pointer::{self, to_timestamp},
     registry::{NANOS_PER_DAY, now_nanos},
     store::{
@@ -156,6 +156,29 @@ fn holds_nothing(region: &str) -> String {
 /// The region name under which a peer numbers the events it delivers first for
 /// patients it came to hold after a subscription was made.
 const CAME_TO_HOLD: &str = "(held before registration)";
+
+/// Events read back to tell which changes were given already while a subscription
+/// was being stored (only other nodes' writes of those few moments).
+const MAX_MADE_MEANWHILE: usize = 10_000;
+
+/// What a peer delivers first to a subscription registered with it for patients new
+/// to it there.
+struct CatchUp {
+    id: SubscriptionId,
+    /// When the home node began following them: changes since are delivered.
+    since: Option<i64>,
+    /// Also the live pointers changed before then (this region came to hold the
+    /// patients after the subscription was made).
+    live: bool,
+    /// The subscription's newest event number here before it was stored.
+    made_before: u64,
+}
+
+/// Whether a subscription following `followed` (empty: all) wants a pointer in
+/// `categories`.
+fn wanted(followed: &[String], categories: &[String]) -> bool {
+    followed.is_empty() || categories.iter().any(|c| followed.contains(c))
+}
 
 fn wire_kind(kind: v1::EventKind) -> EventKind {
     match kind {
@@ -322,6 +345,9 @@ impl NodeService {
             // Registered already (or told it held nothing): patients new to it came
             // to it since.
             came_to_hold: matches!(state, PeerState::Following | PeerState::HoldsNothing),
+            // Changes the peer made since then go first (it may have been out of
+            // reach, or held nothing, when the subscription was made).
+            followed_since: Some(to_timestamp(sub.created_at)),
         };
         match self
             .federation
@@ -332,7 +358,25 @@ impl NodeService {
                 tracing::info!(peer = %region, subscription = %hex::encode(id), following = answer.following, "subscription registered");
                 self.relay
                     .mark_sent(id, region, chosen.iter().map(|(p, _)| *p));
-                set(PeerState::Following, String::new()).await
+                let detail = match answer.journal_from {
+                    Some(from) => {
+                        let from = time::OffsetDateTime::from_unix_timestamp(from.seconds)
+                            .ok()
+                            .and_then(|t| {
+                                t.format(&time::format_description::well_known::Rfc3339)
+                                    .ok()
+                            })
+                            .unwrap_or_default();
+                        tracing::warn!(peer = %region, subscription = %hex::encode(id), "registered later than the peer keeps its changes; earlier changes may be missing");
+                        format!(
+                            "registered in {region} later than it keeps its changes: its \
+                             live pointers were delivered, changes before {} may be missing",
+                            from
+                        )
+                    }
+                    None => String::new(),
+                };
+                set(PeerState::Following, detail).await
             }
             Err(PeerCallError::Refused(why)) => set(PeerState::Refused, why).await,
             Err(PeerCallError::Unavailable(why)) => {
@@ -593,6 +637,7 @@ impl NodeService {
                     region: region.to_string(),
                     shown: event.pointer.map(|p| p.encode_to_vec()).unwrap_or_default(),
                     origin_number: event.number,
+                    previous_categories: Vec::new(),
                 });
             }
             let n = collected.len();
@@ -778,25 +823,50 @@ impl NodeService {
             home: region.clone(),
         };
         self.record_following(entry, id, &sub).await?;
-        // What this region came to hold of new patients goes first: no write of this
-        // node runs between the subscription's storing and that.
-        let _alone = if newcomers.is_empty() {
-            None
-        } else {
+        let since =
+            pointer::timestamp("followed_since", r.followed_since.as_ref()).map_err(invalid)?;
+        // The changes to patients new here go first: no write of this node runs
+        // between the subscription's storing and their delivery.
+        let catch_up = !newcomers.is_empty() && (r.came_to_hold || since.is_some());
+        let _alone = if catch_up {
             Some(self.registry.sole_turn().await)
+        } else {
+            None
+        };
+        let made_before = if catch_up {
+            self.registry
+                .events(id, u64::MAX, 0)
+                .await
+                .map_err(internal)?
+                .last
+        } else {
+            0
         };
         self.registry
             .put_subscription(id, sub.clone())
             .await
             .map_err(internal)?;
-        if let Err(e) = self.deliver_held(id, &sub, &newcomers).await {
-            // Back to what it was, so that the home node's retry delivers them again.
-            let back = existing.unwrap_or(StoredSubscription {
-                ended: true,
-                ..sub.clone()
-            });
-            let _ = self.registry.put_subscription(id, back).await;
-            return Err(e);
+        let mut journal_from = None;
+        if catch_up {
+            let caught = CatchUp {
+                id,
+                since,
+                live: r.came_to_hold,
+                made_before,
+            };
+            match self.deliver_held(&caught, &sub, &newcomers).await {
+                Ok(from) => journal_from = from,
+                Err(e) => {
+                    // Back to what it was, so that the home node's retry delivers them
+                    // again.
+                    let back = existing.unwrap_or(StoredSubscription {
+                        ended: true,
+                        ..sub.clone()
+                    });
+                    let _ = self.registry.put_subscription(id, back).await;
+                    return Err(e);
+                }
+            }
         }
         let following = sub.patients.iter().filter(|p| !p.stopped).count() as u32;
         entry.detail = Some(format!(
@@ -806,41 +876,89 @@ impl NodeService {
         Ok(Response::new(v1::ForwardedSubscribeResponse {
             following,
             expires_at: Some(to_timestamp(sub.expires_at)),
+            journal_from: journal_from.map(to_timestamp),
         }))
     }
 
-    /// Makes an appeared event for every live pointer this region holds of `patients`
-    /// (newly followed because this region came to hold them after the subscription
-    /// was made), numbered before any change after.
+    /// Delivers to a subscription what this region made of `patients` (new to it
+    /// here) before it was registered: each change since the home node began
+    /// following them, from the journal, in order; with `live`, first every live
+    /// pointer the journal shows no change of since then, as appeared. Numbered
+    /// before any change after. Returns when the journal begins, when it no longer
+    /// reaches back that far (changes before then may be missing).
     async fn deliver_held(
         &self,
-        id: SubscriptionId,
+        catch_up: &CatchUp,
         sub: &StoredSubscription,
         patients: &[PatientId],
-    ) -> Result<(), Error> {
+    ) -> Result<Option<i64>, Error> {
         let now = now_nanos();
-        let mut events = Vec::new();
+        let id = catch_up.id;
+        let mut first = Vec::new();
+        let mut changes = Vec::new();
+        let mut short_from = None;
         for patient in patients {
-            for (key, pointer) in self.registry.live_stored(patient).await.map_err(internal)? {
-                if !sub.categories.is_empty()
-                    && !pointer
-                        .categories
-                        .iter()
-                        .any(|c| sub.categories.contains(c))
-                {
-                    continue;
+            let journal = match catch_up.since {
+                Some(since) => {
+                    let journal = self
+                        .registry
+                        .journal(std::slice::from_ref(patient), since)
+                        .await
+                        .map_err(internal)?;
+                    if journal.complete_from > since {
+                        short_from = Some(journal.complete_from);
+                    }
+                    journal.events
                 }
-                events.push(StoredEvent {
-                    kind: EventKind::Appeared as i32,
-                    key: key.encode().to_vec(),
-                    pointer: Some(pointer),
-                    at: now,
-                    ..Default::default()
-                });
+                None => Vec::new(),
+            };
+            if catch_up.live {
+                // A pointer is one endpoint of one organization, under whichever key.
+                let journaled: HashSet<&[u8]> = journal
+                    .iter()
+                    .filter_map(|e| e.key.get(PSEUDONYM_LEN..))
+                    .collect();
+                for (key, pointer) in self.registry.live_stored(patient).await.map_err(internal)? {
+                    let encoded = key.encode();
+                    if journaled.contains(&encoded[PSEUDONYM_LEN..])
+                        || !wanted(&sub.categories, &pointer.categories)
+                    {
+                        continue;
+                    }
+                    first.push(StoredEvent {
+                        kind: EventKind::Appeared as i32,
+                        key: encoded.to_vec(),
+                        pointer: Some(pointer),
+                        at: now,
+                        ..Default::default()
+                    });
+                }
             }
+            changes.extend(journal.into_iter().filter(|e| e.concerns(&sub.categories)));
         }
+        // On a store several nodes share, another node's write may have made its
+        // event since the subscription was stored: that change is not given twice.
+        let made = self
+            .registry
+            .events(id, catch_up.made_before, MAX_MADE_MEANWHILE)
+            .await
+            .map_err(internal)?;
+        let already: HashSet<(i32, &[u8], i64)> = made
+            .events
+            .iter()
+            .map(|(_, e)| (e.kind, e.key.as_slice(), e.at))
+            .collect();
+        changes.retain(|e| !already.contains(&(e.kind, e.key.as_slice(), e.at)));
+        changes.sort_by_key(|e| e.at);
+        let events: Vec<StoredEvent> = first
+            .into_iter()
+            .chain(changes.into_iter().map(|e| StoredEvent {
+                previous_categories: Vec::new(),
+                ..e
+            }))
+            .collect();
         if events.is_empty() {
-            return Ok(());
+            return Ok(short_from);
         }
         let from = self
             .registry
@@ -863,7 +981,7 @@ impl NodeService {
                 hex::encode(id)
             )));
         }
-        Ok(())
+        Ok(short_from)
     }
 
     pub(super) async fn forwarded_pull_inner(

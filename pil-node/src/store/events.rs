@@ -135,6 +135,10 @@ pub struct StoredEvent {
     /// Collected: its number in that region's numbering.
     #[prost(uint64, tag = "7")]
     pub origin_number: u64,
+    /// Journaled: the categories before a change of content, to tell whether it
+    /// moved out of a subscription's categories.
+    #[prost(string, repeated, tag = "8")]
+    pub previous_categories: Vec<String>,
 }
 
 /// How another region follows a subscription made here.
@@ -242,32 +246,8 @@ pub fn events_for(
         let Some(fs) = followers.get(&key.patient) else {
             continue;
         };
-        let (kind, pointer, before) = match change {
-            Change::Put {
-                value,
-                previous: None,
-                ..
-            } => (EventKind::Appeared, value, None),
-            Change::Put {
-                value,
-                previous: Some(prev),
-                ..
-            } => {
-                if prev.same_content(value) {
-                    continue;
-                }
-                (EventKind::Changed, value, Some(prev))
-            }
-            Change::Delete {
-                previous, lapsed, ..
-            } => {
-                let kind = if *lapsed {
-                    EventKind::Lapsed
-                } else {
-                    EventKind::Removed
-                };
-                (kind, previous, None)
-            }
+        let Some((kind, pointer, before)) = event_of(change) else {
+            continue;
         };
         for f in fs {
             // A change into or out of the followed categories counts too.
@@ -290,6 +270,80 @@ pub fn events_for(
         }
     }
     out
+}
+
+/// A change as an event: its kind, the pointer as it left it (for a removal, as it
+/// was), and for a change of content the pointer before. None for a refresh that
+/// changed no content.
+fn event_of(change: &Change) -> Option<(EventKind, &StoredPointer, Option<&StoredPointer>)> {
+    match change {
+        Change::Put {
+            value,
+            previous: None,
+            ..
+        } => Some((EventKind::Appeared, value, None)),
+        Change::Put {
+            value,
+            previous: Some(prev),
+            ..
+        } => (!prev.same_content(value)).then_some((EventKind::Changed, &**value, Some(&**prev))),
+        Change::Delete {
+            previous, lapsed, ..
+        } => {
+            let kind = if *lapsed {
+                EventKind::Lapsed
+            } else {
+                EventKind::Removed
+            };
+            Some((kind, previous, None))
+        }
+    }
+}
+
+/// The journal entries `changes` make at `now`: every change of content, whoever
+/// follows it. A region cannot know which of its patients are followed elsewhere, so
+/// it keeps all its changes a bounded time; a subscription registered here only once
+/// this region came to hold its patient is given the changes made since it was made
+/// ([`Journal`]).
+pub fn journal_for(changes: &[Change], now: i64) -> Vec<StoredEvent> {
+    changes
+        .iter()
+        .filter_map(|change| {
+            let (kind, pointer, before) = event_of(change)?;
+            Some(StoredEvent {
+                kind: kind as i32,
+                key: change.key().encode().to_vec(),
+                pointer: Some(pointer.clone()),
+                at: now,
+                previous_categories: before.map(|b| b.categories.clone()).unwrap_or_default(),
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// What the journal holds of some patients since a time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Journal {
+    /// Their changes since the time asked, in the order they were written.
+    pub events: Vec<StoredEvent>,
+    /// The journal holds every change written from this time (unix nanoseconds) on;
+    /// older ones were dropped, or made before it was kept.
+    pub complete_from: i64,
+}
+
+impl StoredEvent {
+    /// Whether a subscription following `categories` (empty: all) is told of this
+    /// journaled change: a change into or out of them counts too.
+    pub fn concerns(&self, categories: &[String]) -> bool {
+        categories.is_empty()
+            || self
+                .pointer
+                .iter()
+                .flat_map(|p| &p.categories)
+                .chain(&self.previous_categories)
+                .any(|c| categories.contains(c))
+    }
 }
 
 /// The first event number kept when `oldest` is the oldest stored one (`None`: none

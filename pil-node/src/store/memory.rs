@@ -13,8 +13,8 @@ use super::{
     PatientRecords, PointerKey, Sealed, Store, StoreError, StoredBlock, StoredOptOut,
     StoredPatient, StoredPointer,
     events::{
-        self, EventPage, Followers, PeerFollow, PeerState, StoredEvent, StoredSubscription,
-        SubscriptionId,
+        self, EventPage, Followers, Journal, PeerFollow, PeerState, StoredEvent,
+        StoredSubscription, SubscriptionId,
     },
     merge_patients,
     model::Change,
@@ -52,6 +52,9 @@ struct State {
     routing_key_id: Option<String>,
     routing_tokens: BTreeMap<u64, u64>,
     routing_positions: HashMap<u64, u64>,
+    /// Oldest first; complete from `journal_from` (0: since the store was made).
+    journal: std::collections::VecDeque<StoredEvent>,
+    journal_from: i64,
 }
 
 impl TreeReader for State {
@@ -108,8 +111,10 @@ impl Store for MemoryStore {
                 followers.entry(patient).or_default().push(f);
             }
         }
+        let now = now_nanos();
+        state.journal.extend(events::journal_for(&changes, now));
         let mut counters = std::mem::take(&mut state.counters);
-        for (id, n, event) in events::events_for(&changes, &followers, now_nanos(), &mut counters) {
+        for (id, n, event) in events::events_for(&changes, &followers, now, &mut counters) {
             state.events.insert((id, n), event);
         }
         state.counters = counters;
@@ -535,6 +540,33 @@ impl Store for MemoryStore {
             state.events.remove(k);
         }
         Ok(old.len())
+    }
+
+    async fn journal(&self, patients: Vec<Pseudonym>, since: i64) -> Result<Journal, StoreError> {
+        let state = self.lock();
+        Ok(Journal {
+            events: state
+                .journal
+                .iter()
+                .filter(|e| e.at >= since && e.patient().is_some_and(|p| patients.contains(&p)))
+                .cloned()
+                .collect(),
+            complete_from: state.journal_from,
+        })
+    }
+
+    async fn drop_journal(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let mut state = self.lock();
+        let mut dropped = 0;
+        while dropped < limit && state.journal.front().is_some_and(|e| e.at < before) {
+            let e = state.journal.pop_front().expect("a front was seen");
+            state.journal_from = state.journal_from.max(e.at + 1);
+            dropped += 1;
+        }
+        if dropped < limit {
+            state.journal_from = state.journal_from.max(before);
+        }
+        Ok(dropped)
     }
 
     async fn all_subscriptions(

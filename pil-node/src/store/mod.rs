@@ -28,7 +28,7 @@ use std::sync::{
 
 use crate::patient_keys::Pseudonym;
 pub use events::{
-    EventPage, FollowedPatient, PeerFollow, PeerState, StoredEvent, StoredSubscription,
+    EventPage, FollowedPatient, Journal, PeerFollow, PeerState, StoredEvent, StoredSubscription,
     SubscriptionId,
 };
 pub use model::{
@@ -313,6 +313,17 @@ pub trait Store: Send + Sync {
         to: u64,
         events: Vec<StoredEvent>,
     ) -> Result<bool, StoreError>;
+
+    // The journal: every pointer change, kept a bounded time, written in the same
+    // atomic write as the change (see `events::journal_for`).
+
+    /// The journaled changes of `patients` written at or after `since` (unix
+    /// nanoseconds), in write order, and since when the journal is complete.
+    async fn journal(&self, patients: Vec<Pseudonym>, since: i64) -> Result<Journal, StoreError>;
+    /// Drops up to `limit` journaled changes written before `before`, oldest first;
+    /// the journal is then complete only from the oldest change it still holds, or
+    /// `before` once none older is left. Returns how many it dropped.
+    async fn drop_journal(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
 
     // Routing tokens: what this region's membership summary is built over.
 

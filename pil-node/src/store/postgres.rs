@@ -23,7 +23,7 @@ use super::{
     OpResult, PatientMove, PatientRecords, PointerKey, Queues, Sealed, Store, StoreError,
     StoredBlock, StoredOptOut, StoredPatient, StoredPointer,
     events::{
-        self, EventPage, Follower, Followers, PeerFollow, PeerState, StoredEvent,
+        self, EventPage, Follower, Followers, Journal, PeerFollow, PeerState, StoredEvent,
         StoredSubscription, SubscriptionId,
     },
     merge_patients,
@@ -34,7 +34,7 @@ use super::{
         self, AuditJob, FetchedNodes, Group, Head, NodeRecorder, Sequencer, TreeReader, sequence,
     },
 };
-use crate::patient_keys::Pseudonym;
+use crate::patient_keys::{PSEUDONYM_LEN, Pseudonym};
 
 /// Most write operations or audit records committed in one transaction.
 const MAX_GROUP: usize = 4096;
@@ -122,10 +122,23 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE routing_tokens (token bigint PRIMARY KEY, position bigint NOT NULL UNIQUE);
      CREATE TABLE routing_key (id integer PRIMARY KEY CHECK (id = 1), key_id text NOT NULL);
      INSERT INTO coordinator VALUES ('routing');",
+    // 6: the journal of every pointer change, kept a bounded time, for subscriptions
+    // registered after this region came to hold their patient.
+    "CREATE TABLE journal (
+         seq bigserial PRIMARY KEY,
+         at bigint NOT NULL,
+         patient bytea NOT NULL,
+         value bytea NOT NULL
+     );
+     CREATE INDEX journal_by_patient ON journal (patient, seq);
+     CREATE INDEX journal_by_time ON journal (at);
+     CREATE TABLE journal_from (id integer PRIMARY KEY CHECK (id = 1), at bigint NOT NULL);
+     INSERT INTO journal_from
+         VALUES (1, (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint);",
 ];
 
 /// The schema version this node speaks, as the refusals name it.
-const SCHEMA: &str = "schema version 5";
+const SCHEMA: &str = "schema version 6";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -485,9 +498,38 @@ async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult
         .await
         .map_err(db_error)?;
     }
-    write_events(&tx, &changes).await?;
+    // One time for the group's journal entries and events.
+    let now = super::now_nanos();
+    write_journal(&tx, &changes, now).await?;
+    write_events(&tx, &changes, now).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(results)
+}
+
+/// Journals `changes`, in the group's transaction.
+async fn write_journal(
+    tx: &deadpool_postgres::Transaction<'_>,
+    changes: &[Change],
+    now: i64,
+) -> Result<(), StoreError> {
+    let entries = events::journal_for(changes, now);
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let ats: Vec<i64> = entries.iter().map(|e| e.at).collect();
+    let patients: Vec<&[u8]> = entries
+        .iter()
+        .map(|e| e.key.get(..PSEUDONYM_LEN).unwrap_or_default())
+        .collect();
+    let values: Vec<Vec<u8>> = entries.iter().map(|e| e.encode_to_vec()).collect();
+    tx.execute(
+        "INSERT INTO journal (at, patient, value)
+         SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])",
+        &[&ats, &patients, &values],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// Writes the events `changes` make for their patients' followers, in the group's
@@ -495,6 +537,7 @@ async fn write_group(pool: &Pool, jobs: Vec<Vec<Op>>) -> Result<Vec<Vec<OpResult
 async fn write_events(
     tx: &deadpool_postgres::Transaction<'_>,
     changes: &[Change],
+    now: i64,
 ) -> Result<(), StoreError> {
     if changes.is_empty() {
         return Ok(());
@@ -541,7 +584,7 @@ async fn write_events(
         let id = subscription_id("event_counters", r.get(0))?;
         last.insert(id, r.get::<_, i64>(1) as u64);
     }
-    let made = events::events_for(changes, &followers, super::now_nanos(), &mut last);
+    let made = events::events_for(changes, &followers, now, &mut last);
     if made.is_empty() {
         return Ok(());
     }
@@ -1458,6 +1501,60 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         Ok(n as usize)
+    }
+
+    async fn journal(&self, patients: Vec<Pseudonym>, since: i64) -> Result<Journal, StoreError> {
+        let c = self.client().await?;
+        let patients: Vec<&[u8]> = patients.iter().map(|p| p.as_slice()).collect();
+        let events = c
+            .query(
+                "SELECT value FROM journal WHERE patient = ANY($1) AND at >= $2 ORDER BY seq",
+                &[&patients, &since],
+            )
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| decode("journal", r.get(0)))
+            .collect::<Result<Vec<StoredEvent>, StoreError>>()?;
+        let complete_from = c
+            .query_one("SELECT at FROM journal_from WHERE id = 1", &[])
+            .await
+            .map_err(db_error)?
+            .get(0);
+        Ok(Journal {
+            events,
+            complete_from,
+        })
+    }
+
+    async fn drop_journal(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        let dropped = tx
+            .query(
+                "DELETE FROM journal WHERE seq IN
+                 (SELECT seq FROM journal WHERE at < $1 ORDER BY at LIMIT $2)
+                 RETURNING at",
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        let newest = dropped.iter().map(|r| r.get::<_, i64>(0)).max();
+        let from = if dropped.len() < limit {
+            Some(before)
+        } else {
+            newest.map(|at| at + 1)
+        };
+        if let Some(from) = from {
+            tx.execute(
+                "UPDATE journal_from SET at = greatest(at, $1) WHERE id = 1",
+                &[&from],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(dropped.len())
     }
 
     async fn all_subscriptions(

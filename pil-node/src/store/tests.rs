@@ -397,6 +397,88 @@ fn kinds(page: &super::EventPage) -> Vec<(u64, super::events::EventKind, u8)> {
         .collect()
 }
 
+/// Every change of content is journaled in its write, whoever follows the patient;
+/// the journal reads by patient and time in write order, and dropping its oldest part
+/// moves the time from which it is complete.
+#[tokio::test]
+async fn every_change_is_journaled_and_the_journal_keeps_its_window() {
+    use super::events::EventKind::*;
+    on_every_engine(async |store| {
+        let start = super::now_nanos();
+        let before = store.journal(vec![[1; PSEUDONYM_LEN]], 0).await.unwrap();
+        assert!(before.events.is_empty());
+        assert!(before.complete_from <= start, "{before:?}");
+        let mut lab = pointer(1);
+        lab.categories = vec!["lab-results".into()];
+        store
+            .apply(vec![
+                upsert(key(1, ORG_A, 1), pointer(1)),
+                upsert(key(2, ORG_A, 1), pointer(1)),
+            ])
+            .await
+            .unwrap();
+        // A refresh is no change.
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), pointer(1))])
+            .await
+            .unwrap();
+        let middle = super::now_nanos();
+        store
+            .apply(vec![upsert(key(1, ORG_A, 1), lab)])
+            .await
+            .unwrap();
+        store
+            .apply(vec![Op::Delete {
+                key: key(1, ORG_A, 1),
+            }])
+            .await
+            .unwrap();
+        let of = |j: &super::Journal| -> Vec<(super::events::EventKind, u8)> {
+            j.events
+                .iter()
+                .map(|e| {
+                    (
+                        super::events::EventKind::try_from(e.kind).unwrap(),
+                        e.patient().unwrap()[0],
+                    )
+                })
+                .collect()
+        };
+        let all = store.journal(vec![[1; PSEUDONYM_LEN]], 0).await.unwrap();
+        assert_eq!(of(&all), vec![(Appeared, 1), (Changed, 1), (Removed, 1)]);
+        // A change out of a category is told to that category's followers.
+        let changed = &all.events[1];
+        assert_eq!(changed.previous_categories, vec!["medications".to_string()]);
+        assert!(changed.concerns(&["medications".into()]));
+        assert!(changed.concerns(&["lab-results".into()]));
+        assert!(!changed.concerns(&["x-rays".into()]));
+        let both = store
+            .journal(vec![[2; PSEUDONYM_LEN], [1; PSEUDONYM_LEN]], 0)
+            .await
+            .unwrap();
+        assert_eq!(of(&both)[..2], [(Appeared, 1), (Appeared, 2)]);
+        let later = store
+            .journal(vec![[1; PSEUDONYM_LEN]], middle)
+            .await
+            .unwrap();
+        assert_eq!(of(&later), vec![(Changed, 1), (Removed, 1)]);
+
+        // Dropped a page at a time, oldest first.
+        assert_eq!(store.drop_journal(middle, 1).await.unwrap(), 1);
+        let after_page = store.journal(vec![[2; PSEUDONYM_LEN]], 0).await.unwrap();
+        assert!(after_page.complete_from > start);
+        assert_eq!(store.drop_journal(middle, 10).await.unwrap(), 1);
+        let kept = store
+            .journal(vec![[1; PSEUDONYM_LEN], [2; PSEUDONYM_LEN]], 0)
+            .await
+            .unwrap();
+        assert_eq!(of(&kept), vec![(Changed, 1), (Removed, 1)]);
+        assert_eq!(kept.complete_from, middle);
+        assert_eq!(store.drop_journal(middle, 10).await.unwrap(), 0);
+    })
+    .await;
+}
+
 /// A write to a followed patient makes its event in the same write, numbered by the
 /// subscription without gaps; writes to others, refreshes and writes after the
 /// subscription ends make none.

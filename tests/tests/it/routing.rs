@@ -555,8 +555,8 @@ fn following(sub: &v1::Subscription, region: &str) -> (v1::RegionFollowingState,
 /// A subscription is told only to the regions that may hold its patient: Nord,
 /// holding nothing about the patient, learns nothing of it (nor of its deliveries,
 /// whose protections are asked only where they may be). When Nord comes to hold the
-/// patient, it is registered there and delivers what it came to hold and every
-/// change after, none missed.
+/// patient, it is registered there and delivers every change it made since the
+/// subscription was (from its journal), and every change after, none missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
     let world = World::new();
@@ -618,33 +618,67 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
         &at_nord[..at_nord.len() - nord_before]
     );
 
-    // Nord comes to hold the patient: two pointers, one right after the other, before
-    // Vest can have registered there.
+    // Nord comes to hold the patient: pointers added, changed and one removed again,
+    // one right after the other, before Vest can have registered there. Every change
+    // arrives, in order, whenever the registration fell among them.
     let nord_holder = world.client(ORG_B, nord).await;
-    nord_holder
-        .upsert(pointer(&patient, ORG_B, 10, &["medications"]))
-        .await
-        .unwrap();
-    nord_holder
-        .upsert(pointer(&patient, ORG_B, 11, &["medications"]))
-        .await
-        .unwrap();
-    let events = pull_until(&gp, &sub.id, 0, 3).await;
-    let from_nord: Vec<&v1::Event> = events.iter().filter(|e| e.region == NORD).collect();
-    assert_eq!(from_nord.len(), 2, "{events:?}");
-    for e in &from_nord {
-        assert_eq!(
-            v1::EventKind::try_from(e.kind),
-            Ok(v1::EventKind::PointerAppeared)
-        );
-        assert!(e.pointer.is_some(), "{e:?}");
+    for n in [10, 11, 13] {
+        nord_holder
+            .upsert(pointer(&patient, ORG_B, n, &["medications"]))
+            .await
+            .unwrap();
     }
+    nord_holder
+        .upsert(pointer(
+            &patient,
+            ORG_B,
+            10,
+            &["medications", "lab-results"],
+        ))
+        .await
+        .unwrap();
+    let gone = pointer(&patient, ORG_B, 13, &[]);
+    assert!(
+        nord_holder
+            .delete(v1::DeletePointerRequest {
+                patient: gone.patient,
+                holder: gone.holder,
+                endpoint: gone.endpoint,
+            })
+            .await
+            .unwrap()
+    );
+    let events = pull_until(&gp, &sub.id, 0, 6).await;
+    let from_nord: Vec<(v1::EventKind, String)> = events
+        .iter()
+        .filter(|e| e.region == NORD)
+        .map(|e| {
+            let endpoint = e.pointer.as_ref().and_then(|p| p.endpoint.as_ref());
+            (
+                v1::EventKind::try_from(e.kind).unwrap(),
+                endpoint.map(|ep| ep.base_url.clone()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let url = |n: u32| format!("https://fhir{n}.org{ORG_B}.example/r4");
+    assert_eq!(
+        from_nord,
+        vec![
+            (v1::EventKind::PointerAppeared, url(10)),
+            (v1::EventKind::PointerAppeared, url(11)),
+            (v1::EventKind::PointerAppeared, url(13)),
+            (v1::EventKind::PointerChanged, url(10)),
+            (v1::EventKind::PointerRemoved, url(13)),
+        ],
+        "{events:?}"
+    );
     // Every change after the registration arrives too.
     nord_holder
         .upsert(pointer(&patient, ORG_B, 12, &["lab-results"]))
         .await
         .unwrap();
-    let events = pull_until(&gp, &sub.id, 0, 4).await;
+    let events = pull_until(&gp, &sub.id, 0, 7).await;
+    assert_eq!(events.len(), 7, "{events:?}");
     assert_eq!(events.last().unwrap().region, NORD);
     let listed = gp
         .subscriptions()

@@ -64,9 +64,11 @@ pub(super) const CF_EVENTS: &str = "events";
 pub(super) const CF_EVENT_COUNTERS: &str = "event_counters";
 pub(super) const CF_ROUTING_TOKENS: &str = "routing_tokens";
 pub(super) const CF_ROUTING_BY_TOKEN: &str = "routing_by_token";
+pub(super) const CF_JOURNAL: &str = "journal";
+pub(super) const CF_JOURNAL_BY_PATIENT: &str = "journal_by_patient";
 
 /// Every column family, for what is done to all of them.
-const EVERY_CF: [&str; 16] = [
+const EVERY_CF: [&str; 18] = [
     CF_POINTERS,
     CF_BY_ORG,
     CF_EXPIRY,
@@ -83,6 +85,8 @@ const EVERY_CF: [&str; 16] = [
     CF_EVENT_COUNTERS,
     CF_ROUTING_TOKENS,
     CF_ROUTING_BY_TOKEN,
+    CF_JOURNAL,
+    CF_JOURNAL_BY_PATIENT,
 ];
 /// First audit index whose contents are kept (earlier ones fell to retention).
 const AUDIT_RETAINED_FROM: &[u8] = b"audit_retained_from";
@@ -292,6 +296,8 @@ impl Db {
             ColumnFamilyDescriptor::new(CF_EVENT_COUNTERS, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_ROUTING_TOKENS, cf(None, false)),
             ColumnFamilyDescriptor::new(CF_ROUTING_BY_TOKEN, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_JOURNAL, cf(None, false)),
+            ColumnFamilyDescriptor::new(CF_JOURNAL_BY_PATIENT, cf(Some(PSEUDONYM_LEN), false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self {
@@ -301,6 +307,7 @@ impl Db {
         };
         store.check_format()?;
         store.follow_state().any = store.any_followers()?;
+        store.open_journal(&mut store.follow_state())?;
         Ok(store)
     }
 
@@ -565,7 +572,10 @@ impl Db {
         }
         // The group's events, in the same batch: see `events.rs`.
         let mut follow = self.follow_state();
-        let now = crate::store::now_nanos();
+        // One time for the group's journal entries and events: later than the
+        // group before, so journal keys never collide.
+        let now = crate::store::now_nanos().max(follow.journal_at + 1);
+        self.add_journal(&mut follow, changes, now, &mut batch);
         let counters = self.add_events(&follow, changes, now, &mut batch)?;
         let written = self.write_synced(batch);
         match &written {

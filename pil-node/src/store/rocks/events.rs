@@ -55,6 +55,8 @@ pub struct FollowerEntry {
 pub struct FollowState {
     pub any: bool,
     pub counters: HashMap<SubscriptionId, u64>,
+    /// When the newest journal group was written: the next is later.
+    pub journal_at: i64,
 }
 
 fn event_key(id: &SubscriptionId, n: u64) -> [u8; 24] {

@@ -7,6 +7,7 @@
 mod audit;
 mod db;
 mod events;
+mod journal;
 mod moves;
 mod routing;
 mod writer;
@@ -19,7 +20,9 @@ use super::{
     AuditEntry, Closer, Figure, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op, OpResult,
     PatientMove, PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
     StoredPatient, StoredPointer,
-    events::{EventPage, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId},
+    events::{
+        EventPage, Journal, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId,
+    },
     tree::{self, TreeReader},
 };
 use crate::patient_keys::Pseudonym;
@@ -394,6 +397,16 @@ impl Store for RocksStore {
 
     async fn drop_events(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         self.blocking(move |db| Ok(db.drop_events(before, limit)?))
+            .await
+    }
+
+    async fn journal(&self, patients: Vec<Pseudonym>, since: i64) -> Result<Journal, StoreError> {
+        self.blocking(move |db| Ok(db.journal(&patients, since)?))
+            .await
+    }
+
+    async fn drop_journal(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        self.blocking(move |db| Ok(db.drop_journal(before, limit)?))
             .await
     }
 
