@@ -608,7 +608,7 @@ async fn key_refresh_loop(reloader: Reloader, first: Option<std::time::Duration>
     }
 }
 
-/// Purges lapsed pointers, and change events past their retention.
+/// Purges lapsed pointers, change events past their retention, and the journal.
 async fn purge_loop(
     registry: Registry,
     audit: AuditLog,
