@@ -194,6 +194,18 @@ impl Access {
         self.requester(token.trim(), &RequestContext::forwarded(client_org))
     }
 
+    /// [`Access::authenticate_forwarded`] as of `at`, when the calling home node
+    /// verified the token: a late registration of a subscription (the token may have
+    /// expired since; the caller bounds how long ago `at` may be).
+    pub fn authenticate_forwarded_at(
+        &self,
+        client_org: &str,
+        token: &str,
+        at: std::time::SystemTime,
+    ) -> Result<Requester, AccessError> {
+        self.requester(token.trim(), &RequestContext::forwarded(client_org).at(at))
+    }
+
     fn requester(
         &self,
         presented: &str,

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Mutex,
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use pil_proto::{ident::PatientId, v1};
@@ -33,6 +33,8 @@ use crate::{
         events::{EventKind, FollowedPatient},
     },
 };
+
+const NANOS_PER_MINUTE: i64 = 60_000_000_000;
 
 /// How long a peer is given to register a subscription while the subscriber waits.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(3);
@@ -57,8 +59,12 @@ pub(super) struct Registration {
     access_token: String,
     client_organization_number: String,
     query_id: String,
-    /// Past this, no peer accepts the token: a peer reached later needs a renewal.
+    /// Past this, a peer not registered yet does not accept the token: it needs a
+    /// renewal. A peer that comes to hold a patient later accepts it as of
+    /// `presented_at`.
     token_expires: SystemTime,
+    /// When this node verified the token.
+    presented_at: SystemTime,
 }
 
 impl Registration {
@@ -69,6 +75,7 @@ impl Registration {
             client_organization_number: client_org,
             query_id: query_id.to_string(),
             token_expires: requester.token.expires_at,
+            presented_at: SystemTime::now(),
         }
     }
 }
@@ -174,6 +181,11 @@ struct CatchUp {
     made_before: u64,
 }
 
+fn nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 /// Whether a subscription following `followed` (empty: all) wants a pointer in
 /// `categories`.
 fn wanted(followed: &[String], categories: &[String]) -> bool {
@@ -274,10 +286,13 @@ impl NodeService {
                 Err(e) => Err(Error::unavailable(e.to_string())),
             };
         }
+        // A peer that came to hold a patient since checks the token as of when it was
+        // presented here; any other needs it unexpired.
+        let late = matches!(state, PeerState::Following | PeerState::HoldsNothing);
         let registration = self
             .relay
             .registration(&id)
-            .filter(|r| r.token_expires > SystemTime::now());
+            .filter(|r| late || r.token_expires > SystemTime::now());
         let Some(registration) = registration else {
             if state == PeerState::Refused || state == PeerState::Ended {
                 return Ok(());
@@ -288,17 +303,18 @@ impl NodeService {
                     (
                         state,
                         format!(
-                            "{region} came to hold another followed patient after the token \
-                             presented expired; renew the subscription to register it there"
+                            "{region} came to hold another followed patient after this node \
+                             restarted (the token presented is kept in memory only); renew the \
+                             subscription to register it there"
                         ),
                     )
                 } else {
                     (
                         PeerState::Pending,
                         format!(
-                            "not registered in {region}: it was not reached (or came to \
-                             hold a followed patient) while the token presented could be \
-                             forwarded; renew the subscription to register it"
+                            "not registered in {region}: it was not reached while the token \
+                             presented could be forwarded (or this node restarted since); \
+                             renew the subscription to register it"
                         ),
                     )
                 };
@@ -344,10 +360,11 @@ impl NodeService {
             query_id: registration.query_id,
             // Registered already (or told it held nothing): patients new to it came
             // to it since.
-            came_to_hold: matches!(state, PeerState::Following | PeerState::HoldsNothing),
+            came_to_hold: late,
             // Changes the peer made since then go first (it may have been out of
             // reach, or held nothing, when the subscription was made).
             followed_since: Some(to_timestamp(sub.created_at)),
+            token_presented_at: late.then(|| to_timestamp(nanos(registration.presented_at))),
         };
         match self
             .federation
@@ -770,8 +787,31 @@ impl NodeService {
             }
             return Ok(Response::new(v1::ForwardedSubscribeResponse::default()));
         }
-        let requester =
-            self.forwarded_requester(&region, &r.client_organization_number, &r.access_token)?;
+        // A late registration's token is checked as of when the home node verified
+        // it, at most max_days ago, and the subscription lasts at most max_days from
+        // then.
+        let max_days = i64::from(self.access.legal().settings().subscriptions.max_days.max(1));
+        let presented_at = if r.came_to_hold {
+            pointer::timestamp("token_presented_at", r.token_presented_at.as_ref())
+                .map_err(invalid)?
+        } else {
+            None
+        };
+        if let Some(at) = presented_at
+            && (at < now_nanos() - max_days * NANOS_PER_DAY || at > now_nanos() + NANOS_PER_MINUTE)
+        {
+            return Err(Error::invalid(format!(
+                "token_presented_at: the token must have been presented to the home node \
+                 within the last {max_days} days ([subscriptions] max_days here); renew the \
+                 subscription with a fresh token"
+            )));
+        }
+        let requester = self.forwarded_requester_at(
+            &region,
+            &r.client_organization_number,
+            &r.access_token,
+            presented_at.map(|at| UNIX_EPOCH + Duration::from_nanos(at.max(0) as u64)),
+        )?;
         if let Some(s) = &existing
             && s.owner != requester.token.org_number
         {
@@ -787,6 +827,10 @@ impl NodeService {
             )));
         }
         let most = self.may_follow(&requester, entry, 0)?;
+        let most = match presented_at {
+            Some(at) => most.min(at + max_days * NANOS_PER_DAY),
+            None => most,
+        };
         let home_expiry = pointer::timestamp("expires_at", r.expires_at.as_ref())
             .map_err(invalid)?
             .unwrap_or(most);

@@ -36,18 +36,36 @@ impl NodeService {
         client_organization_number: &str,
         access_token: &str,
     ) -> Result<crate::access::Requester, Error> {
+        self.forwarded_requester_at(region, client_organization_number, access_token, None)
+    }
+
+    /// [`Self::forwarded_requester`], the token checked as of `at` when given.
+    pub(super) fn forwarded_requester_at(
+        &self,
+        region: &str,
+        client_organization_number: &str,
+        access_token: &str,
+        at: Option<std::time::SystemTime>,
+    ) -> Result<crate::access::Requester, Error> {
         let client_org =
             pointer::org_number("client_organization_number", client_organization_number)
                 .map_err(invalid)?;
-        self.access
-            .authenticate_forwarded(client_org.as_str(), access_token)
-            .map_err(|e| match e {
-                crate::access::AccessError::Unauthenticated(reason) => {
-                    tracing::info!(peer = %region, %reason, "forwarded requester refused");
-                    Error::unauthenticated(reason)
-                }
-                other => super::internal_access(other),
-            })
+        match at {
+            None => self
+                .access
+                .authenticate_forwarded(client_org.as_str(), access_token),
+            Some(at) => {
+                self.access
+                    .authenticate_forwarded_at(client_org.as_str(), access_token, at)
+            }
+        }
+        .map_err(|e| match e {
+            crate::access::AccessError::Unauthenticated(reason) => {
+                tracing::info!(peer = %region, %reason, "forwarded requester refused");
+                Error::unauthenticated(reason)
+            }
+            other => super::internal_access(other),
+        })
     }
 
     /// The calling peer's region; refuses organizations and unknown nodes.

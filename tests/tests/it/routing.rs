@@ -693,3 +693,78 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
     );
     regions.stop().await;
 }
+
+/// The subscriber's token has long expired when Nord comes to hold the followed
+/// patient: Nord checks the token as of when the home node verified it, registers
+/// the subscription and delivers every change, without the subscriber presenting a
+/// token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_coming_to_hold_the_patient_after_the_token_expired_is_still_registered() {
+    let world = World::new();
+    let regions = Regions::start(&world, &[VEST, NORD], |region, c| {
+        *c = world.routed_region_config(region, BOUND_MS);
+    })
+    .await;
+    let (vest, nord) = (regions.node(VEST).addr(), regions.node(NORD).addr());
+    let patient = patient_id(4400);
+    world
+        .client(ORG_A, nord)
+        .await
+        .upsert(pointer(&patient_id(4401), ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    wait_fresh(&world, vest, &[(NORD, 1)]).await;
+
+    let issuer = world.issuer();
+    let short = doctor_token(&issuer)
+        .org_parent(ORG_C)
+        .expires_in(Duration::from_secs(2))
+        .sign()
+        .unwrap();
+    let gp = world.client_with_token(ORG_C, vest, short, None).await;
+    let sub = gp
+        .subscribe(v1::SubscribeRequest {
+            patients: vec![patient.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .subscription
+        .unwrap();
+    assert_eq!(
+        following(&sub, NORD).0,
+        v1::RegionFollowingState::HoldsNothing
+    );
+    // Until the token is refused everywhere (past its expiry and the clock leeway).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gp.lookup(lookup(&patient)).await.is_ok() {
+        assert!(Instant::now() < deadline, "the token never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    world
+        .client(ORG_B, nord)
+        .await
+        .upsert(pointer(&patient, ORG_B, 10, &["medications"]))
+        .await
+        .unwrap();
+    // Pulled by a client with a fresh token: reading the feed needs one, following
+    // does not.
+    let reader = world.client(ORG_C, vest).await;
+    let events = pull_until(&reader, &sub.id, 0, 1).await;
+    assert_eq!(events[0].region, NORD, "{events:?}");
+    assert_eq!(
+        v1::EventKind::try_from(events[0].kind),
+        Ok(v1::EventKind::PointerAppeared)
+    );
+    let listed = reader
+        .subscriptions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id == sub.id)
+        .unwrap();
+    let (state, detail) = following(&listed, NORD);
+    assert_eq!(state, v1::RegionFollowingState::Following, "{detail}");
+    regions.stop().await;
+}
