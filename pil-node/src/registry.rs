@@ -647,16 +647,8 @@ impl Registry {
 
     /// Drops events older than `days`; returns how many.
     pub async fn drop_events_older_than(&self, days: u32) -> Result<usize, RegistryError> {
-        const PAGE: usize = 10_000;
         let before = now_nanos() - i64::from(days) * NANOS_PER_DAY;
-        let mut dropped = 0;
-        loop {
-            let n = self.inner.store.drop_events(before, PAGE).await?;
-            dropped += n;
-            if n < PAGE {
-                return Ok(dropped);
-            }
-        }
+        drop_paged(|page| self.inner.store.drop_events(before, page)).await
     }
 
     /// What a lookup reads about one patient: the opt-out, and unless there is one,
@@ -922,16 +914,8 @@ impl Registry {
 
     /// Drops journaled changes older than `hours`; returns how many.
     pub async fn drop_journal_older_than(&self, hours: u32) -> Result<usize, RegistryError> {
-        const PAGE: usize = 10_000;
         let before = now_nanos() - i64::from(hours) * 3_600_000_000_000;
-        let mut dropped = 0;
-        loop {
-            let n = self.inner.store.drop_journal(before, PAGE).await?;
-            dropped += n;
-            if n < PAGE {
-                return Ok(dropped);
-            }
-        }
+        drop_paged(|page| self.inner.store.drop_journal(before, page)).await
     }
 
     /// The patient's opt-out and blocks: what a lookup must respect.
@@ -990,6 +974,24 @@ fn endpoint_ident(e: &EndpointRef) -> [u8; IDENT_LEN] {
     let mut out = [0u8; IDENT_LEN];
     out.copy_from_slice(&digest[..IDENT_LEN]);
     out
+}
+
+/// Drops a page at a time, so that no one write grows without bound, until a page is
+/// not full; returns how many were dropped.
+async fn drop_paged<F, Fut>(mut drop: F) -> Result<usize, RegistryError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<usize, crate::store::StoreError>>,
+{
+    const PAGE: usize = 10_000;
+    let mut dropped = 0;
+    loop {
+        let n = drop(PAGE).await?;
+        dropped += n;
+        if n < PAGE {
+            return Ok(dropped);
+        }
+    }
 }
 
 #[cfg(test)]
