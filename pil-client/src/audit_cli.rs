@@ -98,6 +98,19 @@ pub enum AuditCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Mark a record reviewed (an emergency access followed up, a refusal looked
+    /// into), with a note; the review is itself a record (action audit_review).
+    Review {
+        /// The reviewed record's index.
+        #[arg(long)]
+        index: u64,
+        /// What the review found and did.
+        #[arg(long)]
+        note: String,
+        /// Who reviewed, as they want to be named in the record.
+        #[arg(long, default_value = "")]
+        reviewer: String,
+    },
     /// Who looked a patient up, when and why, in every region that answers.
     PatientReport {
         /// The patient's identifier.
@@ -253,6 +266,18 @@ pub async fn run(
             public_key,
             out,
         } => consistency(client, &from, &public_key, out.as_deref(), json).await?,
+        AuditCommand::Review {
+            index,
+            note,
+            reviewer,
+        } => {
+            client.audit_review(index, &note, &reviewer).await?;
+            if json {
+                println!("{}", serde_json::json!({ "reviewed": index }));
+            } else {
+                println!("record {index} marked reviewed");
+            }
+        }
         AuditCommand::PatientReport {
             patient,
             system,

@@ -527,6 +527,23 @@ impl PilClient {
         };
         Ok(self.audit.clone().patient_report(req).await?.into_inner())
     }
+
+    /// Marks record `index` of the node's log reviewed, with a note; the review is
+    /// itself recorded (action `audit_review`).
+    pub async fn audit_review(
+        &self,
+        index: u64,
+        note: &str,
+        reviewer: &str,
+    ) -> Result<(), ClientError> {
+        let req = v1::ReviewRecordRequest {
+            index,
+            note: note.to_string(),
+            reviewer: reviewer.to_string(),
+        };
+        self.audit.clone().review_record(req).await?;
+        Ok(())
+    }
 }
 
 /// A server stream of pages as a stream of their items.

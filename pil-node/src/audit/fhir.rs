@@ -204,6 +204,7 @@ fn event_kind(action: Action) -> EventKind {
             false,
         ),
         Action::AuditAccess => (dicom("110101", "Audit Log Used"), None, "R", false),
+        Action::AuditReview => (dicom("110101", "Audit Log Used"), None, "C", false),
         Action::PeersList | Action::PeerPing | Action::Refused | Action::SubscriptionManage => {
             (dicom("110100", "Application Activity"), None, "E", false)
         }
@@ -434,6 +435,9 @@ fn entities(record: &AuditRecord, query: bool) -> Vec<Value> {
     if let Some(text) = &record.detail {
         details.push(detail("detail", text));
     }
+    if let Some(index) = record.reviewed {
+        details.push(detail("reviewed-record", &index.to_string()));
+    }
     if !details.is_empty() {
         entities.push(other_entity("request outcome", details));
     }
@@ -537,6 +541,7 @@ mod tests {
             peers_asked: Vec::new(),
             forwarded_by: None,
             detail: None,
+            reviewed: None,
         }
     }
 
@@ -1016,6 +1021,7 @@ mod tests {
             Action::OptOutGet,
             Action::PolicyReload,
             Action::AuditAccess,
+            Action::AuditReview,
             Action::Subscribe,
             Action::EventDelivery,
             Action::SubscriptionManage,

@@ -31,6 +31,9 @@ pub enum Action {
     PeersList,
     /// An auditor's search, export or proof request.
     AuditAccess,
+    /// An auditor's review of one record (an emergency access followed up, a refusal
+    /// looked into): `reviewed` names it, `detail` holds the note.
+    AuditReview,
     /// A peer node's check that this node is reachable and accepts it.
     PeerPing,
     /// `EventService.Subscribe` (one record per followed patient, and one for the
@@ -174,6 +177,9 @@ pub struct AuditRecord {
     /// sync's counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// For a review: the index of the record reviewed, in this node's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed: Option<u64>,
 }
 
 impl AuditRecord {
@@ -194,6 +200,7 @@ impl AuditRecord {
             peers_asked: Vec::new(),
             forwarded_by: None,
             detail: None,
+            reviewed: None,
         }
     }
 

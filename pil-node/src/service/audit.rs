@@ -22,6 +22,9 @@ use crate::{
     store::StoreError,
 };
 
+/// Longest review note, and reviewer name, in characters.
+const MAX_NOTE: usize = 2000;
+const MAX_REVIEWER: usize = 200;
 /// Records a search returns by default, and at most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -461,8 +464,77 @@ impl NodeService {
     }
 }
 
+impl NodeService {
+    async fn review_record_inner(
+        &self,
+        entry: &mut AuditRecord,
+        req: Request<v1::ReviewRecordRequest>,
+    ) -> Result<Response<v1::ReviewRecordResponse>, Error> {
+        self.require_role(&req, Role::Auditor)?;
+        let v1::ReviewRecordRequest {
+            index,
+            note,
+            reviewer,
+        } = req.into_inner();
+        let (note, reviewer) = (note.trim(), reviewer.trim());
+        if note.is_empty() || note.chars().count() > MAX_NOTE {
+            return Err(Error::invalid(format!(
+                "note: say what the review found and did, in 1 to {MAX_NOTE} characters \
+                 (got {})",
+                note.chars().count()
+            )));
+        }
+        if reviewer.chars().count() > MAX_REVIEWER {
+            return Err(Error::invalid(format!(
+                "reviewer: at most {MAX_REVIEWER} characters"
+            )));
+        }
+        let size = self.audit.size().await.map_err(Error::internal)?.size;
+        if index >= size {
+            return Err(Error::out_of_range(format!(
+                "index: this node's log holds records 0 to {} ; there is no record {index}",
+                size.saturating_sub(1)
+            )));
+        }
+        let bytes = self
+            .audit
+            .store()
+            .audit_record(index)
+            .await
+            .map_err(Error::internal)?
+            .ok_or_else(|| {
+                Error::precondition(format!(
+                    "record {index}'s contents were removed after the retention period; \
+                     there is nothing left to review"
+                ))
+            })?;
+        let reviewed = parse_record(&bytes).ok_or_else(|| {
+            Error::internal(StoreError::Tree(format!("record {index} does not parse")))
+        })?;
+        // Found with the patient's records, so the patient's report can show it.
+        entry.patient = reviewed.patient;
+        entry.reviewed = Some(index);
+        entry.detail = Some(if reviewer.is_empty() {
+            note.to_string()
+        } else {
+            format!("{reviewer}: {note}")
+        });
+        Ok(Response::new(v1::ReviewRecordResponse {}))
+    }
+}
+
 #[tonic::async_trait]
 impl v1::audit_service_server::AuditService for NodeService {
+    async fn review_record(
+        &self,
+        req: Request<v1::ReviewRecordRequest>,
+    ) -> Result<Response<v1::ReviewRecordResponse>, Status> {
+        self.serve(req, Action::AuditReview, |s, e, r| {
+            Box::pin(s.review_record_inner(e, r))
+        })
+        .await
+    }
+
     async fn search_audit(
         &self,
         req: Request<v1::SearchAuditRequest>,

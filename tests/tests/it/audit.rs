@@ -2123,3 +2123,116 @@ async fn a_search_for_values_the_log_cannot_hold_is_refused() {
     }
     node.stop().await;
 }
+
+/// An auditor marks an emergency access reviewed, with a note: the review is a record
+/// of its own naming the reviewed one and its patient, found by action and by patient.
+/// A review of a record that does not exist, an empty note, or by a caller without
+/// the auditor role is refused, and marks nothing reviewed.
+#[tokio::test]
+async fn an_emergency_access_is_marked_reviewed_and_the_review_is_recorded() {
+    let world = World::new();
+    let node = TestNode::start(world.config(true)).await;
+    let addr = node.addr();
+    let auditor = world.client(HOST, addr).await;
+    let patient = patient_id(43);
+    auditor
+        .upsert(pointer(&patient, ORG_C, 1, &["medications"]))
+        .await
+        .unwrap();
+    let emergency = world
+        .client_as(ORG_A, addr, |p| {
+            p.purpose = "ETREAT".into();
+            p.care_relationship = false;
+        })
+        .await;
+    assert!(emergency.lookup(lookup(&patient)).await.unwrap().emergency);
+    let found = search_all(
+        &auditor,
+        v1::AuditFilter {
+            emergency_only: true,
+            ..lookups_filter()
+        },
+        10,
+    )
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let index = found[0]["index"].as_u64().unwrap();
+
+    auditor
+        .audit_review(
+            index,
+            "  called the ward: unconscious patient, access justified ",
+            "Kari Nordmann, personvernombud",
+        )
+        .await
+        .unwrap();
+    let reviews = search_all(
+        &auditor,
+        v1::AuditFilter {
+            actions: vec!["audit_review".into()],
+            ..Default::default()
+        },
+        10,
+    )
+    .await;
+    assert_eq!(reviews.len(), 1, "{reviews:?}");
+    let r = &reviews[0];
+    assert_eq!(r["reviewed"], index);
+    assert_eq!(r["caller"]["organization"], HOST);
+    assert_eq!(r["outcome"]["status"], "OK");
+    assert_eq!(
+        r["detail"],
+        "Kari Nordmann, personvernombud: called the ward: unconscious patient, access justified"
+    );
+    assert_eq!(r["patient"], found[0]["patient"]);
+    let by_patient = search_all(
+        &auditor,
+        v1::AuditFilter {
+            patient: Some(patient.clone()),
+            actions: vec!["audit_review".into()],
+            ..Default::default()
+        },
+        10,
+    )
+    .await;
+    assert_eq!(indexes(&by_patient), indexes(&reviews));
+
+    // Refused, and no review recorded.
+    for (what, index, note, expected) in [
+        ("no such record", 1_000_000, "x", Code::OutOfRange),
+        ("empty note", index, "   ", Code::InvalidArgument),
+        (
+            "note too long",
+            index,
+            &"x".repeat(2001)[..],
+            Code::InvalidArgument,
+        ),
+    ] {
+        let err = auditor.audit_review(index, note, "").await.unwrap_err();
+        assert_eq!(code(&err), expected, "{what}: {err}");
+    }
+    let err = emergency
+        .audit_review(index, "looks fine", "")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::PermissionDenied, "{err}");
+    let reviews = search_all(
+        &auditor,
+        v1::AuditFilter {
+            actions: vec!["audit_review".into()],
+            ..Default::default()
+        },
+        10,
+    )
+    .await;
+    // Each refusal is recorded as every request is, with its status and no
+    // `reviewed`: only the one review marks a record reviewed.
+    assert_eq!(reviews.len(), 5, "{reviews:?}");
+    let marking: Vec<&Value> = reviews
+        .iter()
+        .filter(|r| r.get("reviewed").is_some())
+        .collect();
+    assert_eq!(marking.len(), 1, "{reviews:?}");
+    assert_eq!(marking[0]["outcome"]["status"], "OK");
+    node.stop().await;
+}
