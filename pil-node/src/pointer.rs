@@ -178,6 +178,17 @@ pub fn to_timestamp(nanos: i64) -> prost_types::Timestamp {
     }
 }
 
+/// Nanoseconds since the epoch as RFC 3339, for messages and records.
+pub fn rfc3339(nanos: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 /// Validates category codes; returns them sorted and de-duplicated.
 pub fn category_list(
     field: &'static str,

@@ -897,18 +897,15 @@ impl Registry {
         Ok(live)
     }
 
-    /// The journaled changes of `patients` since `since` (unix nanoseconds), under
-    /// every key they are read under, in write order: what a region that came to hold
-    /// them delivers to a subscription registered with it then.
+    /// The journaled changes of `patient` since `since` (unix nanoseconds), under
+    /// every key it is read under, in write order: what a region that came to hold
+    /// the patient delivers to a subscription registered with it then.
     pub async fn journal(
         &self,
-        patients: &[PatientId],
+        patient: &PatientId,
         since: i64,
     ) -> Result<crate::store::Journal, RegistryError> {
-        let pseudonyms = patients
-            .iter()
-            .flat_map(|p| self.read_pseudonyms(self.pseudonym(p), p))
-            .collect();
+        let pseudonyms = self.read_pseudonyms(self.pseudonym(patient), patient);
         Ok(self.inner.store.journal(pseudonyms, since).await?)
     }
 

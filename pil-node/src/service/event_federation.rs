@@ -63,8 +63,8 @@ pub(super) struct Registration {
     /// renewal. A peer that comes to hold a patient later accepts it as of
     /// `presented_at`.
     token_expires: SystemTime,
-    /// When this node verified the token.
-    presented_at: SystemTime,
+    /// When this node verified the token, unix nanoseconds.
+    presented_at: i64,
 }
 
 impl Registration {
@@ -75,7 +75,7 @@ impl Registration {
             client_organization_number: client_org,
             query_id: query_id.to_string(),
             token_expires: requester.token.expires_at,
-            presented_at: SystemTime::now(),
+            presented_at: now_nanos(),
         }
     }
 }
@@ -179,17 +179,6 @@ struct CatchUp {
     live: bool,
     /// The subscription's newest event number here before it was stored.
     made_before: u64,
-}
-
-fn nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
-/// Whether a subscription following `followed` (empty: all) wants a pointer in
-/// `categories`.
-fn wanted(followed: &[String], categories: &[String]) -> bool {
-    followed.is_empty() || categories.iter().any(|c| followed.contains(c))
 }
 
 fn wire_kind(kind: v1::EventKind) -> EventKind {
@@ -364,7 +353,7 @@ impl NodeService {
             // Changes the peer made since then go first (it may have been out of
             // reach, or held nothing, when the subscription was made).
             followed_since: Some(to_timestamp(sub.created_at)),
-            token_presented_at: late.then(|| to_timestamp(nanos(registration.presented_at))),
+            token_presented_at: late.then(|| to_timestamp(registration.presented_at)),
         };
         match self
             .federation
@@ -377,13 +366,7 @@ impl NodeService {
                     .mark_sent(id, region, chosen.iter().map(|(p, _)| *p));
                 let detail = match answer.journal_from {
                     Some(from) => {
-                        let from = time::OffsetDateTime::from_unix_timestamp(from.seconds)
-                            .ok()
-                            .and_then(|t| {
-                                t.format(&time::format_description::well_known::Rfc3339)
-                                    .ok()
-                            })
-                            .unwrap_or_default();
+                        let from = pointer::rfc3339(from.seconds * 1_000_000_000);
                         tracing::warn!(peer = %region, subscription = %hex::encode(id), "registered later than the peer keeps its changes; earlier changes may be missing");
                         format!(
                             "registered in {region} later than it keeps its changes: its \
@@ -946,7 +929,7 @@ impl NodeService {
                 Some(since) => {
                     let journal = self
                         .registry
-                        .journal(std::slice::from_ref(patient), since)
+                        .journal(patient, since)
                         .await
                         .map_err(internal)?;
                     if journal.complete_from > since {
@@ -964,18 +947,19 @@ impl NodeService {
                     .collect();
                 for (key, pointer) in self.registry.live_stored(patient).await.map_err(internal)? {
                     let encoded = key.encode();
-                    if journaled.contains(&encoded[PSEUDONYM_LEN..])
-                        || !wanted(&sub.categories, &pointer.categories)
-                    {
+                    if journaled.contains(&encoded[PSEUDONYM_LEN..]) {
                         continue;
                     }
-                    first.push(StoredEvent {
+                    let appeared = StoredEvent {
                         kind: EventKind::Appeared as i32,
                         key: encoded.to_vec(),
                         pointer: Some(pointer),
                         at: now,
                         ..Default::default()
-                    });
+                    };
+                    if appeared.concerns(&sub.categories) {
+                        first.push(appeared);
+                    }
                 }
             }
             changes.extend(journal.into_iter().filter(|e| e.concerns(&sub.categories)));

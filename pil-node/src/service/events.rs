@@ -227,13 +227,7 @@ impl NodeService {
         id: SubscriptionId,
         sub: &StoredSubscription,
     ) -> Result<(), Error> {
-        let until = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(sub.expires_at))
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
+        let until = pointer::rfc3339(sub.expires_at);
         for p in sub.patients.iter().filter(|p| !p.stopped) {
             let mut r = entry.clone();
             r.patient = Some(hex::encode(&p.pseudonym));

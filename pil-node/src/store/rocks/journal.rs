@@ -134,7 +134,8 @@ impl Db {
         let (journal, by_patient) = (self.cf(CF_JOURNAL), self.cf(CF_JOURNAL_BY_PATIENT));
         let mut batch = WriteBatch::default();
         let mut dropped = 0;
-        let mut from = self.journal_from()?;
+        let was = self.journal_from()?;
+        let mut from = was;
         for item in self.db.iterator_cf(journal, IteratorMode::Start) {
             let (k, v) = item?;
             let at = entry_at(&k)?;
@@ -152,6 +153,9 @@ impl Db {
         }
         if dropped < limit {
             from = from.max(before);
+        }
+        if dropped == 0 && from == was {
+            return Ok(0);
         }
         batch.put_cf(self.cf(CF_META), JOURNAL_FROM, from.to_be_bytes());
         self.write_synced(batch)?;
