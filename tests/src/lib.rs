@@ -782,6 +782,22 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     )
 }
 
+/// A subscription of `client` following `patients`, every category.
+pub async fn subscribe(
+    client: &PilClient,
+    patients: &[&v1::PatientIdentifier],
+) -> v1::Subscription {
+    client
+        .subscribe(v1::SubscribeRequest {
+            patients: patients.iter().map(|p| (*p).clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribed")
+        .subscription
+        .expect("subscription")
+}
+
 /// The events after `after` until the subscription has `until`, pulling as a consumer
 /// does (a delivery that waits for a region is retried).
 pub async fn pull_until(gp: &PilClient, id: &str, after: u64, until: u64) -> Vec<v1::Event> {

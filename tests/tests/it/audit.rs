@@ -111,6 +111,13 @@ fn indexes(records: &[Value]) -> Vec<u64> {
         .collect()
 }
 
+fn reviews_filter() -> v1::AuditFilter {
+    v1::AuditFilter {
+        actions: vec!["audit_review".into()],
+        ..Default::default()
+    }
+}
+
 fn lookups_filter() -> v1::AuditFilter {
     v1::AuditFilter {
         actions: vec!["lookup".into()],
@@ -2166,15 +2173,7 @@ async fn an_emergency_access_is_marked_reviewed_and_the_review_is_recorded() {
         )
         .await
         .unwrap();
-    let reviews = search_all(
-        &auditor,
-        v1::AuditFilter {
-            actions: vec!["audit_review".into()],
-            ..Default::default()
-        },
-        10,
-    )
-    .await;
+    let reviews = search_all(&auditor, reviews_filter(), 10).await;
     assert_eq!(reviews.len(), 1, "{reviews:?}");
     let r = &reviews[0];
     assert_eq!(r["reviewed"], index);
@@ -2189,8 +2188,7 @@ async fn an_emergency_access_is_marked_reviewed_and_the_review_is_recorded() {
         &auditor,
         v1::AuditFilter {
             patient: Some(patient.clone()),
-            actions: vec!["audit_review".into()],
-            ..Default::default()
+            ..reviews_filter()
         },
         10,
     )
@@ -2216,15 +2214,7 @@ async fn an_emergency_access_is_marked_reviewed_and_the_review_is_recorded() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), Code::PermissionDenied, "{err}");
-    let reviews = search_all(
-        &auditor,
-        v1::AuditFilter {
-            actions: vec!["audit_review".into()],
-            ..Default::default()
-        },
-        10,
-    )
-    .await;
+    let reviews = search_all(&auditor, reviews_filter(), 10).await;
     // Each refusal is recorded as every request is, with its status and no
     // `reviewed`: only the one review marks a record reviewed.
     assert_eq!(reviews.len(), 5, "{reviews:?}");

@@ -3,22 +3,11 @@
 
 use std::time::Duration;
 
-use pil_client::{PilClient, v1};
+use pil_client::v1;
 use pil_tests::*;
 
 /// The follower: a GP's organization, whose doctor has a care relationship.
 const GP: &str = ORG_C;
-
-async fn subscribe(gp: &PilClient, patients: &[&v1::PatientIdentifier]) -> v1::Subscription {
-    gp.subscribe(v1::SubscribeRequest {
-        patients: patients.iter().map(|p| (*p).clone()).collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("subscribed")
-    .subscription
-    .expect("subscription")
-}
 
 fn kinds(events: &[v1::Event]) -> Vec<(u64, v1::EventKind)> {
     events

@@ -16,17 +16,6 @@ const NORD: &str = "helse-nord";
 /// The follower: a GP's organization.
 const GP: &str = ORG_C;
 
-async fn subscribe(gp: &PilClient, patient: &v1::PatientIdentifier) -> v1::Subscription {
-    gp.subscribe(v1::SubscribeRequest {
-        patients: vec![patient.clone()],
-        ..Default::default()
-    })
-    .await
-    .expect("subscribed")
-    .subscription
-    .expect("subscription")
-}
-
 fn region_state(sub: &v1::Subscription, region: &str) -> v1::RegionFollowingState {
     let r = sub
         .regions
@@ -56,7 +45,7 @@ async fn a_subscription_covers_every_region_and_every_regions_protections() {
     let (vest, midt, nord) = (regions.node(VEST), regions.node(MIDT), regions.node(NORD));
     let (p, other) = (patient_id(600), patient_id(601));
     let gp = world.client(GP, vest.addr()).await;
-    let sub = subscribe(&gp, &p).await;
+    let sub = subscribe(&gp, &[&p]).await;
     assert_eq!(sub.regions.len(), 2, "{:?}", sub.regions);
     for region in [MIDT, NORD] {
         assert_eq!(
@@ -198,7 +187,7 @@ async fn regions_down_for_a_while_deliver_what_they_owe_once() {
 
     let home = ProcessNode::start(&home_config, &home_dir);
     let gp = world.client(GP, home_addr).await;
-    let sub = subscribe(&gp, &p).await;
+    let sub = subscribe(&gp, &[&p]).await;
     assert_eq!(region_state(&sub, MIDT), v1::RegionFollowingState::Pending);
     write(home_addr, 1).await;
     // Midt's protections cannot be checked: the event waits, and the consumer is told.

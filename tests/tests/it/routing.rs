@@ -587,15 +587,7 @@ async fn a_subscription_reaches_a_region_only_once_it_may_hold_the_patient() {
     let nord_before = all_audit_records(&world, nord).await.len();
 
     let gp = world.client(ORG_C, vest).await;
-    let sub = gp
-        .subscribe(v1::SubscribeRequest {
-            patients: vec![wire.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .subscription
-        .unwrap();
+    let sub = subscribe(&gp, &[&wire]).await;
     assert_eq!(following(&sub, MIDT).0, v1::RegionFollowingState::Following);
     let (nord_state, why) = following(&sub, NORD);
     assert_eq!(nord_state, v1::RegionFollowingState::HoldsNothing, "{why}");
@@ -722,15 +714,7 @@ async fn a_region_coming_to_hold_the_patient_after_the_token_expired_is_still_re
         .sign()
         .unwrap();
     let gp = world.client_with_token(ORG_C, vest, short, None).await;
-    let sub = gp
-        .subscribe(v1::SubscribeRequest {
-            patients: vec![patient.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .subscription
-        .unwrap();
+    let sub = subscribe(&gp, &[&patient]).await;
     assert_eq!(
         following(&sub, NORD).0,
         v1::RegionFollowingState::HoldsNothing
