@@ -13,9 +13,9 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use futures::StreamExt;
 use pil_proto::v1;
 use pil_transparency::{HeadVerifier, SignedTreeHead};
-use serde::Deserialize;
 
 use crate::{
+    audit_record::Record,
     audit_verify::{self, LogVerifier},
     client::PilClient,
     records,
@@ -505,91 +505,8 @@ async fn consistency(
     Ok(())
 }
 
-/// The parts of an audit record the command line shows. The record format belongs to
-/// the node; unknown fields are ignored and missing ones left empty.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RecordView {
-    index: u64,
-    time: String,
-    action: String,
-    caller: CallerView,
-    requester: Option<RequesterView>,
-    patient: Option<String>,
-    decision: DecisionView,
-    outcome: OutcomeView,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct CallerView {
-    organization: Option<String>,
-    node_region: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RequesterView {
-    organization: String,
-    child_organization: Option<String>,
-    hpr_number: Option<String>,
-    profession: Option<String>,
-    purpose_of_use: CodingView,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct CodingView {
-    code: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct DecisionView {
-    outcome: String,
-    emergency: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct OutcomeView {
-    status: String,
-    pointers: u32,
-}
-
-impl RecordView {
-    fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
-        serde_json::from_slice(bytes).context("the node sent an audit record that is not JSON")
-    }
-
-    /// Whose request it was: the requester's organization, else the caller's.
-    fn organization(&self) -> String {
-        match (&self.requester, &self.caller) {
-            (Some(r), _) => match &r.child_organization {
-                Some(child) => format!("{} / {child}", r.organization),
-                None => r.organization.clone(),
-            },
-            (
-                None,
-                CallerView {
-                    organization: Some(o),
-                    ..
-                },
-            ) => o.clone(),
-            (
-                None,
-                CallerView {
-                    node_region: Some(n),
-                    ..
-                },
-            ) => format!("node {n}"),
-            _ => String::new(),
-        }
-    }
-
-    fn requester_field(&self, f: impl Fn(&RequesterView) -> Option<String>) -> String {
-        self.requester.as_ref().and_then(f).unwrap_or_default()
-    }
+fn parse(bytes: &[u8]) -> anyhow::Result<Record> {
+    Ok(Record::parse(bytes)?)
 }
 
 fn print_search(resp: &v1::SearchAuditResponse, json: bool) -> anyhow::Result<()> {
@@ -624,7 +541,7 @@ fn print_search(resp: &v1::SearchAuditResponse, json: bool) -> anyhow::Result<()
             "Patient",
         ]);
         for bytes in &resp.records {
-            let r = RecordView::parse(bytes)?;
+            let r = parse(bytes)?;
             let decision = if r.decision.emergency {
                 format!("{} (emergency)", r.decision.outcome)
             } else {
@@ -635,16 +552,12 @@ fn print_search(resp: &v1::SearchAuditResponse, json: bool) -> anyhow::Result<()
                 r.time.clone(),
                 r.action.clone(),
                 r.organization(),
-                r.requester_field(|q| q.hpr_number.clone()),
-                r.requester_field(|q| Some(q.purpose_of_use.code.clone())),
+                r.hpr(),
+                r.purpose(),
                 decision,
                 r.outcome.status.clone(),
                 r.outcome.pointers.to_string(),
-                // The pseudonym's start is enough to tell records apart.
-                r.patient
-                    .as_deref()
-                    .map(|p| p.chars().take(12).collect())
-                    .unwrap_or_default(),
+                r.patient_short(),
             ]);
         }
         println!("{table}");
@@ -706,13 +619,13 @@ fn print_patient_report(resp: &v1::PatientReportResponse, json: bool) -> anyhow:
             "Emergency",
         ]);
         for bytes in &region.records {
-            let r = RecordView::parse(bytes)?;
+            let r = parse(bytes)?;
             table.add_row([
                 r.time.clone(),
                 r.organization(),
-                r.requester_field(|q| q.hpr_number.clone()),
+                r.hpr(),
                 r.requester_field(|q| q.profession.clone()),
-                r.requester_field(|q| Some(q.purpose_of_use.code.clone())),
+                r.purpose(),
                 r.decision.outcome.clone(),
                 if r.decision.emergency { "yes" } else { "" }.to_string(),
             ]);

@@ -17,8 +17,12 @@ pub struct DevTokenParams {
     pub audience: String,
     pub scope: String,
     pub organization: String,
+    /// The organization's name in the attest (recorded by the node for auditors).
+    pub organization_name: Option<String>,
     pub point_of_care: Option<String>,
     pub hpr: Option<String>,
+    /// The professional's person identifier and name in the attest.
+    pub practitioner: Option<(String, String)>,
     pub profession: Option<String>,
     pub purpose: String,
     pub care_relationship: bool,
@@ -107,8 +111,10 @@ impl Credentials {
                 audience: p.audience.clone(),
                 scope: p.scope.clone(),
                 organization: p.organization.clone(),
+                organization_name: p.organization_name.clone(),
                 point_of_care: p.point_of_care.clone(),
                 hpr: p.hpr.clone(),
+                practitioner: None,
                 profession: p.profession.clone(),
                 purpose: p.purpose.clone(),
                 care_relationship: p.care_relationship,
@@ -147,6 +153,12 @@ impl Credentials {
                 }
                 if let Some(h) = &params.hpr {
                     b = b.hpr_number(h);
+                }
+                if let Some(name) = &params.organization_name {
+                    b = b.org_parent_name(name);
+                }
+                if let Some((pid, name)) = &params.practitioner {
+                    b = b.practitioner(pid, name);
                 }
                 if let Some(p) = &params.profession {
                     b = b.profession(p);

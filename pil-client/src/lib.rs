@@ -6,6 +6,7 @@
 //! checks a node's audit log and its proofs with nothing but the node's public key.
 
 pub mod audit_cli;
+pub mod audit_record;
 pub mod audit_verify;
 pub mod cli;
 pub mod client;

@@ -46,6 +46,9 @@ pub struct DevTokenProfile {
     pub scope: String,
     /// The requesting organization (`orgnr_parent`); must match the certificate.
     pub organization: String,
+    /// The organization's name, put in the attest.
+    #[serde(default)]
+    pub organization_name: Option<String>,
     /// The point of care (`orgnr_child`).
     #[serde(default)]
     pub point_of_care: Option<String>,

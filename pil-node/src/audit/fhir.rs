@@ -283,7 +283,10 @@ fn agents(record: &AuditRecord, node: &NodeInfo) -> Vec<Value> {
         let mut agent = json!({
             "type": concept(PARTICIPATION_TYPE, "IRCP", "information recipient"),
             "who": match &requester.hpr_number {
-                Some(hpr) => reference("Practitioner", HPR_NUMBER, hpr),
+                Some(hpr) => named(
+                    reference("Practitioner", HPR_NUMBER, hpr),
+                    requester.practitioner_name.as_deref(),
+                ),
                 None => absent_element(),
             },
             "requestor": true,
@@ -300,12 +303,18 @@ fn agents(record: &AuditRecord, node: &NodeInfo) -> Vec<Value> {
         }));
         agents.push(json!({
             "type": concept(ROLE_CLASS, "PROV", "healthcare provider"),
-            "who": reference("Organization", ORGANIZATION_NUMBER, &requester.organization),
+            "who": named(
+                reference("Organization", ORGANIZATION_NUMBER, &requester.organization),
+                requester.organization_name.as_deref(),
+            ),
             "requestor": false,
         }));
         if let Some(child) = &requester.child_organization {
             let mut who = reference("Organization", ORGANIZATION_NUMBER, child);
-            who["display"] = json!(format!("sub-unit of {}", requester.organization));
+            who["display"] = json!(match &requester.child_organization_name {
+                Some(name) => format!("{name}, sub-unit of {}", requester.organization),
+                None => format!("sub-unit of {}", requester.organization),
+            });
             agents.push(json!({
                 "type": concept(ROLE_CLASS, "PROV", "healthcare provider"),
                 "who": who,
@@ -470,6 +479,14 @@ fn reference(resource_type: &str, system: &str, value: &str) -> Value {
     json!({"type": resource_type, "identifier": {"system": system, "value": value}})
 }
 
+/// A reference with the display name the record knows, if any.
+fn named(mut reference: Value, name: Option<&str>) -> Value {
+    if let Some(name) = name {
+        reference["display"] = json!(name);
+    }
+    reference
+}
+
 fn node_reference(region: &str) -> Value {
     let mut reference = reference("Device", PIL_REGION, region);
     reference["display"] = json!(format!("PIL node {region}"));
@@ -498,8 +515,11 @@ mod tests {
     fn requester() -> RequesterInfo {
         RequesterInfo {
             organization: "983974899".into(),
+            organization_name: None,
             child_organization: Some("974557746".into()),
+            child_organization_name: None,
             hpr_number: Some("565501872".into()),
+            practitioner_name: None,
             profession: Some("LE".into()),
             purpose_of_use: Coding {
                 system: PURPOSE_OF_USE.into(),

@@ -43,8 +43,15 @@ impl From<&Requester> for RequesterInfo {
         let t = &r.token;
         RequesterInfo {
             organization: t.org_number.clone(),
+            organization_name: t.org_name.clone(),
             child_organization: t.child_org_number.clone(),
+            child_organization_name: t
+                .child_org_number
+                .as_ref()
+                .and(t.point_of_care.as_ref())
+                .and_then(|p| p.name.clone()),
             hpr_number: t.hpr_number.clone(),
+            practitioner_name: t.practitioner_name.clone(),
             profession: t.profession.clone(),
             purpose_of_use: coding(&t.purpose_of_use),
             purpose_details: t.purpose_of_use_details.as_ref().map(coding),

@@ -80,12 +80,21 @@ pub struct Coding {
 pub struct RequesterInfo {
     /// Organization number of the legal entity (`orgnr_parent`).
     pub organization: String,
+    /// The legal entity's name, when the token's attest gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_name: Option<String>,
     /// Organization number of the sub-unit (`orgnr_child`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_organization: Option<String>,
+    /// The sub-unit's name, when the attest gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_organization_name: Option<String>,
     /// The health professional's HPR number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hpr_number: Option<String>,
+    /// The health professional's name, when the attest gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub practitioner_name: Option<String>,
     /// HPR authorization (profession) code, e.g. `LE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profession: Option<String>,

@@ -36,6 +36,8 @@ pub const PURPOSE_OF_USE_SYSTEM: &str = "urn:oid:2.16.840.1.113883.1.11.20448";
 pub const HPR_AUTHORIZATION_SYSTEM: &str = "urn:oid:2.16.578.1.12.4.1.1.9060";
 /// Identifier system of Norwegian organization numbers (Enhetsregisteret).
 pub const ORGNR_SYSTEM: &str = "urn:oid:2.16.578.1.12.4.1.4.101";
+/// Identifier system of fødselsnummer (the practitioner's person identifier in the attest).
+pub const FNR_SYSTEM: &str = "urn:oid:2.16.578.1.12.4.1.4.1";
 /// Identifier system of HPR numbers.
 pub const HPR_NUMBER_SYSTEM: &str = "urn:oid:2.16.578.1.12.4.1.4.4";
 /// Code system of helsetjenestetyper (kodeverk 8655), used for `healthcare_service`.

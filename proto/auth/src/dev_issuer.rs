@@ -288,6 +288,8 @@ pub struct TokenBuilder<'a> {
     lifetime: Duration,
     not_before: Option<SystemTime>,
     orgnr_parent: Option<String>,
+    orgnr_parent_name: Option<String>,
+    practitioner: Option<(String, String)>,
     orgnr_child: Option<String>,
     hpr_number: Option<String>,
     profession: Option<String>,
@@ -314,6 +316,8 @@ impl<'a> TokenBuilder<'a> {
             lifetime: DEFAULT_LIFETIME,
             not_before: None,
             orgnr_parent: None,
+            orgnr_parent_name: None,
+            practitioner: None,
             orgnr_child: None,
             hpr_number: None,
             profession: Some("LE".to_owned()),
@@ -391,6 +395,19 @@ impl<'a> TokenBuilder<'a> {
     /// `orgnr_child`: the point of care; also the attest's `point_of_care`.
     pub fn org_child(mut self, orgnr: impl Into<String>) -> Self {
         self.orgnr_child = Some(orgnr.into());
+        self
+    }
+
+    /// The legal entity's display name in the attest.
+    pub fn org_parent_name(mut self, name: impl Into<String>) -> Self {
+        self.orgnr_parent_name = Some(name.into());
+        self
+    }
+
+    /// The health professional's person identifier and name in the attest's
+    /// practitioner, as HelseID adds them.
+    pub fn practitioner(mut self, pid: impl Into<String>, name: impl Into<String>) -> Self {
+        self.practitioner = Some((pid.into(), name.into()));
         self
     }
 
@@ -493,7 +510,10 @@ impl<'a> TokenBuilder<'a> {
 
         let authorization_details = self.attest.then(|| {
             let practitioner = Practitioner {
-                identifier: None,
+                identifier: self.practitioner.as_ref().map(|(pid, name)| Identifier {
+                    name: Some(name.clone()),
+                    ..Identifier::new(pid, crate::claims::FNR_SYSTEM)
+                }),
                 hpr_nr: self
                     .hpr_number
                     .clone()
@@ -502,10 +522,10 @@ impl<'a> TokenBuilder<'a> {
                     .profession
                     .clone()
                     .map(|p| Code::new(p, HPR_AUTHORIZATION_SYSTEM)),
-                legal_entity: self
-                    .orgnr_parent
-                    .clone()
-                    .map(|o| Identifier::new(o, ORGNR_SYSTEM)),
+                legal_entity: self.orgnr_parent.clone().map(|o| Identifier {
+                    name: self.orgnr_parent_name.clone(),
+                    ..Identifier::new(o, ORGNR_SYSTEM)
+                }),
                 point_of_care: self
                     .orgnr_child
                     .clone()

@@ -421,6 +421,14 @@ impl<'a> RequestContext<'a> {
     }
 }
 
+/// An identifier's display name, when it has a non-empty one.
+fn named(id: Option<&Identifier>) -> Option<String> {
+    id.and_then(|i| i.name.as_deref())
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+}
+
 /// Who is asking, and why — everything later authorization and audit need from the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedRequester {
@@ -440,6 +448,10 @@ pub struct VerifiedRequester {
     pub healthcare_service: Option<Code>,
     /// Reference to the consumer's local access decision.
     pub decision_ref: Option<DecisionRef>,
+    /// The legal entity's name, when the attest gives it.
+    pub org_name: Option<String>,
+    /// The health professional's name, when the attest's practitioner identifier gives it.
+    pub practitioner_name: Option<String>,
     /// The practitioner's point of care as attested.
     pub point_of_care: Option<Identifier>,
     /// The practitioner's department as attested.
@@ -752,6 +764,8 @@ impl TokenVerifier {
         };
 
         Ok(VerifiedRequester {
+            org_name: named(practitioner.legal_entity.as_ref()),
+            practitioner_name: named(practitioner.identifier.as_ref()),
             org_number,
             child_org_number,
             hpr_number,
