@@ -169,6 +169,9 @@ enum Command {
         #[command(subcommand)]
         command: crate::audit_cli::AuditCommand,
     },
+    /// The auditor console: the audit log in a browser, every record proven
+    /// (auditor role; listens on 127.0.0.1 only).
+    Console(crate::console_cli::ConsoleArgs),
     /// Write every pointer registered for an organization as NDJSON.
     Export {
         /// The organization whose pointers to export.
@@ -418,6 +421,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{summary}");
         return Ok(());
     }
+    if let Command::Console(args) = cli.command {
+        let profile = cli
+            .profile
+            .context("no profile: pass --profile FILE or set PIL_PROFILE")?;
+        return crate::console_cli::run(&profile, args).await;
+    }
     let client = connect(&cli).await?;
     match cli.command {
         Command::Policy { command } => policy(&client, command, json).await?,
@@ -545,6 +554,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?
         }
+        Command::Console(_) => unreachable!("handled before connecting"),
         Command::Export { organization, out } => {
             let mut stream = client.export(&organization).await?;
             let mut writer: Box<dyn Write> = match &out {

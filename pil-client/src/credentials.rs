@@ -42,7 +42,7 @@ pub enum Credentials {
     /// Development tokens minted per call.
     Dev {
         issuer: Box<DevIssuer>,
-        params: DevTokenParams,
+        params: Box<DevTokenParams>,
         dpop: Option<DpopKey>,
     },
 }
@@ -107,7 +107,7 @@ impl Credentials {
         Ok(Self::Dev {
             issuer: Box::new(issuer),
             dpop,
-            params: DevTokenParams {
+            params: Box::new(DevTokenParams {
                 audience: p.audience.clone(),
                 scope: p.scope.clone(),
                 organization: p.organization.clone(),
@@ -119,7 +119,7 @@ impl Credentials {
                 purpose: p.purpose.clone(),
                 care_relationship: p.care_relationship,
                 patients: Vec::new(),
-            },
+            }),
         })
     }
 

@@ -10,6 +10,8 @@ pub mod audit_record;
 pub mod audit_verify;
 pub mod cli;
 pub mod client;
+pub mod console;
+pub mod console_cli;
 pub mod credentials;
 pub mod error;
 pub mod events_cli;
