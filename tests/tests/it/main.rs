@@ -4,6 +4,7 @@
 mod access;
 mod audit;
 mod cli;
+mod console;
 mod dashboard;
 mod durability;
 mod events;
