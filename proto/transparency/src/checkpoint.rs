@@ -226,6 +226,17 @@ pub(crate) struct NoteSignature<'a> {
     pub(crate) bytes: Vec<u8>,
 }
 
+impl NoteSignature<'_> {
+    /// The line again, as it appears in a note.
+    pub(crate) fn to_line(&self) -> String {
+        format!(
+            "{SIGNATURE_LINE_PREFIX}{} {}\n",
+            self.name,
+            BASE64.encode(&self.bytes)
+        )
+    }
+}
+
 /// Splits a signed note into its text (with final newline) and signature
 /// lines, per c2sp.org/signed-note.
 pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<NoteSignature<'_>>), CheckpointError> {

@@ -11,6 +11,10 @@
 //!   proof* between the two roots ([`consistency_proof`] /
 //!   [`verify_consistency`]).
 //!
+//! Witnesses ([`witness`], c2sp.org/tlog-witness) cosign a head only when it is
+//! consistent with every head they cosigned before ([`cosignature`]), so a log cannot
+//! rewrite its history unseen by anyone who checks a quorum of cosignatures.
+//!
 //! The writer keeps only a [`Frontier`] (O(log n) hashes) and persists the
 //! perfect subtrees each append completes ([`StoredNode`]); proofs for any
 //! past size are rebuilt from those through a [`NodeSource`].
@@ -37,13 +41,18 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod cosignature;
 pub mod frontier;
 pub mod hash;
 pub mod proof;
 pub mod signed_head;
 pub mod verify;
+pub mod witness;
 
 pub use checkpoint::{CheckpointError, SignedTreeHead, TreeHead, key_id};
+pub use cosignature::{
+    CosignatureError, Cosigner, CosignerKey, Quorum, QuorumCheck, add_signatures,
+};
 pub use frontier::{Frontier, FrontierError, StoredNode};
 pub use hash::{Hash, empty_root, leaf_hash, node_hash};
 pub use proof::{

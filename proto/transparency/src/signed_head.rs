@@ -129,6 +129,11 @@ impl HeadSigner {
         Ok(signer)
     }
 
+    /// The key itself, for a cosigner that keeps its key in the same file format.
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     /// Signs `head`'s checkpoint body. Fails only if the origin cannot be a
     /// checkpoint origin / key name (see [`TreeHead::validate`]).
     pub fn sign(&self, head: TreeHead) -> Result<SignedTreeHead, CheckpointError> {
