@@ -12,7 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use futures::StreamExt;
 use pil_proto::v1;
-use pil_transparency::{HeadVerifier, SignedTreeHead};
+use pil_transparency::{CosignerKey, HeadVerifier, Quorum, QuorumCheck, SignedTreeHead};
 
 use crate::{
     audit_record::Record,
@@ -20,6 +20,109 @@ use crate::{
     client::PilClient,
     records,
 };
+
+/// The witnesses an auditor trusts: a head counts as published once a quorum of them
+/// cosigned it.
+#[derive(Args, Debug, Default)]
+pub struct WitnessArgs {
+    /// A witness's verifier key (`<name>+<key id>+<base64 key>`, from its operator);
+    /// repeat for each witness.
+    #[arg(long = "witness", value_name = "VKEY")]
+    keys: Vec<String>,
+    /// A file of witness verifier keys, one per line (`#` starts a comment).
+    #[arg(long)]
+    witnesses_file: Option<PathBuf>,
+    /// How many of those witnesses must have cosigned a head (default: all of them).
+    #[arg(long)]
+    quorum: Option<usize>,
+}
+
+impl WitnessArgs {
+    /// The quorum to check, when any witness is given.
+    fn quorum(&self) -> anyhow::Result<Option<Quorum>> {
+        let mut lines: Vec<String> = self.keys.clone();
+        if let Some(path) = &self.witnesses_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            lines.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or_default().trim().to_string())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        if lines.is_empty() {
+            if self.quorum.is_some() {
+                bail!("--quorum needs the witnesses' keys: give --witness or --witnesses-file");
+            }
+            return Ok(None);
+        }
+        let witnesses = lines
+            .iter()
+            .map(|l| CosignerKey::parse_vkey(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let needed = self.quorum.unwrap_or(witnesses.len());
+        if needed == 0 || needed > witnesses.len() {
+            bail!(
+                "--quorum {needed}: give a number from 1 to the {} witnesses given",
+                witnesses.len()
+            );
+        }
+        Ok(Some(Quorum { witnesses, needed }))
+    }
+}
+
+/// One line on a head's cosignatures, for people.
+fn describe_quorum(size: u64, check: &QuorumCheck) -> String {
+    let mut line = format!(
+        "head of size {size}: cosigned by {} of {} needed",
+        check.cosigned.len(),
+        check.needed
+    );
+    if !check.cosigned.is_empty() {
+        let names: Vec<String> = check
+            .cosigned
+            .iter()
+            .map(|(name, at)| {
+                format!(
+                    "{name} at {}",
+                    records::format_time(&prost_types::Timestamp {
+                        seconds: i64::try_from(*at).unwrap_or(i64::MAX),
+                        nanos: 0,
+                    })
+                )
+            })
+            .collect();
+        line.push_str(&format!(" ({})", names.join(", ")));
+    }
+    if !check.missing.is_empty() {
+        line.push_str(&format!("; not cosigned by {}", check.missing.join(", ")));
+    }
+    if !check.invalid.is_empty() {
+        line.push_str(&format!(
+            "; INVALID cosignature from {}",
+            check.invalid.join(", ")
+        ));
+    }
+    line.push_str(if check.met() {
+        ": published"
+    } else {
+        ": NOT published"
+    });
+    line
+}
+
+/// The JSON form of a quorum check.
+fn quorum_json(check: &QuorumCheck) -> serde_json::Value {
+    serde_json::json!({
+        "published": check.met(),
+        "needed": check.needed,
+        "cosigned_by": check.cosigned.iter()
+            .map(|(name, at)| serde_json::json!({"witness": name, "timestamp": at}))
+            .collect::<Vec<_>>(),
+        "missing": check.missing,
+        "invalid": check.invalid,
+    })
+}
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
@@ -60,8 +163,11 @@ pub enum AuditCommand {
         /// contents removed from records younger than this are reported as deleted.
         #[arg(long)]
         retention_days: Option<u32>,
+        #[command(flatten)]
+        witnesses: WitnessArgs,
     },
-    /// Print or save the node's newest signed tree head (a signed note).
+    /// Print or save the node's newest signed tree head (a signed note, with the
+    /// witnesses' cosignatures it has).
     Head {
         /// Have the node sign its current tree first.
         #[arg(long)]
@@ -72,6 +178,8 @@ pub enum AuditCommand {
         /// Check the head's signature with this public key (or key history) first.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        #[command(flatten)]
+        witnesses: WitnessArgs,
     },
     /// Prove that one record is in the signed log, and print it.
     Prove {
@@ -221,15 +329,31 @@ pub async fn run(
             public_key,
             sign_now,
             retention_days,
-        } => verify(client, &public_key, sign_now, retention_days, json).await?,
+            witnesses,
+        } => {
+            let quorum = witnesses.quorum()?;
+            verify(client, &public_key, sign_now, retention_days, quorum, json).await?
+        }
         AuditCommand::Head {
             sign_now,
             out,
             public_key,
+            witnesses,
         } => {
+            let quorum = witnesses.quorum()?;
             let head = client.audit_tree_head(sign_now).await?;
             if let Some(key) = public_key {
                 audit_verify::check_head(&head.note, &load_key(&key)?)?;
+            }
+            let check = quorum.map(|q| q.check(&head.note)).transpose()?;
+            if let Some(check) = check.as_ref().filter(|c| !c.met()) {
+                bail!(
+                    "{}: fewer than the quorum of witnesses cosigned it",
+                    describe_quorum(head.size, check)
+                );
+            }
+            if let Some(check) = &check {
+                eprintln!("{}", describe_quorum(head.size, check));
             }
             match out {
                 Some(path) => {
@@ -250,7 +374,11 @@ pub async fn run(
                 None if json => {
                     println!(
                         "{}",
-                        serde_json::json!({ "size": head.size, "note": head.note })
+                        serde_json::json!({
+                            "size": head.size,
+                            "note": head.note,
+                            "witnesses": check.as_ref().map(quorum_json),
+                        })
                     );
                 }
                 None => print!("{}", head.note),
@@ -349,6 +477,7 @@ async fn verify(
     public_key: &Path,
     sign_now: bool,
     retention_days: Option<u32>,
+    quorum: Option<Quorum>,
     json: bool,
 ) -> anyhow::Result<()> {
     let key = load_key(public_key)?;
@@ -368,6 +497,23 @@ async fn verify(
         check.push(&entry.context("reading the log")?);
     }
     let report = check.finish();
+    // The newest head the quorum cosigned, and what the newest head has.
+    let witnessed = match &quorum {
+        Some(q) => {
+            let mut newest_published = None;
+            for head in &heads {
+                if q.check(&head.note).is_ok_and(|c| c.met()) {
+                    newest_published = Some(head.size);
+                }
+            }
+            let newest = match heads.last() {
+                Some(h) => Some((h.size, q.check(&h.note)?)),
+                None => None,
+            };
+            Some((newest_published, newest))
+        }
+        None => None,
+    };
     if json {
         println!(
             "{}",
@@ -380,6 +526,9 @@ async fn verify(
                 "problems": report.problems,
                 "first_problem": report.first_problem.as_ref().map(|p| p.to_string()),
                 "first_bad_record": report.first_problem.as_ref().and_then(|p| p.record()),
+                "published_size": witnessed.as_ref().map(|(p, _)| *p),
+                "newest_head_witnesses": witnessed.as_ref()
+                    .and_then(|(_, n)| n.as_ref().map(|(_, c)| quorum_json(c))),
             })
         );
     }
@@ -414,6 +563,24 @@ async fn verify(
                 report.unsigned()
             );
         }
+        if let Some((published, newest)) = &witnessed {
+            if let Some((size, check)) = newest {
+                println!("{}", describe_quorum(*size, check));
+            }
+            match published {
+                Some(size) => println!(
+                    "the newest head the quorum of witnesses cosigned covers {size} records"
+                ),
+                None => println!("no head is cosigned by the quorum of witnesses"),
+            }
+        }
+    }
+    if let Some((None, _)) = &witnessed {
+        bail!(
+            "the log verifies against the node's own key, but no head of it is published: \
+             none is cosigned by the quorum of witnesses, so a rewritten history could not \
+             be told apart"
+        );
     }
     Ok(())
 }

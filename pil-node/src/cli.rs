@@ -91,6 +91,14 @@ enum Command {
         #[arg(long, env = "PIL_CONFIG")]
         config: PathBuf,
     },
+    /// Make this node's witness key (`[witness] key_file`) if it does not exist, and
+    /// print its verifier key: give that to the regions whose logs it witnesses (their
+    /// `[[audit.witnesses]] key`) and to their auditors.
+    WitnessKey {
+        /// The node's TOML configuration.
+        #[arg(long, env = "PIL_CONFIG")]
+        config: PathBuf,
+    },
     /// What a running node is doing: version, storage, audit log, peers, queues, keys.
     /// Asks the node through its control socket in the data directory, so it runs on
     /// the node's machine as the node's user.
@@ -251,6 +259,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                      it opens it"
                 ),
             }
+        }
+        Command::WitnessKey { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let w = cfg
+                .witness
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("{}: no [witness] section", config.display()))?;
+            if !w.key_file.exists() {
+                pil_transparency::HeadSigner::write_new(&w.key_file)?;
+                eprintln!("made {}", w.key_file.display());
+            }
+            let keys = crate::witness::WitnessKeys::load(w).map_err(anyhow::Error::msg)?;
+            println!("{}", keys.vkey());
         }
         Command::Status { config, json } => status(&NodeConfig::load(&config)?, json).await?,
         Command::Backup { config, to, json } => {

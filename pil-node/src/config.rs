@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub log: LogConfig,
     #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
     pub metrics: MetricsConfig,
+    /// This node as a witness of other regions' audit logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessConfig>,
     /// The file this configuration was read from, re-read on reload for the peers.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -168,6 +171,61 @@ pub struct AuditConfig {
     /// Seconds between runs of the retention task.
     #[serde(default = "default_retention_interval")]
     pub retention_interval_secs: u64,
+    /// The witnesses asked to cosign every head this node signs (c2sp.org/tlog-witness):
+    /// the other regions, and any independent witness that speaks the protocol.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<WitnessEndpoint>,
+    /// How many witnesses must cosign a head before it counts as published (default:
+    /// all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_quorum: Option<usize>,
+}
+
+impl AuditConfig {
+    /// The quorum in force: as configured, or every witness.
+    pub fn quorum(&self) -> usize {
+        self.witness_quorum.unwrap_or(self.witnesses.len())
+    }
+}
+
+/// One witness of this node's audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessEndpoint {
+    /// Its verifier key, `<name>+<key id>+<base64 key>` (c2sp.org/signed-note, type
+    /// 0x04), as the witness's operator publishes it.
+    pub key: String,
+    /// Its submission prefix: `add-checkpoint` is posted to `<url>/add-checkpoint`
+    /// (`http://` or `https://`).
+    pub url: String,
+}
+
+/// This node as a witness: the plain-HTTP `add-checkpoint` listener, its cosigning key
+/// and the logs it witnesses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// Address of `POST /add-checkpoint`, e.g. `0.0.0.0:7380`. Requests carry no
+    /// secret: a checkpoint is accepted on its log's signature alone.
+    pub listen: SocketAddr,
+    /// The witness's name, e.g. `witness.helse-vest.pil.example`; its cosignatures
+    /// carry it.
+    pub name: String,
+    /// Its Ed25519 private key (PKCS#8 PEM), its own: never the audit signing key.
+    pub key_file: PathBuf,
+    /// The logs it witnesses.
+    #[serde(default)]
+    pub logs: Vec<WitnessedLog>,
+}
+
+/// A log this node witnesses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessedLog {
+    /// The log's origin line, e.g. `pil-audit/helse-vest`.
+    pub origin: String,
+    /// The log's public keys (SPKI PEM, oldest first: its key history).
+    pub key_file: PathBuf,
 }
 
 fn default_sign_interval() -> u64 {
@@ -202,6 +260,17 @@ pub struct Limits {
     pub handshake_timeout_secs: u64,
     /// Seconds in-flight requests get to finish when the node stops.
     pub shutdown_grace_secs: u64,
+    /// Most connections open at once, handshakes included; one more is closed as soon
+    /// as it is accepted (and counted), so idle or half-open connections cannot take
+    /// every file descriptor.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub max_concurrent_streams: u32,
+    /// Requests per second one organization may send (its certificate's organization
+    /// number); beyond, `RESOURCE_EXHAUSTED`. 0: no limit.
+    pub requests_per_second_per_organization: u32,
+    /// Requests an organization may send at once above its rate (default: the rate).
+    pub organization_burst: u32,
 }
 
 impl Default for Limits {
@@ -213,6 +282,10 @@ impl Default for Limits {
             purge_interval_secs: 60,
             handshake_timeout_secs: 10,
             shutdown_grace_secs: 10,
+            max_connections: 4096,
+            max_concurrent_streams: 256,
+            requests_per_second_per_organization: 0,
+            organization_burst: 0,
         }
     }
 }
@@ -353,6 +426,54 @@ impl NodeConfig {
 
     /// Checks what serde cannot (region syntax, organization numbers, bounds) and
     /// reports every problem, not only the first.
+    fn validate_witnessing(&self, problems: &mut Vec<String>) {
+        let audit = &self.audit;
+        for (i, w) in audit.witnesses.iter().enumerate() {
+            if let Err(e) = pil_transparency::CosignerKey::parse_vkey(&w.key) {
+                problems.push(format!("audit.witnesses[{i}].key: {e}"));
+            }
+            match url::Url::parse(&w.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(_) => problems.push(format!(
+                    "audit.witnesses[{i}].url {:?} must be an http:// or https:// URL",
+                    w.url
+                )),
+                Err(e) => problems.push(format!("audit.witnesses[{i}].url {:?}: {e}", w.url)),
+            }
+        }
+        match audit.witness_quorum {
+            Some(q) if q > audit.witnesses.len() => problems.push(format!(
+                "audit.witness_quorum is {q}, but only {} witnesses are configured",
+                audit.witnesses.len()
+            )),
+            Some(0) if !audit.witnesses.is_empty() => problems.push(
+                "audit.witness_quorum must be at least 1 when witnesses are configured".into(),
+            ),
+            _ => {}
+        }
+        if let Some(w) = &self.witness {
+            if !pil_transparency::cosignature::is_valid_name(&w.name) {
+                problems.push(format!(
+                    "witness.name {:?} must be non-empty, without spaces or '+'",
+                    w.name
+                ));
+            }
+            if w.listen == self.listen && w.listen.port() != 0 {
+                problems.push(format!(
+                    "witness.listen {} is the gRPC listener's address; give the witness its \
+                     own port",
+                    w.listen
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for log in &w.logs {
+                if !seen.insert(&log.origin) {
+                    problems.push(format!("witness.logs: {:?} is listed twice", log.origin));
+                }
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if !pil_proto::ident::is_valid_region_id(&self.region) {
@@ -396,6 +517,7 @@ impl NodeConfig {
             },
             (Some(_), None) => {}
         }
+        self.validate_witnessing(&mut problems);
         if self.auth.jwks_refresh_secs == 0 {
             problems.push("auth.jwks_refresh_secs must be at least 1".into());
         }

@@ -202,12 +202,15 @@ pub fn prepare(
             signing_key_file: audit_key,
             sign_interval_secs: 10,
             retention_interval_secs: 3600,
+            witnesses: Vec::new(),
+            witness_quorum: None,
         },
         federation: Default::default(),
         writes_for: [(vendor, vec![DEMO_ORGS[2].number.to_string()])].into(),
         limits: Limits::default(),
         log: LogConfig::default(),
         metrics: Default::default(),
+        witness: None,
         source: None,
     };
     let config_path = dir.join("node.toml");

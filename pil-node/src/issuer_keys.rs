@@ -7,16 +7,14 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::Duration,
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
 use pil_auth::verify::Jwks;
-use tokio::net::TcpStream;
 
-use crate::config::AuthConfig;
+use crate::{config::AuthConfig, http_client::Answer};
 
 /// Most bytes of a JWKS document fetched from the issuer.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -167,7 +165,8 @@ impl Fetcher {
                 .map_err(failed)?;
         let next_fetch = Some(
             answer
-                .max_age
+                .header(http::header::CACHE_CONTROL)
+                .and_then(|cc| max_age(&cc))
                 .map_or(self.refresh, |age| age.max(MIN_MAX_AGE).min(self.refresh)),
         );
         let origin = self.url.to_string();
@@ -190,7 +189,9 @@ impl Fetcher {
             tracing::warn!(error = %e, cache = %self.cache.display(), "cannot keep a copy of the issuer's keys");
         }
         if let Ok(mut last) = self.last.lock() {
-            *last = answer.etag.map(|tag| (tag, jwks.clone()));
+            *last = answer
+                .header(http::header::ETAG)
+                .map(|tag| (tag, jwks.clone()));
         }
         Ok(Loaded {
             jwks,
@@ -208,80 +209,28 @@ fn write_cache(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&fresh, path)
 }
 
-struct Answer {
-    status: http::StatusCode,
-    etag: Option<String>,
-    max_age: Option<Duration>,
-    body: Bytes,
-}
-
-/// One HTTP/1.1 GET over TLS.
+/// One GET of the issuer's JWKS, conditional on the last validator.
 async fn get(
     url: &url::Url,
     tls: &tokio_rustls::TlsConnector,
     etag: Option<&str>,
 ) -> Result<Answer, String> {
-    let host = match url.host() {
-        Some(url::Host::Domain(d)) => d.to_string(),
-        Some(url::Host::Ipv4(ip)) => ip.to_string(),
-        Some(url::Host::Ipv6(ip)) => ip.to_string(),
-        None => return Err("the URL has no host".into()),
-    };
-    let port = url.port_or_known_default().unwrap_or(443);
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    let name = rustls::pki_types::ServerName::try_from(host.clone())
-        .map_err(|e| format!("{host:?} is not a server name: {e}"))?;
-    let stream = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(connection);
-    let mut request = http::Request::get(&url[url::Position::BeforePath..])
-        .header(
-            http::header::HOST,
-            &url[url::Position::BeforeHost..url::Position::AfterPort],
-        )
-        .header(
-            http::header::ACCEPT,
-            "application/json, application/jwk-set+json",
-        );
+    let mut headers = vec![(
+        http::header::ACCEPT,
+        "application/json, application/jwk-set+json",
+    )];
     if let Some(tag) = etag {
-        request = request.header(http::header::IF_NONE_MATCH, tag);
+        headers.push((http::header::IF_NONE_MATCH, tag));
     }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("HTTP request: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    let status = response.status();
-    let header = |name| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v: &http::HeaderValue| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let etag = header(http::header::ETAG);
-    let max_age = header(http::header::CACHE_CONTROL).and_then(|cc| max_age(&cc));
-    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer (at most {MAX_JWKS_BYTES} bytes): {e}"))?
-        .to_bytes();
-    Ok(Answer {
-        status,
-        etag,
-        max_age,
-        body,
-    })
+    crate::http_client::send(
+        http::Method::GET,
+        url,
+        Some(tls),
+        &headers,
+        Bytes::new(),
+        MAX_JWKS_BYTES,
+    )
+    .await
 }
 
 /// `max-age` of a `Cache-Control` header; `no-cache` and `no-store` count as 0.
@@ -297,36 +246,9 @@ fn max_age(cache_control: &str) -> Option<Duration> {
     })
 }
 
-/// TLS 1.2 or 1.3 to the issuer, trusting `ca_file` or the system's trust store.
+/// TLS to the issuer, trusting `ca_file` or the system's trust store.
 fn client_tls(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, KeysError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for ca in crate::pki::load_certs(path).map_err(|e| KeysError::Setup(e.to_string()))? {
-                roots
-                    .add(ca)
-                    .map_err(|e| KeysError::Setup(format!("{}: {e}", path.display())))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(KeysError::Setup(
-                    "the system trust store holds no CA certificates; set auth.jwks_ca_file".into(),
-                ));
-            }
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| KeysError::Setup(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    crate::http_client::client_tls(ca_file, "auth.jwks_ca_file").map_err(KeysError::Setup)
 }
 
 #[cfg(test)]

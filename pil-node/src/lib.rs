@@ -10,6 +10,7 @@ pub mod control;
 pub mod demo;
 mod error;
 pub mod federation;
+mod http_client;
 mod identity;
 mod in_force;
 mod issuer_keys;
@@ -31,3 +32,4 @@ mod telemetry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 pub mod tls;
+pub mod witness;

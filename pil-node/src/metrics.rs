@@ -69,6 +69,28 @@ struct PeerRoute {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Log {
+    log: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Alarm {
+    log: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WitnessOutcome {
+    witness: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Witness {
+    witness: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Queue {
     queue: &'static str,
 }
@@ -171,6 +193,19 @@ pub struct Metrics {
     summary_age: Family<Peer, Gauge<f64, std::sync::atomic::AtomicU64>>,
     tokens_evaluated: Family<Peer, Counter>,
     summary_patients: Gauge,
+    witness_cosigned: Family<Log, Counter>,
+    witness_alarms: Family<Alarm, Counter>,
+    cosignatures: Family<WitnessOutcome, Counter>,
+    witnessed_size: Family<Witness, Gauge>,
+    published_size: Gauge,
+    rate_limited: Family<Organization, Counter>,
+    connections: Gauge,
+    connections_refused: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Organization {
+    organization: String,
 }
 
 impl Default for Metrics {
@@ -377,7 +412,69 @@ impl Metrics {
             "Pseudonym keys a lookup reads the registry under (more than 1 during a rotation)",
             pseudonym_keys_read.clone(),
         );
+        let witness_cosigned = Family::<Log, Counter>::default();
+        registry.register(
+            "pil_witness_cosigned",
+            "Checkpoints of another log this node cosigned as its witness",
+            witness_cosigned.clone(),
+        );
+        let witness_alarms = Family::<Alarm, Counter>::default();
+        registry.register(
+            "pil_witness_alarms",
+            "Signed checkpoints of a witnessed log that contradict what this witness \
+             cosigned: rollback (smaller, signed later), fork (same size, another root) \
+             or inconsistent (the consistency proof fails)",
+            witness_alarms.clone(),
+        );
+        let cosignatures = Family::<WitnessOutcome, Counter>::default();
+        registry.register(
+            "pil_audit_cosignature_requests",
+            "This log's heads submitted to a witness, by outcome: cosigned, refused (the \
+             witness holds a history this log does not extend) or failed (unreachable, \
+             malformed answer)",
+            cosignatures.clone(),
+        );
+        let witnessed_size = Family::<Witness, Gauge>::default();
+        registry.register(
+            "pil_audit_witnessed_size",
+            "The size of this log's newest head a witness cosigned",
+            witnessed_size.clone(),
+        );
+        let published_size = Gauge::default();
+        registry.register(
+            "pil_audit_published_size",
+            "The size of this log's newest head cosigned by the configured quorum of \
+             witnesses",
+            published_size.clone(),
+        );
+        let rate_limited = Family::<Organization, Counter>::default();
+        registry.register(
+            "pil_rate_limited_requests",
+            "Requests refused because their organization was over \
+             [limits] requests_per_second_per_organization",
+            rate_limited.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "pil_connections",
+            "Client and peer connections open now, TLS handshakes under way included",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "pil_connections_refused",
+            "Connections closed at once because [limits] max_connections were open",
+            connections_refused.clone(),
+        );
         Self {
+            rate_limited,
+            connections,
+            connections_refused,
+            witness_cosigned,
+            witness_alarms,
+            cosignatures,
+            witnessed_size,
+            published_size,
             registry,
             refresh: std::sync::Mutex::default(),
             rekey_progress,
@@ -408,6 +505,66 @@ impl Metrics {
             forwarded,
             forwarded_seconds,
         }
+    }
+
+    /// Counts a request refused for its organization's rate.
+    pub fn rate_limited(&self, organization: &str) {
+        self.rate_limited
+            .get_or_create(&Organization {
+                organization: organization.into(),
+            })
+            .inc();
+    }
+
+    /// The connections open now.
+    pub fn connections(&self, open: usize) {
+        self.connections.set(open as i64);
+    }
+
+    /// Counts a connection refused for the connection limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Counts a checkpoint of `log` cosigned by this node as its witness.
+    pub fn witness_cosigned(&self, log: &str) {
+        self.witness_cosigned
+            .get_or_create(&Log { log: log.into() })
+            .inc();
+    }
+
+    /// Counts a checkpoint of `log` that is evidence against it.
+    pub fn witness_alarm(&self, log: &str, kind: &'static str) {
+        self.witness_alarms
+            .get_or_create(&Alarm {
+                log: log.into(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts one submission of this log's head to `witness`.
+    pub fn cosignature(&self, witness: &str, outcome: &'static str) {
+        self.cosignatures
+            .get_or_create(&WitnessOutcome {
+                witness: witness.into(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The newest head size `witness` cosigned.
+    pub fn witnessed_size(&self, witness: &str, size: u64) {
+        self.witnessed_size
+            .get_or_create(&Witness {
+                witness: witness.into(),
+            })
+            .set(size as i64);
+    }
+
+    /// The newest head size the quorum cosigned.
+    pub fn published_size(&self, size: u64) {
+        self.published_size.set(size as i64);
     }
 
     /// Counts a lookup answered (or refused) at this node as home node.

@@ -140,6 +140,8 @@ impl World {
                 signing_key_file: self.path().join("audit").join("signing-key.pem"),
                 sign_interval_secs: 1,
                 retention_interval_secs: 3600,
+                witnesses: Vec::new(),
+                witness_quorum: None,
             },
             federation: Default::default(),
             writes_for: [(HOST.to_string(), vec![ORG_C.to_string()])].into(),
@@ -149,6 +151,7 @@ impl World {
             },
             log: LogConfig::default(),
             metrics: Default::default(),
+            witness: None,
             source: None,
         }
     }

@@ -204,6 +204,7 @@ fn event_kind(action: Action) -> EventKind {
             false,
         ),
         Action::AuditAccess => (dicom("110101", "Audit Log Used"), None, "R", false),
+        Action::WitnessAlarm => (dicom("110113", "Security Alert"), None, "E", false),
         Action::AuditReview => (dicom("110101", "Audit Log Used"), None, "C", false),
         Action::PeersList | Action::PeerPing | Action::Refused | Action::SubscriptionManage => {
             (dicom("110100", "Application Activity"), None, "E", false)
@@ -1048,6 +1049,7 @@ mod tests {
             Action::PeersList,
             Action::PeerPing,
             Action::Refused,
+            Action::WitnessAlarm,
         ] {
             let e = ev(&record(action));
             assert!(e["type"]["code"].is_string(), "{action:?}");

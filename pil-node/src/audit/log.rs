@@ -35,6 +35,7 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     signer: Arc<NoteSigner>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    witnesses: Option<Arc<super::Witnesses>>,
 }
 
 impl AuditLog {
@@ -48,7 +49,19 @@ impl AuditLog {
                 origin: format!("pil-audit/{region}"),
             }),
             metrics: None,
+            witnesses: None,
         }
+    }
+
+    /// The same log, having every head it signs cosigned by `witnesses`.
+    pub fn with_witnesses(mut self, witnesses: Option<Arc<super::Witnesses>>) -> Self {
+        self.witnesses = witnesses;
+        self
+    }
+
+    /// The log's witnesses, when it has any.
+    pub fn witnesses(&self) -> Option<&Arc<super::Witnesses>> {
+        self.witnesses.as_ref()
     }
 
     /// The same log, timing every append into `metrics`.
@@ -68,10 +81,15 @@ impl AuditLog {
         Ok(appended?)
     }
 
-    /// Signs the current tree unless its size is already signed; returns the newest
-    /// signed head `(size, note)`, if any.
+    /// Signs the current tree unless its size is already signed, and has the newest
+    /// head cosigned by the witnesses that have not yet; returns it `(size, note)`, with
+    /// the cosignatures it has, if there is one.
     pub async fn sign_head(&self) -> Result<Option<(u64, String)>, AuditError> {
-        Ok(self.store.audit_sign(self.signer.clone()).await?)
+        let head = self.store.audit_sign(self.signer.clone()).await?;
+        Ok(match (head, &self.witnesses) {
+            (Some((size, note)), Some(w)) => Some((size, w.cosign(&self.store, size, note).await)),
+            (head, _) => head,
+        })
     }
 
     /// A handle that does not keep the log open: for the parts of the node that live

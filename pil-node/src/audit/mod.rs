@@ -9,11 +9,13 @@ pub mod log;
 pub mod query;
 pub mod record;
 pub mod retention;
+mod witnessing;
 
 use std::path::{Path, PathBuf};
 
 pub use log::{AuditError, AuditLog, WeakAuditLog};
 pub use record::AuditRecord;
+pub use witnessing::Witnesses;
 
 use crate::access::Requester;
 use record::{Coding, RequesterInfo, RuleInfo};

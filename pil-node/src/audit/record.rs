@@ -51,6 +51,12 @@ pub enum Action {
     /// `audit_log_days`. One record says what is due before anything is removed, a
     /// second what was removed.
     Retention,
+    /// As a witness of another region's log: a validly signed checkpoint of it that
+    /// contradicts what this node cosigned before (a rollback, a fork, an inconsistent
+    /// history). `detail` names the log and holds the checkpoint as evidence. Heads
+    /// cosigned are not recorded: each would make a new head for the other side to
+    /// witness.
+    WitnessAlarm,
     /// A request refused before any service handled it: not valid protobuf, over the
     /// message size limit, or for a method this node does not have. `detail` names
     /// the method.

@@ -60,6 +60,8 @@ pub enum NodeError {
     Control(#[from] crate::control::ControlError),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error("witnessing: {0}")]
+    Witness(String),
     /// More than one of the above, found together before start.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<NodeError>),
@@ -80,6 +82,7 @@ impl NodeError {
 pub struct RunningNode {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    witness_addr: Option<SocketAddr>,
     registry: Registry,
     access: Arc<Access>,
     reloader: Reloader,
@@ -99,6 +102,11 @@ impl RunningNode {
     /// Where `GET /metrics` is served, when `[metrics] listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where `POST /add-checkpoint` is served, when `[witness]` is set.
+    pub fn witness_addr(&self) -> Option<SocketAddr> {
+        self.witness_addr
     }
 
     /// The node's registry, for in-process use (demo data, tests).
@@ -183,15 +191,24 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .map_err(|source| NodeError::Bind { addr, source }),
         None => Ok(None),
     };
-    let (listener, addr, checked, metrics_listener) = match (listener, checked, metrics_listener) {
-        (Ok((listener, addr)), Ok(checked), Ok(m)) => (listener, addr, checked, m),
-        (listener, checked, metrics_listener) => {
-            let mut problems: Vec<NodeError> = listener.err().into_iter().collect();
-            problems.extend(metrics_listener.err());
-            problems.extend(checked.err().unwrap_or_default());
-            return Err(NodeError::all(problems));
-        }
+    let witness_listener = match config.witness.as_ref().map(|w| w.listen) {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| NodeError::Bind { addr, source }),
+        None => Ok(None),
     };
+    let (listener, addr, checked, metrics_listener, witness_listener) =
+        match (listener, checked, metrics_listener, witness_listener) {
+            (Ok((listener, addr)), Ok(checked), Ok(m), Ok(w)) => (listener, addr, checked, m, w),
+            (listener, checked, metrics_listener, witness_listener) => {
+                let mut problems: Vec<NodeError> = listener.err().into_iter().collect();
+                problems.extend(metrics_listener.err());
+                problems.extend(witness_listener.err());
+                problems.extend(checked.err().unwrap_or_default());
+                return Err(NodeError::all(problems));
+            }
+        };
     let preflight::Checked {
         keys,
         routing_key,
@@ -202,6 +219,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         access,
         issuer_keys,
         next_key_fetch,
+        witnesses,
+        witness,
     } = checked;
     let server_tls = tls::ServerTls::new(tls_config, tls::summary(&config.tls)?);
 
@@ -211,8 +230,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     // Weak, so a scrape never keeps the store open past shutdown.
     let engine = Arc::downgrade(&store);
     let audit = AuditLog::new(store.clone(), &config.region, signer).with_metrics(metrics.clone());
-    // Records written before an unclean stop get a signed head now.
+    // Records written before an unclean stop get a signed head now; its witnesses are
+    // asked once the node serves (the head loop's first round).
     audit.sign_head().await?;
+    let audit = audit.with_witnesses(witnesses.map(|w| Arc::new(w.with_metrics(metrics.clone()))));
     let restored = announce_restore(&audit, &config).await?;
     let registry = Registry::open(store.clone(), keys, config.region.clone());
     let publisher = match routing_key {
@@ -303,6 +324,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
     let routing_peers = tokio::spawn(router.run());
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let witness_addr = witness_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let witness_server = match (witness_listener, witness) {
+        (Some(listener), Some(keys)) => {
+            let witness = crate::witness::Witness::new(
+                keys,
+                audit.downgrade(),
+                &config.region,
+                metrics.clone(),
+            );
+            tokio::spawn(crate::witness::serve(listener, Arc::new(witness)))
+        }
+        _ => tokio::spawn(async {}),
+    };
     let service = NodeService::new(crate::service::ServiceParts {
         registry: registry.clone(),
         config: config.clone(),
@@ -433,6 +467,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         for task in [
             metrics_server,
+            witness_server,
             control,
             collectors,
             late_registrations,
@@ -464,6 +499,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     Ok(RunningNode {
         addr,
         metrics_addr,
+        witness_addr,
         registry,
         access,
         reloader,
@@ -496,7 +532,13 @@ async fn head_loop(audit: AuditLog, config: Arc<NodeConfig>) {
     loop {
         tick.tick().await;
         let unsigned = audit.size().await.is_ok_and(|s| s.size > s.signed);
-        if unsigned && let Err(e) = audit.sign_head().await {
+        // The head at start, and a head some witness could not cosign yet, are
+        // offered to the witnesses again.
+        let pending = audit.witnesses().is_some_and(|w| first || w.pending());
+        first = false;
+        if (unsigned || pending)
+            && let Err(e) = audit.sign_head().await
+        {
             tracing::warn!(error = %e, "signing the audit tree head failed");
         }
     }
@@ -507,6 +549,7 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(
         config.audit.retention_interval_secs.max(1),
     ));
+    let mut first = true;
     loop {
         tick.tick().await;
         let days = access.legal().settings().retention.audit_log_days;

@@ -32,6 +32,10 @@ pub struct Checked {
     pub issuer_keys: Arc<IssuerKeys>,
     /// When to fetch the issuer's keys again, when they are fetched.
     pub next_key_fetch: Option<std::time::Duration>,
+    /// The witnesses asked to cosign this log's heads.
+    pub witnesses: Option<crate::audit::Witnesses>,
+    /// This node's own keys as a witness of other logs.
+    pub witness: Option<crate::witness::WitnessKeys>,
 }
 
 /// Loads and checks everything `config` names, for a node listening on `port`.
@@ -75,6 +79,26 @@ pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeEr
             config.audit.signing_key_file.display()
         )))
     });
+    let witnesses = crate::audit::Witnesses::from_config(&config.audit).unwrap_or_else(|e| {
+        problems.push(NodeError::Witness(e));
+        None
+    });
+    if let Some(w) = &config.witness
+        && let Err(e) = check_private("the witness key", &w.key_file)
+    {
+        problems.push(e.into());
+    }
+    let witness = match config
+        .witness
+        .as_ref()
+        .map(crate::witness::WitnessKeys::load)
+    {
+        Some(Err(e)) => {
+            problems.push(NodeError::Witness(e));
+            None
+        }
+        loaded => loaded.and_then(Result::ok),
+    };
     let federation = Federation::new(&config.federation, &config.tls, &config.region)
         .map(Arc::new)
         .map_err(|e| NodeError::Task(e.to_string()));
@@ -126,6 +150,8 @@ pub async fn check(config: &NodeConfig, port: u16) -> Result<Checked, Vec<NodeEr
             access,
             issuer_keys,
             next_key_fetch: loaded.next_fetch,
+            witnesses,
+            witness,
         }),
         (keys, tls, signer, federation, issuer_keys, cert_names, access) => {
             problems.extend(keys.err());

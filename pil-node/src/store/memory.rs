@@ -11,12 +11,12 @@ use std::{
 use super::{
     AuditEntry, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op, OpResult, PatientMove,
     PatientRecords, PointerKey, Sealed, Store, StoreError, StoredBlock, StoredOptOut,
-    StoredPatient, StoredPointer,
+    StoredPatient, StoredPointer, Witnessed,
     events::{
         self, EventPage, Followers, Journal, PeerFollow, PeerState, StoredEvent,
         StoredSubscription, SubscriptionId,
     },
-    merge_patients,
+    merge_cosignatures, merge_patients,
     model::Change,
     now_nanos,
     plan::{Current, plan},
@@ -43,6 +43,7 @@ struct State {
     by_patient: BTreeSet<(Pseudonym, u64)>,
     nodes: HashMap<(u8, u64), [u8; 32]>,
     heads: BTreeMap<u64, String>,
+    witnessed: HashMap<String, Witnessed>,
     retained_from: u64,
     sequencer: Sequencer,
     subscriptions: BTreeMap<SubscriptionId, StoredSubscription>,
@@ -432,6 +433,36 @@ impl Store for MemoryStore {
 
     async fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
         self.lock().latest_head()
+    }
+
+    async fn audit_add_cosignatures(&self, size: u64, lines: String) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let note = state
+            .heads
+            .get(&size)
+            .ok_or_else(|| StoreError::Tree(format!("no signed head of size {size}")))?;
+        let merged = merge_cosignatures(note, &lines)?;
+        state.heads.insert(size, merged);
+        Ok(())
+    }
+
+    async fn witnessed(&self, origin: String) -> Result<Option<Witnessed>, StoreError> {
+        Ok(self.lock().witnessed.get(&origin).cloned())
+    }
+
+    async fn witness_advance(
+        &self,
+        origin: String,
+        old: u64,
+        new: Witnessed,
+    ) -> Result<Result<(), u64>, StoreError> {
+        let mut state = self.lock();
+        let stored = state.witnessed.get(&origin).map_or(0, |w| w.size);
+        if stored != old || new.size < old {
+            return Ok(Err(stored));
+        }
+        state.witnessed.insert(origin, new);
+        Ok(Ok(()))
     }
 
     async fn audit_inclusion_proof(

@@ -36,6 +36,7 @@ pub use model::{
     OpResult, PatientMove, PatientRecords, PointerKey, Sealed, StoredBlock, StoredOptOut,
     StoredPatient, StoredPointer, merge_patients, now_nanos,
 };
+pub use pil_transparency::witness::Witnessed;
 
 /// Why the store could not do what was asked. Cloneable: one failed group write
 /// fails every request in it.
@@ -97,6 +98,12 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     line
+}
+
+/// `note` with the witnesses' signature `lines` added, one line per witness.
+pub(crate) fn merge_cosignatures(note: &str, lines: &str) -> Result<String, StoreError> {
+    pil_transparency::add_signatures(note, lines)
+        .map_err(|e| StoreError::Tree(format!("cosignatures of a signed head: {e}")))
 }
 
 impl StoreError {
@@ -255,6 +262,25 @@ pub trait Store: Send + Sync {
         upto: u64,
         patients: Vec<(u64, Pseudonym)>,
     ) -> Result<(), StoreError>;
+
+    /// Adds witnesses' cosignature lines to this log's signed head of `size`, one line
+    /// per witness (the newest).
+    async fn audit_add_cosignatures(&self, size: u64, lines: String) -> Result<(), StoreError>;
+
+    // Witnessing other regions' logs.
+
+    /// The checkpoint this node, as a witness, last cosigned for the log `origin`.
+    async fn witnessed(&self, origin: String) -> Result<Option<Witnessed>, StoreError>;
+    /// Stores `new` as the log's latest cosigned checkpoint, durably, if the stored one
+    /// still has size `old` (0: none) and `new` is no smaller; otherwise changes
+    /// nothing and gives the stored size. Atomic across the region's nodes, so two
+    /// submissions cannot both advance from the same size.
+    async fn witness_advance(
+        &self,
+        origin: String,
+        old: u64,
+        new: Witnessed,
+    ) -> Result<Result<(), u64>, StoreError>;
 
     // Subscriptions and their events.
 

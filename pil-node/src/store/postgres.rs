@@ -21,12 +21,12 @@ use tokio_postgres::{NoTls, Row};
 use super::{
     AuditEntry, Closer, Figure, GroupStats, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op,
     OpResult, PatientMove, PatientRecords, PointerKey, Queues, Sealed, Store, StoreError,
-    StoredBlock, StoredOptOut, StoredPatient, StoredPointer,
+    StoredBlock, StoredOptOut, StoredPatient, StoredPointer, Witnessed,
     events::{
         self, EventPage, Follower, Followers, Journal, PeerFollow, PeerState, StoredEvent,
         StoredSubscription, SubscriptionId,
     },
-    merge_patients,
+    merge_cosignatures, merge_patients,
     model::Change,
     plan::{Current, plan},
     take_queued,
@@ -135,10 +135,19 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE journal_from (id integer PRIMARY KEY CHECK (id = 1), at bigint NOT NULL);
      INSERT INTO journal_from
          VALUES (1, (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint);",
+    // 7: the checkpoint this region, as a witness, last cosigned for each log it
+    // witnesses.
+    "CREATE TABLE witnessed (
+         origin text PRIMARY KEY,
+         size bigint NOT NULL,
+         root bytea NOT NULL,
+         timestamp_ms bigint NOT NULL,
+         checkpoint text NOT NULL
+     );",
 ];
 
 /// The schema version this node speaks, as the refusals name it.
-const SCHEMA: &str = "schema version 6";
+const SCHEMA: &str = "schema version 7";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -1675,6 +1684,91 @@ impl Store for PgStore {
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)
+    }
+
+    async fn audit_add_cosignatures(&self, size: u64, lines: String) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_error)?;
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        let note: String = tx
+            .query_opt(
+                "SELECT note FROM audit_heads WHERE size = $1 FOR UPDATE",
+                &[&size],
+            )
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| StoreError::Tree(format!("no signed head of size {size}")))?
+            .get(0);
+        let merged = merge_cosignatures(&note, &lines)?;
+        tx.execute(
+            "UPDATE audit_heads SET note = $2 WHERE size = $1",
+            &[&size, &merged],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn witnessed(&self, origin: String) -> Result<Option<Witnessed>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT size, root, timestamp_ms, checkpoint FROM witnessed WHERE origin = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(db_error)?;
+        row.map(|r| {
+            let root: Vec<u8> = r.get(1);
+            Ok(Witnessed {
+                size: r.get::<_, i64>(0) as u64,
+                root: root
+                    .try_into()
+                    .map_err(|_| corrupt("witnessed", "root of the wrong length"))?,
+                timestamp_ms: r.get::<_, i64>(2) as u64,
+                checkpoint: r.get(3),
+            })
+        })
+        .transpose()
+    }
+
+    async fn witness_advance(
+        &self,
+        origin: String,
+        old: u64,
+        new: Witnessed,
+    ) -> Result<Result<(), u64>, StoreError> {
+        if new.size < old {
+            return Ok(Err(old));
+        }
+        let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        // One statement: inserted when none is stored and `old` is 0, updated only
+        // from `old`; a concurrent advance from the same size finds the new size.
+        let changed = c
+            .execute(
+                "INSERT INTO witnessed AS w (origin, size, root, timestamp_ms, checkpoint)
+                 SELECT $1, $2, $3, $4, $5 WHERE $6::bigint = 0 OR EXISTS
+                     (SELECT 1 FROM witnessed WHERE origin = $1 AND size = $6::bigint)
+                 ON CONFLICT (origin) DO UPDATE SET size = EXCLUDED.size,
+                     root = EXCLUDED.root, timestamp_ms = EXCLUDED.timestamp_ms,
+                     checkpoint = EXCLUDED.checkpoint
+                 WHERE w.size = $6::bigint",
+                &[
+                    &origin,
+                    &big(new.size),
+                    &new.root.as_slice(),
+                    &big(new.timestamp_ms),
+                    &new.checkpoint,
+                    &big(old),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        if changed == 1 {
+            return Ok(Ok(()));
+        }
+        Ok(Err(self.witnessed(origin).await?.map_or(0, |w| w.size)))
     }
 
     async fn routing_key_id(&self) -> Result<Option<String>, StoreError> {

@@ -781,3 +781,97 @@ async fn moved_patients_keep_everything_under_the_new_pseudonym() {
     })
     .await;
 }
+
+/// Signs real checkpoints, for tests that add cosignatures to them.
+struct NoteSigner(pil_transparency::HeadSigner);
+
+impl HeadSigning for NoteSigner {
+    fn sign(&self, size: u64, root: [u8; 32]) -> Result<String, StoreError> {
+        let head = pil_transparency::TreeHead {
+            origin: "pil-audit/test".into(),
+            size,
+            root,
+            timestamp_ms: 1,
+        };
+        Ok(self.0.sign(head).unwrap().to_note().unwrap())
+    }
+}
+
+#[tokio::test]
+async fn a_witness_advances_only_from_the_size_it_stored_and_heads_keep_cosignatures() {
+    use pil_transparency::{Cosigner, HeadSigner, witness::Witnessed};
+
+    on_every_engine(async |store| {
+        let origin = "pil-audit/b".to_string();
+        let at = |size: u64| Witnessed {
+            size,
+            root: [size as u8; 32],
+            timestamp_ms: size,
+            checkpoint: format!("checkpoint {size}\n"),
+        };
+        assert_eq!(store.witnessed(origin.clone()).await.unwrap(), None);
+        assert_eq!(
+            store
+                .witness_advance(origin.clone(), 3, at(5))
+                .await
+                .unwrap(),
+            Err(0)
+        );
+        assert_eq!(
+            store
+                .witness_advance(origin.clone(), 0, at(5))
+                .await
+                .unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store
+                .witness_advance(origin.clone(), 0, at(9))
+                .await
+                .unwrap(),
+            Err(5)
+        );
+        // Two advances from the same size: one wins, the other learns the new size.
+        let (a, b) = futures::join!(
+            store.witness_advance(origin.clone(), 5, at(7)),
+            store.witness_advance(origin.clone(), 5, at(8)),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+        let now = store.witnessed(origin.clone()).await.unwrap().unwrap();
+        assert!(now == at(7) || now == at(8));
+        assert_eq!(
+            store
+                .witness_advance(origin.clone(), now.size, at(6))
+                .await
+                .unwrap(),
+            Err(now.size)
+        );
+        assert_eq!(store.witnessed("pil-audit/c".into()).await.unwrap(), None);
+
+        let signer: Arc<dyn HeadSigning> = Arc::new(NoteSigner(HeadSigner::generate()));
+        store.audit_append(Box::new(Entry(None))).await.unwrap();
+        let (size, note) = store.audit_sign(signer).await.unwrap().unwrap();
+        let body = &note[..=note.find("\n\n").unwrap()];
+        let witness = Cosigner::new("w.example", HeadSigner::generate()).unwrap();
+        for at in [10, 20] {
+            store
+                .audit_add_cosignatures(size, witness.cosign(body, at))
+                .await
+                .unwrap();
+        }
+        let (_, kept) = store.audit_latest_head().await.unwrap().unwrap();
+        assert_eq!(witness.key().verify_note(&kept).unwrap(), Some(20));
+        assert!(
+            kept.starts_with(&note),
+            "the log's own signature stays first"
+        );
+        assert!(
+            store
+                .audit_add_cosignatures(size + 1, witness.cosign(body, 1))
+                .await
+                .is_err()
+        );
+    })
+    .await;
+}

@@ -56,7 +56,8 @@ pub enum CosignatureError {
     MalformedAnswer(&'static str),
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` can be a witness's (signed-note key) name.
+pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name
             .chars()
@@ -95,7 +96,7 @@ impl Cosigner {
     /// key must be its own: the message does not commit to the name.
     pub fn new(name: impl Into<String>, signer: HeadSigner) -> Result<Self, CosignatureError> {
         let name = name.into();
-        if !valid_name(&name) {
+        if !is_valid_name(&name) {
             return Err(CosignatureError::InvalidName(name));
         }
         Ok(Self { name, signer })
@@ -146,7 +147,7 @@ impl CosignerKey {
         let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(invalid());
         };
-        if !valid_name(name) || id.len() != 8 || id.bytes().any(|b| b.is_ascii_uppercase()) {
+        if !is_valid_name(name) || id.len() != 8 || id.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(invalid());
         }
         let id = hex::decode(id).map_err(|_| invalid())?;

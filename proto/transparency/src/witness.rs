@@ -67,6 +67,11 @@ impl AddCheckpoint {
         out
     }
 
+    /// The log the checkpoint names: its first line.
+    pub fn origin(&self) -> &str {
+        self.checkpoint.split('\n').next().unwrap_or_default()
+    }
+
     /// Reads a request body, strictly.
     pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
         if body.len() > MAX_REQUEST_BYTES {
@@ -202,18 +207,19 @@ impl Refusal {
     }
 }
 
-/// The witness's decision on `request`, given the keys of the logs it witnesses (by
-/// origin) and what it stored for this one. On success the checkpoint is the new
-/// state to store (before answering) and to cosign.
-pub fn check<'k>(
+/// The witness's decision on `request`, given the keys of the log it names
+/// ([`AddCheckpoint::origin`]; `None`: a log this witness does not witness) and what it
+/// stored for that log. On success the checkpoint is the new state to store (before
+/// answering) and to cosign.
+pub fn check(
     request: &AddCheckpoint,
-    log_keys: impl FnOnce(&str) -> Option<&'k HeadVerifier>,
-    stored: impl FnOnce(&str) -> Option<Witnessed>,
+    log_keys: Option<&HeadVerifier>,
+    stored: Option<&Witnessed>,
 ) -> Result<(SignedTreeHead, Witnessed), Refusal> {
     let (text, _) =
         split_note(&request.checkpoint).map_err(|e| Refusal::Malformed(e.to_string()))?;
     let head = TreeHead::parse_body(text).map_err(|e| Refusal::Malformed(e.to_string()))?;
-    let keys = log_keys(&head.origin).ok_or_else(|| Refusal::UnknownOrigin(head.origin.clone()))?;
+    let keys = log_keys.ok_or_else(|| Refusal::UnknownOrigin(head.origin.clone()))?;
     let sth = keys
         .verify_note(&request.checkpoint)
         .map_err(|_| Refusal::NotSigned(head.origin.clone()))?;
@@ -222,19 +228,17 @@ pub fn check<'k>(
     if old > size {
         return Err(Refusal::OldSizeTooLarge { old, size });
     }
-    let stored = stored(&head.origin);
-    let latest = stored.as_ref().map_or(0, |s| s.size);
+    let latest = stored.map_or(0, |s| s.size);
     if old != latest {
-        let rollback = stored
-            .as_ref()
-            .is_some_and(|s| size < s.size && sth.head.timestamp_ms > s.timestamp_ms);
+        let rollback =
+            stored.is_some_and(|s| size < s.size && sth.head.timestamp_ms > s.timestamp_ms);
         return Err(Refusal::Conflict {
             old,
             latest,
             rollback,
         });
     }
-    match &stored {
+    match stored {
         Some(s) if s.size == size => {
             if s.root != sth.head.root {
                 return Err(Refusal::Fork { size, latest });
@@ -332,12 +336,8 @@ mod tests {
         keys: &HeadVerifier,
         stored: &Option<Witnessed>,
     ) -> Result<Witnessed, Refusal> {
-        check(
-            request,
-            |o| (o == "pil-audit/a").then_some(keys),
-            |_| stored.clone(),
-        )
-        .map(|(_, w)| w)
+        let keys = (request.origin() == "pil-audit/a").then_some(keys);
+        check(request, keys, stored.as_ref()).map(|(_, w)| w)
     }
 
     #[test]
@@ -412,7 +412,7 @@ mod tests {
         let keys = log.signer.verifier();
         log.append(3, "a");
         let request = log.request(0);
-        let unknown = check(&request, |_| None, |_| None).unwrap_err();
+        let unknown = check(&request, None, None).unwrap_err();
         assert_eq!(unknown.status(), 404);
         let other = HeadSigner::generate().verifier();
         assert_eq!(decide(&request, &other, &None).unwrap_err().status(), 403);

@@ -43,7 +43,7 @@ fn stderr(out: &Output) -> String {
 }
 
 /// Asserts the CLI succeeded and returns its stdout.
-fn ok(out: Output) -> String {
+pub(crate) fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
         "pil failed: {}\n{}",
@@ -54,7 +54,7 @@ fn ok(out: Output) -> String {
 }
 
 /// Asserts the CLI failed with one error line and returns that line.
-fn fails(out: Output) -> String {
+pub(crate) fn fails(out: Output) -> String {
     assert!(
         !out.status.success(),
         "pil succeeded: {}\n{}",

@@ -21,6 +21,7 @@ mod routing;
 mod sync;
 mod trust;
 mod validation;
+mod witness;
 
 /// `pil --profile <profile> <args>`: the real command line, as a user runs it.
 fn pil(profile: &std::path::Path, args: &[&str]) -> std::process::Output {

@@ -56,7 +56,7 @@ pub(super) const CF_OPT_OUTS: &str = "opt_outs";
 /// Audit record contents, by index.
 const CF_AUDIT_RECORDS: &str = "audit_records";
 const CF_AUDIT_NODES: &str = "audit_nodes";
-const CF_AUDIT_HEADS: &str = "audit_heads";
+pub(super) const CF_AUDIT_HEADS: &str = "audit_heads";
 const CF_AUDIT_BY_PATIENT: &str = "audit_by_patient";
 pub(super) const CF_SUBSCRIPTIONS: &str = "subscriptions";
 pub(super) const CF_FOLLOWERS: &str = "followers";
@@ -231,6 +231,9 @@ pub struct Db {
     follow: std::sync::Mutex<FollowState>,
     /// Held while routing tokens are given positions: see `routing.rs`.
     pub(super) routing_turn: std::sync::Mutex<()>,
+    /// Held while a witnessed checkpoint or a head's cosignatures are rewritten: see
+    /// `witness.rs`.
+    pub(super) witness_turn: std::sync::Mutex<()>,
 }
 
 impl Db {
@@ -304,6 +307,7 @@ impl Db {
             db,
             follow: Default::default(),
             routing_turn: Default::default(),
+            witness_turn: Default::default(),
         };
         store.check_format()?;
         store.follow_state().any = store.any_followers()?;

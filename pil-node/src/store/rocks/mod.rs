@@ -10,6 +10,7 @@ mod events;
 mod journal;
 mod moves;
 mod routing;
+mod witness;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -19,7 +20,7 @@ use db::{Db, DbError, Tier};
 use super::{
     AuditEntry, Closer, Figure, HeadSigning, LogEntry, LogSize, Moved, ORG_LEN, Op, OpResult,
     PatientMove, PatientRecords, PointerKey, Queues, Store, StoreError, StoredBlock, StoredOptOut,
-    StoredPatient, StoredPointer,
+    StoredPatient, StoredPointer, Witnessed,
     events::{
         EventPage, Journal, PeerFollow, PeerState, StoredEvent, StoredSubscription, SubscriptionId,
     },
@@ -294,6 +295,25 @@ impl Store for RocksStore {
 
     async fn audit_latest_head(&self) -> Result<Option<(u64, String)>, StoreError> {
         self.blocking(|db| Ok(db.audit_latest_head()?)).await
+    }
+
+    async fn audit_add_cosignatures(&self, size: u64, lines: String) -> Result<(), StoreError> {
+        self.blocking(move |db| db.add_cosignatures(size, &lines))
+            .await
+    }
+
+    async fn witnessed(&self, origin: String) -> Result<Option<Witnessed>, StoreError> {
+        self.blocking(move |db| Ok(db.witnessed(&origin)?)).await
+    }
+
+    async fn witness_advance(
+        &self,
+        origin: String,
+        old: u64,
+        new: Witnessed,
+    ) -> Result<Result<(), u64>, StoreError> {
+        self.blocking(move |db| Ok(db.witness_advance(&origin, old, &new)?))
+            .await
     }
 
     async fn audit_inclusion_proof(
