@@ -274,6 +274,60 @@ pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
     cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    _slot: Slot,
+}
+
+/// The connections open at once, against `[limits] max_connections`.
+#[derive(Clone)]
+pub struct ConnectionLimit {
+    open: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            open: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            metrics,
+        }
+    }
+
+    /// A slot for one more connection, unless all are taken (then counted).
+    fn take(&self) -> Option<Slot> {
+        match self.open.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.report();
+                Some(Slot {
+                    permit: Some(permit),
+                    limit: self.clone(),
+                })
+            }
+            Err(_) => {
+                self.metrics.connection_refused();
+                None
+            }
+        }
+    }
+
+    fn report(&self) {
+        self.metrics
+            .connections(self.max - self.open.available_permits());
+    }
+}
+
+/// One connection's place under the limit, given back when the connection goes.
+struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    limit: ConnectionLimit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.limit.report();
+    }
 }
 
 impl TlsConn {
@@ -360,6 +414,7 @@ pub fn incoming(
     listener: TcpListener,
     config: ServerTls,
     handshake_timeout: Duration,
+    limit: ConnectionLimit,
     cut: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
@@ -375,6 +430,12 @@ pub fn incoming(
                         continue;
                     }
                 },
+            };
+            // Over the limit, the connection is closed before any TLS work.
+            let Some(slot) = limit.take() else {
+                tracing::debug!(%remote, "connection refused: too many open");
+                drop(tcp);
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.current());
@@ -392,7 +453,13 @@ pub fn incoming(
                             .and_then(|cert| caller_from_cert(cert).map_err(|e| e.to_string()));
                         let info = PeerInfo { remote, caller };
                         let cut = Box::pin(cut_signal(cut));
-                        let _ = tx.send(Ok(TlsConn { stream, info, cut })).await;
+                        let conn = TlsConn {
+                            stream,
+                            info,
+                            cut,
+                            _slot: slot,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::info!(%remote, "TLS handshake timed out"),

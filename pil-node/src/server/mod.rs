@@ -389,6 +389,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         listener,
         server_tls,
         std::time::Duration::from_secs(config.limits.handshake_timeout_secs),
+        tls::ConnectionLimit::new(config.limits.max_connections.max(1), metrics.clone()),
         cut_rx,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -428,7 +429,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .layer(tower::util::MapRequestLayer::new(
             crate::service::remember_origin,
         ))
-        .layer(crate::metrics::MetricsLayer::new(metrics))
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams.max(1)))
+        .layer(crate::metrics::MetricsLayer::new(metrics.clone()))
+        .layer(crate::service::RateLimitLayer::new(
+            config.limits.requests_per_second_per_organization,
+            config.limits.organization_burst,
+            metrics,
+        ))
         .layer(crate::service::RefusalLayer::new(
             audit.clone(),
             config.region.clone(),
@@ -529,6 +536,7 @@ async fn head_loop(audit: AuditLog, config: Arc<NodeConfig>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(
         config.audit.sign_interval_secs.max(1),
     ));
+    let mut first = true;
     loop {
         tick.tick().await;
         let unsigned = audit.size().await.is_ok_and(|s| s.size > s.signed);
@@ -549,7 +557,6 @@ async fn retention_loop(audit: AuditLog, access: Arc<Access>, config: Arc<NodeCo
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(
         config.audit.retention_interval_secs.max(1),
     ));
-    let mut first = true;
     loop {
         tick.tick().await;
         let days = access.legal().settings().retention.audit_log_days;

@@ -16,9 +16,11 @@ mod event_federation;
 mod events;
 mod explain;
 mod federation;
+mod limits;
 mod lookup;
 mod refusals;
 
+pub use limits::RateLimitLayer;
 pub use refusals::RefusalLayer;
 
 use crate::{

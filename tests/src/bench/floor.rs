@@ -40,6 +40,10 @@ pub async fn serve(tls: TlsConfig) -> anyhow::Result<()> {
         listener,
         pil_node::tls::ServerTls::new(config, Default::default()),
         Duration::from_secs(10),
+        pil_node::tls::ConnectionLimit::new(
+            pil_node::config::Limits::default().max_connections,
+            std::sync::Arc::new(pil_node::metrics::Metrics::new()),
+        ),
         cut,
     );
     let answer = v1::LookupResponse {

@@ -9,6 +9,7 @@ mod dashboard;
 mod durability;
 mod events;
 mod events_across_regions;
+mod faults;
 mod federation;
 mod high_availability;
 mod metrics;
