@@ -11,6 +11,7 @@ mod events;
 mod events_across_regions;
 mod faults;
 mod federation;
+mod fuzz;
 mod high_availability;
 mod metrics;
 mod operations;
