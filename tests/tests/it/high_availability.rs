@@ -263,7 +263,7 @@ async fn migrate_prepares_the_database_and_a_node_refuses_one_it_did_not() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "database schema at version 6"
+            "database schema at version 7"
         );
     }
     let node = TestNode::start(config).await;
