@@ -1,7 +1,7 @@
-//! Faults tried on purpose, and what survives them counted: a node killed again and
-//! again under mixed load. `PIL_CRASH_ROUNDS` makes the loop longer
-//! (`tests/bench/crash-loop.sh` runs it so and prints the figures for
-//! docs/reliability.md).
+//! Faults tried on purpose, and what survives them counted (docs/reliability.md): a
+//! node killed again and again under mixed load (`PIL_CRASH_ROUNDS` makes the loop
+//! longer; `tests/bench/faults.sh` runs it so), a disk that refuses writes, and hostile
+//! load.
 
 use std::{
     collections::BTreeSet,
@@ -97,6 +97,18 @@ fn mixed_load(
     tasks
 }
 
+/// The whole log checked against the node's signed heads with only its public key.
+async fn verify_whole_log(auditor: &PilClient, key: &HeadVerifier) -> pil_client::VerifyReport {
+    use futures::StreamExt;
+    let heads = auditor.audit_tree_heads().await.unwrap();
+    let mut check = LogVerifier::new(&heads, key);
+    let mut log = auditor.audit_read_log(0).await.unwrap();
+    while let Some(e) = log.next().await {
+        check.push(&e.unwrap());
+    }
+    check.finish()
+}
+
 /// The records about `seed`'s patient with `action`, by outcome status.
 async fn statuses(auditor: &PilClient, seed: u64, action: &str) -> Vec<String> {
     let records = auditor
@@ -167,14 +179,7 @@ async fn a_node_killed_again_and_again_under_mixed_load_loses_nothing_it_acknowl
         // The log verifies, and extends what was signed before the kill.
         doctor.lookup(lookup(&patient_id(7))).await.unwrap();
         let head = auditor.audit_tree_head(true).await.unwrap();
-        let heads = auditor.audit_tree_heads().await.unwrap();
-        let mut check = LogVerifier::new(&heads, &key);
-        let mut log = auditor.audit_read_log(0).await.unwrap();
-        use futures::StreamExt;
-        while let Some(e) = log.next().await {
-            check.push(&e.unwrap());
-        }
-        let report = check.finish();
+        let report = verify_whole_log(&auditor, &key).await;
         assert!(report.is_ok(), "round {round}: {:?}", report.first_problem);
         assert!(report.records >= records_seen, "records were lost");
         records_seen = report.records;
@@ -318,5 +323,90 @@ async fn half_open_connections_stalled_streams_and_one_organizations_flood_leave
     }
     drop(half_open);
     drop((other, flooder, staller));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn writes_the_disk_refuses_are_refused_clearly_and_the_node_recovers_without_a_restart() {
+    if on_postgres() {
+        // A database that stops answering is high_availability.rs's subject.
+        return;
+    }
+    let world = World::new();
+    let config = world.config(true);
+    let node = TestNode::start(config.clone()).await;
+    let writer = world.client(ORG_A, node.addr()).await;
+    let auditor = world.client(HOST, node.addr()).await;
+    for i in 0..10 {
+        writer
+            .upsert(pointer(&patient_id(i), ORG_A, 1, &["medications"]))
+            .await
+            .unwrap();
+    }
+    let before = auditor.audit_tree_head(true).await.unwrap();
+
+    // The disk refuses every write of this node (and of no other node in this process).
+    let failing = format!("return({})", config.data_dir.display());
+    fail::cfg("store::write", &failing).unwrap();
+    let refused = writer
+        .upsert(pointer(&patient_id(100), ORG_A, 1, &["medications"]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&refused), tonic::Code::Unavailable, "{refused}");
+    let lookup_refused = writer.lookup(lookup(&patient_id(1))).await.unwrap_err();
+    assert_eq!(
+        code(&lookup_refused),
+        tonic::Code::Unavailable,
+        "{lookup_refused}"
+    );
+    assert!(
+        lookup_refused.to_string().contains("audit log"),
+        "says why: {lookup_refused}"
+    );
+    fail::remove("store::write");
+
+    // Space is back: the same node takes writes again; nothing acknowledged changed and
+    // nothing refused was stored.
+    writer
+        .upsert(pointer(&patient_id(101), ORG_A, 1, &["medications"]))
+        .await
+        .unwrap();
+    for i in (0..10).chain([101]) {
+        let found = writer.lookup(lookup(&patient_id(i))).await.unwrap();
+        assert_eq!(found.pointers.len(), 1, "patient {i}");
+    }
+    assert!(
+        writer
+            .lookup(lookup(&patient_id(100)))
+            .await
+            .unwrap()
+            .pointers
+            .is_empty(),
+        "the refused write was not made"
+    );
+    let after = auditor.audit_tree_head(true).await.unwrap();
+    let proof: Vec<[u8; 32]> = auditor
+        .audit_consistency_proof(before.size, after.size)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.as_slice().try_into().unwrap())
+        .collect();
+    let key = HeadVerifier::load(world.path().join("audit").join("public-key.pem")).unwrap();
+    let (old, new) = (
+        pil_client::audit_verify::check_head(&before.note, &key).unwrap(),
+        pil_client::audit_verify::check_head(&after.note, &key).unwrap(),
+    );
+    verify_consistency(
+        old.head.size,
+        new.head.size,
+        &old.head.root,
+        &new.head.root,
+        &proof,
+    )
+    .unwrap();
+    let report = verify_whole_log(&auditor, &key).await;
+    assert!(report.is_ok(), "{:?}", report.first_problem);
+    drop((writer, auditor));
     node.stop().await;
 }

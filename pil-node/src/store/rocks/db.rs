@@ -116,6 +116,9 @@ pub enum DbError {
     /// A [`Tier::Cached`] read would have had to wait for the disk.
     #[error("not in memory; read again allowing disk reads")]
     NotCached,
+    /// A write failed by the `store::write` fail point (builds with `failpoints`).
+    #[error("write failed (injected): {0}")]
+    Injected(String),
 }
 
 impl From<DbError> for StoreError {
@@ -130,6 +133,7 @@ impl From<DbError> for StoreError {
             DbError::NotCached => StoreError::engine(std::io::Error::other(
                 "a cache-only read missed where a full read was meant",
             )),
+            DbError::Injected(e) => StoreError::engine(std::io::Error::other(e)),
         }
     }
 }
@@ -231,6 +235,9 @@ pub struct Db {
     follow: std::sync::Mutex<FollowState>,
     /// Held while routing tokens are given positions: see `routing.rs`.
     pub(super) routing_turn: std::sync::Mutex<()>,
+    /// The data directory, which names this database to the `store::write` fail point.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    path: std::path::PathBuf,
     /// Held while a witnessed checkpoint or a head's cosignatures are rewritten: see
     /// `witness.rs`.
     pub(super) witness_turn: std::sync::Mutex<()>,
@@ -307,6 +314,7 @@ impl Db {
             db,
             follow: Default::default(),
             routing_turn: Default::default(),
+            path: path.to_path_buf(),
             witness_turn: Default::default(),
         };
         store.check_format()?;
@@ -402,10 +410,25 @@ impl Db {
         self.follow.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Every durable write goes through here.
     pub(super) fn write_synced(&self, batch: WriteBatch) -> Result<(), DbError> {
+        self.injected_failure()?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// The failing disk, on demand: with the `failpoints` feature, the `store::write`
+    /// fail point configured as `return(<data directory>)` fails this database's
+    /// writes (`return` alone: every database's) until it is removed.
+    fn injected_failure(&self) -> Result<(), DbError> {
+        #[cfg(feature = "failpoints")]
+        if let Some(dir) = fail::eval("store::write", |arg| arg.unwrap_or_default())
+            && (dir.is_empty() || std::path::Path::new(&dir) == self.path)
+        {
+            return Err(DbError::Injected("No space left on device".into()));
+        }
         Ok(())
     }
 
@@ -649,6 +672,7 @@ pub(super) type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 impl Db {
     fn put_synced(&self, cf: &str, key: &[u8], value: Option<Vec<u8>>) -> Result<(), DbError> {
+        self.injected_failure()?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         match value {
@@ -766,10 +790,7 @@ impl Db {
             let value = [size.to_be_bytes().as_slice(), note.as_bytes()].concat();
             batch.put_cf(self.cf(CF_META), AUDIT_NEWEST_HEAD, value);
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        self.write_synced(batch)
     }
 
     /// Number of leaves in the audit tree.
@@ -936,10 +957,7 @@ impl Db {
             batch.delete_cf(self.cf(CF_AUDIT_BY_PATIENT), key);
         }
         batch.put_cf(self.cf(CF_META), AUDIT_RETAINED_FROM, upto.to_be_bytes());
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        self.write_synced(batch)
     }
 }
 
