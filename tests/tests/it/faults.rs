@@ -143,8 +143,10 @@ async fn a_node_killed_again_and_again_under_mixed_load_loses_nothing_it_acknowl
         .and_then(|r| r.parse().ok())
         .unwrap_or(4);
     let world = World::new();
-    let config = world.config(true);
+    let mut config = world.config(true);
     let key = HeadVerifier::load(world.path().join("audit").join("public-key.pem")).unwrap();
+    // Another region witnesses the crashing node's log throughout.
+    let (witness, quorum) = start_witness(&world, &mut config).await;
     let acked = Arc::new(Mutex::new(Acknowledged::default()));
     let mut checked = Acknowledged::default();
     let mut last_head: Option<(u64, [u8; 32])> = None;
@@ -184,6 +186,10 @@ async fn a_node_killed_again_and_again_under_mixed_load_loses_nothing_it_acknowl
         assert!(report.records >= records_seen, "records were lost");
         records_seen = report.records;
         let sth = pil_client::audit_verify::check_head(&head.note, &key).unwrap();
+        // The witness agrees: it cosigned the head after the kill, so it is consistent
+        // with every head it cosigned before.
+        let cosigned = quorum.check(&head.note).unwrap();
+        assert!(cosigned.met(), "round {round}: {cosigned:?}");
         if let Some((size, root)) = last_head {
             let proof = auditor
                 .audit_consistency_proof(size, sth.head.size)
@@ -220,6 +226,55 @@ async fn a_node_killed_again_and_again_under_mixed_load_loses_nothing_it_acknowl
         records_seen
     );
     assert!(!checked.upserts.is_empty() && !checked.lookups.is_empty());
+    let metrics = http_get(witness.node.metrics_addr().unwrap(), "/metrics")
+        .await
+        .1;
+    assert!(!metrics.contains("pil_witness_alarms_total{"), "{metrics}");
+    witness.stop().await;
+}
+
+/// A node of region `witness` that witnesses `config`'s log, which asks it to cosign
+/// every head; the quorum an auditor checks heads against.
+async fn start_witness(
+    world: &World,
+    config: &mut pil_node::config::NodeConfig,
+) -> (TestNode, pil_transparency::Quorum) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut witness = world.region_config("witness");
+    let key_file = world
+        .path()
+        .join("regions")
+        .join("witness")
+        .join("witness.key");
+    let signer = pil_transparency::HeadSigner::write_new(&key_file).unwrap();
+    let name = "witness.pil.test";
+    let vkey = pil_transparency::Cosigner::new(name, signer)
+        .unwrap()
+        .key()
+        .to_vkey();
+    witness.witness = Some(pil_node::config::WitnessConfig {
+        listen: ([127, 0, 0, 1], port).into(),
+        name: name.into(),
+        key_file,
+        logs: vec![pil_node::config::WitnessedLog {
+            origin: format!("pil-audit/{}", config.region),
+            key_file: world.path().join("audit").join("public-key.pem"),
+        }],
+    });
+    witness.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.audit.witnesses = vec![pil_node::config::WitnessEndpoint {
+        key: vkey.clone(),
+        url: format!("http://127.0.0.1:{port}"),
+    }];
+    let quorum = pil_transparency::Quorum {
+        witnesses: vec![pil_transparency::CosignerKey::parse_vkey(&vkey).unwrap()],
+        needed: 1,
+    };
+    (TestNode::start(witness).await, quorum)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
