@@ -465,3 +465,103 @@ async fn writes_the_disk_refuses_are_refused_clearly_and_the_node_recovers_witho
     drop((writer, auditor));
     node.stop().await;
 }
+
+/// Unmounts the small disk when the test ends, however it ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_refused_clearly_and_writes_resume_when_space_returns() {
+    if on_postgres() {
+        return;
+    }
+    let world = World::new();
+    let disk = world.path().join("small-disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
+        .arg(&disk)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("this machine does not let the test mount a tmpfs; the full disk is not tried");
+        return;
+    }
+    let _unmount = Mounted(disk.clone());
+    let mut config = world.config(true);
+    config.data_dir = disk.join("data");
+    let node = TestNode::start(config).await;
+    let writer = world.client(ORG_A, node.addr()).await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        writer
+            .upsert(pointer(&patient_id(i), ORG_A, 1, &["medications"]))
+            .await
+            .unwrap();
+        acked.push(i);
+    }
+
+    // Fill the disk.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refusal = None;
+    for i in 10..2_000u64 {
+        match writer
+            .upsert(pointer(&patient_id(i), ORG_A, 1, &["medications"]))
+            .await
+        {
+            Ok(_) => acked.push(i),
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a write is refused once the disk is full");
+    assert_eq!(code(&refusal), tonic::Code::Unavailable, "{refusal}");
+
+    // Space returns: the same node takes writes again, within a bounded wait.
+    std::fs::remove_file(&filler).unwrap();
+    let mut resumed = false;
+    for _ in 0..60 {
+        if writer
+            .upsert(pointer(&patient_id(5_000), ORG_A, 1, &["medications"]))
+            .await
+            .is_ok()
+        {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        resumed,
+        "writes resume without a restart once space returns"
+    );
+    for i in acked {
+        let found = writer.lookup(lookup(&patient_id(i))).await.unwrap();
+        assert_eq!(found.pointers.len(), 1, "acknowledged write {i}");
+    }
+    // The log has no gap or damage from the writes the disk refused.
+    let auditor = world.client(HOST, node.addr()).await;
+    auditor.audit_tree_head(true).await.unwrap();
+    let key = HeadVerifier::load(world.path().join("audit").join("public-key.pem")).unwrap();
+    let report = verify_whole_log(&auditor, &key).await;
+    assert!(report.is_ok(), "{:?}", report.first_problem);
+    drop((writer, auditor));
+    node.stop().await;
+}
