@@ -500,12 +500,12 @@ async fn verify(
     // The newest head the quorum cosigned, and what the newest head has.
     let witnessed = match &quorum {
         Some(q) => {
-            let mut newest_published = None;
-            for head in &heads {
-                if q.check(&head.note).is_ok_and(|c| c.met()) {
-                    newest_published = Some(head.size);
-                }
-            }
+            // Newest first: the search stops at the first published head.
+            let newest_published = heads
+                .iter()
+                .rev()
+                .find(|h| q.check(&h.note).is_ok_and(|c| c.met()))
+                .map(|h| h.size);
             let newest = match heads.last() {
                 Some(h) => Some((h.size, q.check(&h.note)?)),
                 None => None,

@@ -712,6 +712,13 @@ pub fn python_venv(env_var: &str, venv: &str, setup: &Path) -> PathBuf {
     python
 }
 
+/// A port free on loopback now, for a listener a configuration must name before the
+/// node starts.
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
 /// A base port with the two after it free too (the demo's three regions).
 pub fn three_free_ports() -> u16 {
     for _ in 0..50 {

@@ -184,20 +184,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .as_ref()
         .map_or(config.listen.port(), |(_, addr)| addr.port());
     let checked = preflight::check(&config, port).await;
-    let metrics_listener = match config.metrics.listen {
-        Some(addr) => TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|source| NodeError::Bind { addr, source }),
-        None => Ok(None),
-    };
-    let witness_listener = match config.witness.as_ref().map(|w| w.listen) {
-        Some(addr) => TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|source| NodeError::Bind { addr, source }),
-        None => Ok(None),
-    };
+    let metrics_listener = bind_if_set(config.metrics.listen).await;
+    let witness_listener = bind_if_set(config.witness.as_ref().map(|w| w.listen)).await;
     let (listener, addr, checked, metrics_listener, witness_listener) =
         match (listener, checked, metrics_listener, witness_listener) {
             (Ok((listener, addr)), Ok(checked), Ok(m), Ok(w)) => (listener, addr, checked, m, w),
@@ -532,6 +520,17 @@ pub async fn open_store(
 }
 
 /// Signs the audit tree head whenever records were added since the last one.
+/// A plain-HTTP side listener (metrics, witness), when its address is configured.
+async fn bind_if_set(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, NodeError> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| NodeError::Bind { addr, source }),
+        None => Ok(None),
+    }
+}
+
 async fn head_loop(audit: AuditLog, config: Arc<NodeConfig>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(
         config.audit.sign_interval_secs.max(1),

@@ -1738,22 +1738,20 @@ impl Store for PgStore {
         old: u64,
         new: Witnessed,
     ) -> Result<Result<(), u64>, StoreError> {
-        if new.size < old {
-            return Ok(Err(old));
-        }
         let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let c = self.client().await?;
         // One statement: inserted when none is stored and `old` is 0, updated only
-        // from `old`; a concurrent advance from the same size finds the new size.
+        // from `old` and never to a smaller size; a concurrent advance from the same
+        // size finds the new size.
         let changed = c
             .execute(
                 "INSERT INTO witnessed AS w (origin, size, root, timestamp_ms, checkpoint)
-                 SELECT $1, $2, $3, $4, $5 WHERE $6::bigint = 0 OR EXISTS
-                     (SELECT 1 FROM witnessed WHERE origin = $1 AND size = $6::bigint)
+                 SELECT $1, $2, $3, $4, $5 WHERE $2::bigint >= $6::bigint AND ($6::bigint = 0 OR EXISTS
+                     (SELECT 1 FROM witnessed WHERE origin = $1 AND size = $6::bigint))
                  ON CONFLICT (origin) DO UPDATE SET size = EXCLUDED.size,
                      root = EXCLUDED.root, timestamp_ms = EXCLUDED.timestamp_ms,
                      checkpoint = EXCLUDED.checkpoint
-                 WHERE w.size = $6::bigint",
+                 WHERE w.size = $6::bigint AND EXCLUDED.size >= $6::bigint",
                 &[
                     &origin,
                     &big(new.size),

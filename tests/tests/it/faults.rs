@@ -239,11 +239,7 @@ async fn start_witness(
     world: &World,
     config: &mut pil_node::config::NodeConfig,
 ) -> (TestNode, pil_transparency::Quorum) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut witness = world.region_config("witness");
     let key_file = world
         .path()

@@ -24,11 +24,6 @@ struct Witnessing {
     vkeys: HashMap<String, String>,
 }
 
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
-
 fn region_dir(world: &World, region: &str) -> PathBuf {
     world.path().join("regions").join(region)
 }
