@@ -94,6 +94,37 @@ async fn screenshot(browser: &Client, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// After a form is submitted: waits (bounded) until the page's URL holds `part`, since a
+/// click may return before the browser has loaded the answer.
+async fn wait_for_url(browser: &Client, part: &str) {
+    for _ in 0..300 {
+        if browser
+            .current_url()
+            .await
+            .is_ok_and(|u| u.as_str().contains(part))
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the browser never reached a page whose URL holds {part:?}");
+}
+
+/// The text of `css` once it holds `needle`, or as it is after a bounded wait: the
+/// page a form answers with may not be loaded when the click returns.
+async fn text_once_it_holds(browser: &Client, css: &str, needle: &str) -> String {
+    for _ in 0..300 {
+        if let Ok(e) = browser.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+            && t.contains(needle)
+        {
+            return t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    text(browser, css).await
+}
+
 async fn text(browser: &Client, css: &str) -> String {
     browser
         .find(Locator::Css(css))
@@ -343,6 +374,7 @@ async fn an_auditor_reviews_the_log_in_a_browser_and_sees_tampering() {
     form.set_by_name("patient", &patient.value).await.unwrap();
     form.set_by_name("action", "lookups").await.unwrap();
     form.submit().await.unwrap();
+    wait_for_url(&browser, "patient=").await;
     let rows = browser.find_all(Locator::Css("tbody tr")).await.unwrap();
     assert_eq!(rows.len(), 6);
     let table = text(&browser, "table").await;
@@ -402,7 +434,12 @@ async fn an_auditor_reviews_the_log_in_a_browser_and_sees_tampering() {
         .await
         .unwrap();
     review.submit().await.unwrap();
-    let reviews = text(&browser, "#reviews").await;
+    let reviews = text_once_it_holds(
+        &browser,
+        "#reviews",
+        "Personvernombud Ola: Akutt innleggelse",
+    )
+    .await;
     assert!(
         reviews.contains("Personvernombud Ola: Akutt innleggelse"),
         "{reviews}"
